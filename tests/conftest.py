@@ -22,3 +22,36 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from trainer.tiny import make_tiny
 
     return make_tiny(out_dir=tmp_path_factory.mktemp("tiny_flux2") / "model", seed=0)
+
+
+def import_pack(name: str = "flux2_lora_pack"):
+    """Import the repo as a package, the way ComfyUI imports a custom node folder."""
+    import importlib.util
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def pack():
+    return import_pack()
+
+
+@pytest.fixture
+def comfy_root(tmp_path: Path, pack):
+    """A ComfyUI-like folder (models/, output/) that the nodes use in place of ComfyUI's folder_paths."""
+    import importlib
+
+    bridge = importlib.import_module(f"{pack.__name__}.nodes.comfy_bridge")
+    bridge.set_headless_root(tmp_path)
+    (tmp_path / "models" / "diffusers").mkdir(parents=True)
+    (tmp_path / "output").mkdir()
+    yield tmp_path
+    bridge.set_headless_root(None)

@@ -1,0 +1,189 @@
+"""Load FLUX.2, Mistral Encode (FLUX.2) and FLUX.2 Sample: inference nodes over trainer.inference."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..trainer.model_files import PRECISIONS, inspect_model_folder
+from . import comfy_bridge
+
+log = logging.getLogger("flux2_lora")
+
+CATEGORY = "FLUX.2/training"
+FROM_FOLDER = "(from model folder)"
+NO_FOLDER_FOUND = "(no FLUX.2 folder in models/diffusers: set folder_path)"
+MAX_RESOLUTION = 8192
+
+
+def diffusers_model_choices() -> list[str]:
+    """Folders under ComfyUI's models/diffusers that hold a model_index.json."""
+    names: list[str] = []
+    for root in comfy_bridge.model_folder_paths("diffusers"):
+        if root.is_dir():
+            for index in sorted(root.rglob("model_index.json")):
+                names.append(str(index.parent.relative_to(root)))
+    return names or [NO_FOLDER_FOUND]
+
+
+def resolve_model_folder(model: str, folder_path: str) -> Path:
+    if folder_path.strip():
+        return Path(folder_path.strip()).expanduser()
+    if model == NO_FOLDER_FOUND:
+        raise ValueError(
+            "Load FLUX.2: no model chosen. Put the FLUX.2-dev diffusers folder in ComfyUI/models/diffusers "
+            "or give its path in folder_path."
+        )
+    for root in comfy_bridge.model_folder_paths("diffusers"):
+        candidate = (root / model).resolve()
+        if candidate.is_relative_to(root.resolve()) and (candidate / "model_index.json").is_file():
+            return candidate
+    raise ValueError(f"Load FLUX.2: model {model!r} is not a folder under models/diffusers; refresh the node.")
+
+
+class Flux2LoadModel:
+    TITLE = "Load FLUX.2"
+    DESCRIPTION = (
+        "Points at a FLUX.2-dev model in the diffusers layout (models/diffusers) and checks it. Nothing is "
+        "loaded here: the handle tells the encode, sample and train nodes where the weights are."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("FLUX2_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("Handle to the FLUX.2 model (paths and precision; weights load lazily when used).",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        transformer_files = [FROM_FOLDER] + comfy_bridge.list_model_files("diffusion_models")
+        vae_files = [FROM_FOLDER] + comfy_bridge.list_model_files("vae")
+        return {
+            "required": {
+                "model": (diffusers_model_choices(), {"tooltip": "FLUX.2-dev diffusers folder under models/diffusers."}),
+                "precision": (list(PRECISIONS), {"default": "bf16", "tooltip": "Weights dtype of the transformer and text encoder. bf16 on GPUs; fp32 for CPU tests."}),
+            },
+            "optional": {
+                "folder_path": ("STRING", {"default": "", "tooltip": "Any folder path instead of the list above (a diffusers FLUX.2 folder). Empty: use the list."}),
+                "transformer_file": (transformer_files, {"default": FROM_FOLDER, "tooltip": "Optional single-file transformer from models/diffusion_models that replaces the folder's transformer."}),
+                "vae_file": (vae_files, {"default": FROM_FOLDER, "tooltip": "Optional single-file VAE from models/vae that replaces the folder's VAE."}),
+            },
+        }
+
+    def load(self, model: str, precision: str, folder_path: str = "", transformer_file: str = FROM_FOLDER,
+             vae_file: str = FROM_FOLDER):
+        from ..trainer.inference import Flux2ModelSpec
+
+        root = resolve_model_folder(model, folder_path)
+        tfile = None if transformer_file == FROM_FOLDER else comfy_bridge.resolve_model_file("diffusion_models", transformer_file)
+        vfile = None if vae_file == FROM_FOLDER else comfy_bridge.resolve_model_file("vae", vae_file)
+        folder = inspect_model_folder(root, transformer_file=tfile, vae_file=vfile)
+        return (Flux2ModelSpec(folder=folder, precision=precision),)
+
+
+class Flux2MistralEncode:
+    TITLE = "Mistral Encode (FLUX.2)"
+    DESCRIPTION = (
+        "Encodes a prompt with FLUX.2's Mistral text encoder exactly as the official pipeline does (chat template, "
+        "512 tokens, hidden layers 10/20/30). Results are cached on disk by content, so the text encoder runs "
+        "once per distinct prompt and is unloaded before the transformer loads."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CONDITIONING",)
+    RETURN_NAMES = ("conditioning",)
+    OUTPUT_TOOLTIPS = ("Prompt embeddings [[tensor (1, 512, 3 x hidden), {}]]; FLUX.2 Sample and native samplers take it.",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("FLUX2_MODEL", {"tooltip": "The FLUX.2 model whose text encoder is used."}),
+                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "The prompt. Longer than 512 tokens is truncated (with a warning). Empty encodes the unconditional prompt."}),
+            }
+        }
+
+    def encode(self, model, prompt: str):
+        from ..trainer.inference import encode_prompts_cached
+
+        if not isinstance(prompt, str):
+            raise ValueError(f"Mistral Encode: prompt must be text, got {type(prompt).__name__}.")
+        if not prompt.strip():
+            log.warning("Mistral Encode: prompt is empty; encoding the empty (unconditional) prompt.")
+        embeds, truncated = encode_prompts_cached(
+            model,
+            [prompt],
+            cache_dir=comfy_bridge.output_directory() / "flux2_lora" / "cache" / "text",
+            device=str(comfy_bridge.torch_device()),
+        )
+        if truncated[0]:
+            log.warning("Mistral Encode: prompt is longer than 512 tokens and was truncated to 512.")
+        return ([[embeds, {}]],)
+
+
+def conditioning_tensor(conditioning, *, input_name: str):
+    """The embeddings inside a CONDITIONING list, checked for FLUX.2's shape."""
+    try:
+        tensor = conditioning[0][0]
+        shape = tuple(tensor.shape)
+    except (TypeError, IndexError, AttributeError) as exc:
+        raise ValueError(f"FLUX.2 Sample: {input_name} is not a CONDITIONING ([[tensor, {{}}]]).") from exc
+    if len(shape) != 3:
+        raise ValueError(f"FLUX.2 Sample: {input_name} has shape {shape}; expected (batch, tokens, features).")
+    return tensor
+
+
+class Flux2Sample:
+    TITLE = "FLUX.2 Sample"
+    DESCRIPTION = (
+        "Renders images with FLUX.2 (Euler, the official pipeline's schedule and empirical time shift, guidance "
+        "through the distilled guidance embedding) from a FLUX2_MODEL and its LoRAs. Cancel stops between steps."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    OUTPUT_TOOLTIPS = ("Images (batch, height, width, 3), values 0..1.",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("FLUX2_MODEL", {"tooltip": "FLUX.2 model, with LoRAs from Apply LoRA if any."}),
+                "positive": ("CONDITIONING", {"tooltip": "Prompt embeddings from Mistral Encode (FLUX.2)."}),
+                "width": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16, "tooltip": "Image width in pixels (multiple of 16)."}),
+                "height": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16, "tooltip": "Image height in pixels (multiple of 16)."}),
+                "steps": ("INT", {"default": 28, "min": 1, "max": 200, "step": 1, "tooltip": "Denoising steps; 28-50 for FLUX.2-dev."}),
+                "guidance": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 20.0, "step": 0.1, "round": 0.01, "tooltip": "Distilled guidance value fed to the guidance embedding; 3-5 is typical for FLUX.2-dev."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True, "tooltip": "Noise seed; the same seed gives the same image on any device."}),
+            }
+        }
+
+    def sample(self, model, positive, width: int, height: int, steps: int, guidance: float, seed: int):
+        from ..trainer.inference import sample_images
+
+        for name, value in (("width", width), ("height", height)):
+            if value < 16 or value % 16:
+                raise ValueError(f"FLUX.2 Sample: {name}={value} must be a positive multiple of 16 (FLUX.2 uses 16-pixel tokens).")
+        if steps < 1:
+            raise ValueError(f"FLUX.2 Sample: steps={steps} must be at least 1.")
+        embeds = conditioning_tensor(positive, input_name="positive")
+        progress = comfy_bridge.Progress(steps, label="FLUX.2 Sample")
+        images = sample_images(
+            model,
+            prompt_embeds=embeds,
+            width=width,
+            height=height,
+            num_steps=steps,
+            guidance=guidance,
+            seed=seed,
+            device=str(comfy_bridge.torch_device()),
+            callback=lambda i, total: progress.update_absolute(i + 1),
+        )
+        return (images.float().cpu(),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "Flux2LoraLoadModel": Flux2LoadModel,
+    "Flux2LoraMistralEncode": Flux2MistralEncode,
+    "Flux2LoraSample": Flux2Sample,
+}

@@ -1,0 +1,225 @@
+"""Text encoding with an on-disk cache, and image sampling with LoRAs, for one process.
+
+Used by the ComfyUI nodes (Mistral Encode, FLUX.2 Sample) and by validation outside the trainer.
+The text encoder and the transformer are never held at once: loading one releases the other.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .model_files import ModelFolder, load_text_encoder, load_tokenizer, load_transformer, load_vae
+
+log = logging.getLogger(__name__)
+
+CONVENTIONS_VERSION = "flux2-text-v1"
+"""Bump when the text conventions change, so cached embeddings are recomputed."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LoraRef:
+    path: str
+    """A LoRA .safetensors file (ComfyUI or diffusers layout)."""
+    strength: float = 1.0
+    """Multiplier on the LoRA delta; 0 disables it, negative inverts it."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Flux2ModelSpec:
+    """What FLUX2_MODEL carries through a graph: where the model is and how to load it, never weights."""
+
+    folder: ModelFolder
+    precision: str = "bf16"
+    """Weights dtype for the transformer and text encoder: bf16, fp16 or fp32."""
+    vae_precision: str = "fp32"
+    loras: tuple[LoraRef, ...] = field(default_factory=tuple)
+
+    def with_lora(self, lora: LoraRef) -> "Flux2ModelSpec":
+        return Flux2ModelSpec(
+            folder=self.folder, precision=self.precision, vae_precision=self.vae_precision, loras=self.loras + (lora,)
+        )
+
+
+# One loaded model set per process; guarded because ComfyUI may run nodes from another thread.
+_lock = threading.RLock()
+_loaded: dict[str, Any] = {}
+
+
+def _release(*names: str) -> None:
+    freed = False
+    for name in names:
+        if _loaded.pop(name, None) is not None:
+            freed = True
+    if freed:
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
+
+def release_all() -> None:
+    with _lock:
+        _release("text", "image")
+
+
+def _text_key(spec: Flux2ModelSpec) -> str:
+    ident = {"te": spec.folder.text_encoder_config(), "w": spec.folder.identity()["text_encoder_weights"]}
+    return hashlib.sha256(json.dumps([ident, spec.precision, str(spec.folder.root)], default=str).encode()).hexdigest()
+
+
+def _image_key(spec: Flux2ModelSpec, device: str) -> str:
+    ident = [str(spec.folder.root), str(spec.folder.transformer_file), str(spec.folder.vae_file), spec.precision,
+             spec.vae_precision, device]
+    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()
+
+
+def text_embedding_cache_key(spec: Flux2ModelSpec, prompt: str, *, max_length: int) -> str:
+    """Content hash of (model text encoder, conventions, prompt, settings): equal keys give equal embeddings."""
+    ident = spec.folder.identity()
+    payload = json.dumps(
+        {
+            "text_encoder": ident["text_encoder"],
+            "weights": ident["text_encoder_weights"],
+            "tokenizer": sorted(p.name for p in spec.folder.tokenizer_dir.iterdir()),
+            "precision": spec.precision,
+            "conventions": CONVENTIONS_VERSION,
+            "max_length": max_length,
+            "prompt": prompt,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _load_cached(path: Path):
+    """A cached tensor, or None when missing or unreadable (a truncated file is deleted, not loaded)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))["prompt_embeds"]
+    except (SafetensorError, KeyError, OSError, RuntimeError) as exc:
+        log.warning("text cache %s is unreadable (%s); recomputing it", path, exc)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def encode_prompts_cached(
+    spec: Flux2ModelSpec,
+    prompts: list[str],
+    *,
+    cache_dir: Path,
+    device: str = "cpu",
+    max_length: int = 512,
+) -> tuple[Any, list[bool]]:
+    """Embeddings (B, 512, 3*hidden) for prompts, computing only those not cached on disk.
+
+    Returns the stacked embeddings and, per prompt, whether it was truncated to max_length tokens.
+    """
+    import torch
+
+    from . import flux2
+
+    keys = [text_embedding_cache_key(spec, p, max_length=max_length) for p in prompts]
+    found: dict[str, Any] = {}
+    truncated: dict[str, bool] = {}
+    for key in set(keys):
+        cached = _load_cached(cache_dir / f"{key}.safetensors")
+        if cached is not None:
+            found[key] = cached
+            meta_path = cache_dir / f"{key}.json"
+            truncated[key] = bool(json.loads(meta_path.read_text()).get("truncated")) if meta_path.is_file() else False
+    missing = [(k, p) for k, p in dict(zip(keys, prompts)).items() if k not in found]
+    if missing:
+        with _lock:
+            _release("image")  # never hold the transformer and the text encoder at once
+            if _loaded.get("text_key") != _text_key(spec) or "text" not in _loaded:
+                _release("text")
+                _loaded["text"] = (
+                    load_text_encoder(spec.folder, precision=spec.precision, device=device),
+                    load_tokenizer(spec.folder),
+                )
+                _loaded["text_key"] = _text_key(spec)
+            text_encoder, tokenizer = _loaded["text"]
+            texts = [p for _, p in missing]
+            _, _, was_truncated = flux2.tokenize_prompts(tokenizer, texts, max_length=max_length)
+            with torch.no_grad():
+                embeds = flux2.encode_prompts(text_encoder, tokenizer, texts, max_length=max_length, device=device)
+            for (key, _), emb, cut in zip(missing, embeds.cpu(), was_truncated):
+                found[key] = emb.contiguous()
+                truncated[key] = cut
+                _atomic_save({"prompt_embeds": found[key]}, cache_dir / f"{key}.safetensors", {"truncated": str(cut)})
+                (cache_dir / f"{key}.json").write_text(json.dumps({"truncated": cut}))
+            # Release right away: the next node most likely needs the transformer.
+            _release("text")
+    return torch.stack([found[k] for k in keys]), [truncated[k] for k in keys]
+
+
+def _loaded_image_models(spec: Flux2ModelSpec, device: str):
+    with _lock:
+        key = _image_key(spec, device)
+        if _loaded.get("image_key") != key or "image" not in _loaded:
+            _release("text", "image")
+            transformer = load_transformer(spec.folder, precision=spec.precision, device=device)
+            vae = load_vae(spec.folder, precision=spec.vae_precision, device=device)
+            _loaded["image"] = (transformer, vae)
+            _loaded["image_key"] = key
+        return _loaded["image"]
+
+
+def sample_images(
+    spec: Flux2ModelSpec,
+    *,
+    prompt_embeds,
+    width: int,
+    height: int,
+    num_steps: int,
+    guidance: float,
+    seed: int,
+    device: str = "cpu",
+    callback: Callable[[int, int], None] | None = None,
+):
+    """Images (B, H, W, 3) in [0, 1] from prompt embeddings, with the spec's LoRAs active."""
+    from .lora_adapters import attached_loras
+    from .sampling import generate_images
+
+    transformer, vae = _loaded_image_models(spec, device)
+    with _lock, attached_loras(transformer, loras=spec.loras):
+        return generate_images(
+            transformer,
+            vae,
+            prompt_embeds=prompt_embeds.to(device=device, dtype=transformer.dtype),
+            width=width,
+            height=height,
+            num_steps=num_steps,
+            guidance=guidance,
+            seed=seed,
+            callback=callback,
+        )
