@@ -154,7 +154,7 @@ class Flux2Sample:
                 "height": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16, "tooltip": "Image height in pixels (multiple of 16)."}),
                 "steps": ("INT", {"default": 28, "min": 1, "max": 200, "step": 1, "tooltip": "Denoising steps; 28-50 for FLUX.2-dev."}),
                 "guidance": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 20.0, "step": 0.1, "round": 0.01, "tooltip": "Distilled guidance value fed to the guidance embedding; 3-5 is typical for FLUX.2-dev."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True, "tooltip": "Noise seed; the same seed gives the same image on any device."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "step": 1, "control_after_generate": True, "tooltip": "Noise seed; the same seed gives the same image on any device."}),
             }
         }
 

@@ -1,0 +1,379 @@
+"""FLUX.2 conventions: text encoding, latents, position ids, timestep schedules.
+
+Every function here reproduces what diffusers' Flux2Pipeline (0.42) and FlowMatchEulerDiscreteScheduler do
+with FLUX.2-dev's configs; tests/unit/test_flux2_conventions.py compares each one with diffusers itself.
+
+Text: the Mistral3 chat template with the FLUX.2 system message, no generation prompt, padded to and
+truncated at 512 tokens. Padding follows the tokenizer's padding_side (left on FLUX.2-dev's tokenizer, as in
+diffusers); truncation cuts the end, so a truncated prompt loses its closing [/INST]. Hidden states 10, 20 and
+30 (index 0 = embeddings) are stacked per token: (B, 512, 3 * H). Pad tokens stay in the sequence; the
+transformer attends to them (it gets no text mask), exactly as in diffusers.
+
+Latents: VAE posterior mode -> 2x2 patchify (32 -> 128 channels) -> the VAE's frozen batch-norm statistics,
+(x - mean) / sqrt(var + eps). One 128-channel token covers 16 x 16 pixels.
+
+Position ids (t, h, w, l): text (0, 0, 0, i); target image (0, y, x, 0) row-major; reference image k
+(10 + 10k, y, x, 0), appended after the target tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+MAX_TEXT_TOKENS = 512
+TEXT_HIDDEN_LAYERS = (10, 20, 30)
+REFERENCE_TIME_SCALE = 10
+LATENT_CHANNELS = 32
+PATCHIFIED_CHANNELS = 128
+PIXELS_PER_TOKEN = 16
+
+# The FLUX.2 system message (black-forest-labs/flux2 system_messages.py; diffusers keeps the same text, and a
+# test checks they stay equal). Kept here so importing this module does not import diffusers' pipelines.
+SYSTEM_MESSAGE = (
+    "You are an AI that reasons about image descriptions. You give structured responses focusing on object "
+    "relationships, object\nattribution and actions without speculation."
+)
+
+
+# ---------------------------------------------------------------------------------------------------- text
+
+
+def format_messages(prompts: list[str], *, system_message: str = SYSTEM_MESSAGE) -> list[list[dict]]:
+    """One chat per prompt: the system message, then the prompt as the user turn.
+
+    "[IMG]" is removed from prompts as diffusers does: a literal image token in a caption would make a
+    Pixtral processor expect an image.
+    """
+    return [
+        [
+            {"role": "system", "content": [{"type": "text", "text": system_message}]},
+            {"role": "user", "content": [{"type": "text", "text": prompt.replace("[IMG]", "")}]},
+        ]
+        for prompt in prompts
+    ]
+
+
+def _check_prompts(prompts: list[str]) -> None:
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(
+            f"prompts must be a list of strings, got {type(prompts).__name__}; wrap one prompt as [prompt]."
+        )
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty; pass at least one prompt (use \"\" for the empty prompt).")
+
+
+def tokenize_prompts(
+    tokenizer, prompts: list[str], *, max_length: int = MAX_TEXT_TOKENS
+) -> tuple[Tensor, Tensor, list[bool]]:
+    """input_ids and attention_mask (B, max_length), and whether each prompt was cut at max_length.
+
+    Works with a tokenizer or a processor that has the Mistral chat template (apply_chat_template).
+    """
+    _check_prompts(prompts)
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}; FLUX.2 uses {MAX_TEXT_TOKENS}.")
+    messages = format_messages(prompts)
+    inputs = tokenizer.apply_chat_template(
+        messages,
+        add_generation_prompt=False,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+    )
+    # Tokenize again without truncation: the only reliable way to know whether anything was cut.
+    full = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=False, tokenize=True, return_dict=True, padding=False, truncation=False
+    )
+    truncated = [len(ids) > max_length for ids in full["input_ids"]]
+    return inputs["input_ids"], inputs["attention_mask"], truncated
+
+
+def _num_text_layers(text_encoder) -> int:
+    config = text_encoder.config
+    text_config = getattr(config, "text_config", None) or config
+    return int(text_config.num_hidden_layers)
+
+
+def _check_hidden_layers(text_encoder, *, hidden_layers: Sequence[int]) -> None:
+    num_layers = _num_text_layers(text_encoder)
+    if not hidden_layers or min(hidden_layers) < 0 or max(hidden_layers) > num_layers:
+        raise ValueError(
+            f"hidden_layers {tuple(hidden_layers)} must index hidden states 0..{num_layers} (0 = embeddings) of a "
+            f"text encoder with {num_layers} layers; FLUX.2 uses {TEXT_HIDDEN_LAYERS}, which needs >= 30 layers "
+            "(FLUX.2-dev's Mistral3 has 40)."
+        )
+
+
+def encode_tokens(
+    text_encoder,
+    input_ids: Tensor,
+    *,
+    attention_mask: Tensor,
+    hidden_layers: Sequence[int] = TEXT_HIDDEN_LAYERS,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """(B, L, len(hidden_layers) * H): the chosen hidden states of the encoder, stacked per token."""
+    _check_hidden_layers(text_encoder, hidden_layers=hidden_layers)
+    dtype = text_encoder.dtype if dtype is None else dtype
+    device = text_encoder.device if device is None else device
+    # The text encoder is always frozen here: no graph, whatever the caller's grad mode.
+    with torch.no_grad():
+        output = text_encoder(
+            input_ids=input_ids.to(text_encoder.device),
+            attention_mask=attention_mask.to(text_encoder.device),
+            output_hidden_states=True,
+            use_cache=False,
+        )
+    stacked = torch.stack([output.hidden_states[k] for k in hidden_layers], dim=2)  # (B, L, K, H)
+    return stacked.flatten(2).to(device=device, dtype=dtype)
+
+
+def encode_prompts(
+    text_encoder,
+    tokenizer,
+    prompts: list[str],
+    *,
+    hidden_layers: Sequence[int] = TEXT_HIDDEN_LAYERS,
+    max_length: int = MAX_TEXT_TOKENS,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Prompt embeddings (B, max_length, len(hidden_layers) * H) as Flux2Pipeline.encode_prompt makes them.
+
+    device and dtype default to the text encoder's. Computed without gradients.
+    """
+    _check_hidden_layers(text_encoder, hidden_layers=hidden_layers)  # before tokenizing: fail fast
+    input_ids, attention_mask, _ = tokenize_prompts(tokenizer, prompts, max_length=max_length)
+    return encode_tokens(
+        text_encoder, input_ids, attention_mask=attention_mask, hidden_layers=hidden_layers, device=device, dtype=dtype
+    )
+
+
+# ---------------------------------------------------------------------------------------------- positions
+
+
+def text_position_ids(batch_size: int, seq_len: int) -> Tensor:
+    """(B, L, 4) int64: (0, 0, 0, i) for text token i."""
+    ids = torch.zeros(seq_len, 4, dtype=torch.int64)
+    ids[:, 3] = torch.arange(seq_len)
+    return ids.unsqueeze(0).expand(batch_size, -1, -1)
+
+
+def _grid_ids(height: int, width: int, *, time_index: int) -> Tensor:
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    ids = torch.zeros(height * width, 4, dtype=torch.int64)
+    ids[:, 0] = time_index
+    ids[:, 1] = ys.reshape(-1)
+    ids[:, 2] = xs.reshape(-1)
+    return ids
+
+
+def image_position_ids(batch_size: int, height: int, width: int, *, time_index: int = 0) -> Tensor:
+    """(B, height * width, 4) int64, row-major (t, y, x, 0); height and width in tokens."""
+    return _grid_ids(height, width, time_index=time_index).unsqueeze(0).expand(batch_size, -1, -1)
+
+
+def reference_position_ids(shapes: list[tuple[int, int]], batch_size: int) -> Tensor:
+    """(B, sum h*w, 4) int64 for reference images of (h, w) tokens: image k gets t = 10 + 10k."""
+    ids = [
+        _grid_ids(h, w, time_index=REFERENCE_TIME_SCALE + REFERENCE_TIME_SCALE * k) for k, (h, w) in enumerate(shapes)
+    ]
+    if not ids:
+        return torch.zeros(batch_size, 0, 4, dtype=torch.int64)
+    return torch.cat(ids, dim=0).unsqueeze(0).expand(batch_size, -1, -1)
+
+
+# ------------------------------------------------------------------------------------------------ latents
+
+
+def patchify_latents(x: Tensor) -> Tensor:
+    """(B, 32, 2h, 2w) -> (B, 128, h, w); channel c*4 + dy*2 + dx holds pixel (2y+dy, 2x+dx) of channel c."""
+    b, c, hh, ww = x.shape
+    if hh % 2 or ww % 2:
+        raise ValueError(f"latent height and width must be even to patchify, got {hh}x{ww}.")
+    x = x.reshape(b, c, hh // 2, 2, ww // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, c * 4, hh // 2, ww // 2)
+
+
+def unpatchify_latents(x: Tensor) -> Tensor:
+    """(B, 128, h, w) -> (B, 32, 2h, 2w); the inverse of patchify_latents."""
+    b, c, h, w = x.shape
+    if c % 4:
+        raise ValueError(f"patchified latents need a multiple of 4 channels, got {c}.")
+    x = x.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, c // 4, h * 2, w * 2)
+
+
+def pack_latents(x: Tensor) -> Tensor:
+    """(B, C, h, w) -> (B, h*w, C), tokens row-major."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h * w).permute(0, 2, 1)
+
+
+def unpack_latents(x: Tensor, *, height: int, width: int) -> Tensor:
+    """(B, height*width, C) -> (B, C, height, width); height and width in tokens."""
+    b, n, c = x.shape
+    if n != height * width:
+        raise ValueError(f"{n} tokens cannot be unpacked to {height}x{width}; pass the latent height and width.")
+    return x.permute(0, 2, 1).reshape(b, c, height, width)
+
+
+def latent_statistics(vae) -> tuple[Tensor, Tensor]:
+    """The VAE's frozen batch-norm statistics over the 128 patchified channels: (mean, sqrt(var + eps))."""
+    mean = vae.bn.running_mean.detach()
+    std = torch.sqrt(vae.bn.running_var.detach() + vae.config.batch_norm_eps)
+    return mean, std
+
+
+def _stats_like(x: Tensor, *, vae) -> tuple[Tensor, Tensor]:
+    mean, std = latent_statistics(vae)
+    # Cast like diffusers: statistics in the latents' dtype and device.
+    return mean.view(1, -1, 1, 1).to(x.device, x.dtype), std.view(1, -1, 1, 1).to(x.device, x.dtype)
+
+
+def normalize_latents(x: Tensor, *, vae) -> Tensor:
+    """Patchified VAE latents (B, 128, h, w) -> the transformer's latent space."""
+    mean, std = _stats_like(x, vae=vae)
+    return (x - mean) / std
+
+
+def denormalize_latents(x: Tensor, *, vae) -> Tensor:
+    """The inverse of normalize_latents."""
+    mean, std = _stats_like(x, vae=vae)
+    return x * std + mean
+
+
+def _module_device(module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def encode_images(vae, images: Tensor) -> Tensor:
+    """Images (B, 3, H, W) in [-1, 1] -> normalised latents (B, 128, H/16, W/16) in the VAE's dtype.
+
+    Posterior mode (no sampling noise), as Flux2Pipeline encodes reference images.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}.")
+    height, width = images.shape[-2:]
+    if height % PIXELS_PER_TOKEN or width % PIXELS_PER_TOKEN:
+        raise ValueError(
+            f"image size {width}x{height} (WxH) must be a multiple of {PIXELS_PER_TOKEN} in both directions; "
+            "crop or resize the image first."
+        )
+    images = images.to(device=_module_device(vae), dtype=vae.dtype)
+    latents = vae.encode(images).latent_dist.mode()
+    return normalize_latents(patchify_latents(latents), vae=vae)
+
+
+def decode_latents(vae, latents: Tensor) -> Tensor:
+    """Normalised latents (B, 128, h, w) -> images (B, 3, 16h, 16w) clamped to [-1, 1], in the VAE's dtype.
+
+    The clamp is what every consumer applies anyway ((x + 1) / 2 clamped to [0, 1] in diffusers' postprocess).
+    """
+    x = unpatchify_latents(denormalize_latents(latents, vae=vae))
+    images = vae.decode(x.to(device=_module_device(vae), dtype=vae.dtype), return_dict=False)[0]
+    return images.clamp(-1.0, 1.0)
+
+
+# -------------------------------------------------------------------------------------- training timesteps
+
+
+def shift_sigmas(sigmas: Tensor, *, shift: float) -> Tensor:
+    """The static flow shift s' = shift * s / (1 + (shift - 1) * s); shift > 1 moves mass toward noise."""
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift}; 1.0 means no shift, FLUX.2 training uses 3.0.")
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def sample_training_sigmas(
+    batch_size: int,
+    *,
+    shift: float = 3.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """(B,) float32 sigmas: sigmoid(N(0, 1)) (logit-normal), then shift_sigmas.
+
+    Drawn on the generator's device (CPU without one), then moved to device.
+    """
+    draw_device = generator.device if generator is not None else torch.device("cpu")
+    u = torch.randn(batch_size, generator=generator, device=draw_device, dtype=torch.float32)
+    sigmas = shift_sigmas(torch.sigmoid(u), shift=shift)
+    return sigmas if device is None else sigmas.to(device)
+
+
+def resolution_shift(
+    image_seq_len: int,
+    *,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """The resolution-dependent static shift exp(mu), mu linear in the token count (FLUX.1's calculate_shift).
+
+    image_seq_len counts 128-channel (2x2-patchified) tokens: (H / 16) * (W / 16) for an H x W image, i.e. h * w
+    of latents shaped (B, 128, h, w). So 256x256 px -> 256 tokens -> exp(0.5); 1024x1024 -> 4096 -> exp(1.15).
+    Counting 32-channel VAE pixels instead would overstate the count 4x and the shift with it.
+    """
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    mu = image_seq_len * slope + (base_shift - slope * base_seq_len)
+    return math.exp(mu)
+
+
+def noisy_latents(x0: Tensor, noise: Tensor, sigmas: Tensor) -> Tensor:
+    """x_t = (1 - s) x0 + s noise, with one sigma per sample broadcast over the other dims."""
+    s = sigmas.to(device=x0.device, dtype=x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+    return (1 - s) * x0 + s * noise
+
+
+def flow_target(x0: Tensor, noise: Tensor) -> Tensor:
+    """The rectified-flow velocity the model predicts: noise - x0."""
+    return noise - x0
+
+
+# -------------------------------------------------------------------------------------- sampling timesteps
+
+
+def empirical_mu(image_seq_len: int, num_steps: int) -> float:
+    """The official FLUX.2 time-shift mu for a token count and a step count (flux2 sampling.py).
+
+    Fitted at 10 and 200 steps and interpolated linearly in the step count; above 4300 tokens only the
+    200-step fit is used.
+    """
+    a1, b1 = 8.73809524e-05, 1.89833333
+    a2, b2 = 0.00016927, 0.45666666
+    mu_200 = a2 * image_seq_len + b2
+    if image_seq_len > 4300:
+        return float(mu_200)
+    mu_10 = a1 * image_seq_len + b1
+    slope = (mu_200 - mu_10) / 190.0
+    return float(slope * num_steps + (mu_200 - 200.0 * slope))
+
+
+def sampling_sigmas(num_steps: int, *, image_seq_len: int) -> Tensor:
+    """(num_steps + 1,) float32 sigmas from 1 down to 0 for Euler sampling, as Flux2Pipeline uses them.
+
+    linspace(1, 1/N, N) (float64, then float32 as the scheduler casts), the exponential time shift
+    exp(mu) / (exp(mu) + (1/s - 1)) with mu = empirical_mu, then a final 0.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+    # numpy's linspace arithmetic (start + i * step, exact last value), so the float32 cast matches bit for bit.
+    base = torch.ones(num_steps, dtype=torch.float64)
+    if num_steps > 1:
+        step = (1.0 / num_steps - 1.0) / (num_steps - 1)
+        base = torch.arange(num_steps, dtype=torch.float64) * step + 1.0
+        base[-1] = 1.0 / num_steps
+    base = base.to(torch.float32)
+    e = torch.tensor(math.exp(empirical_mu(image_seq_len, num_steps)), dtype=torch.float32)
+    shifted = e / (e + (1 / base - 1))
+    return torch.cat([shifted, torch.zeros(1, dtype=torch.float32)])

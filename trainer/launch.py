@@ -1,0 +1,198 @@
+"""Starting, following and stopping a training run as its own process group (torchrun).
+
+The ComfyUI node is only a supervisor: it builds the torchrun argument list here, starts it in a new
+process group (session on POSIX, CREATE_NEW_PROCESS_GROUP on Windows), follows events.jsonl, and on
+Cancel stops the whole group so no rank is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .events import EVENTS_FILE, EventFollower
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+LOG_FILE = "train.log"
+
+
+class TrainingFailed(RuntimeError):
+    """The trainer exited with an error; the message quotes the log tail."""
+
+
+class TrainingCancelled(RuntimeError):
+    """The user cancelled; the run folder keeps the last checkpoint."""
+
+
+def torchrun_command(
+    *,
+    config_path: str | os.PathLike,
+    nproc_per_node: int = 1,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str = "flux2-lora",
+    python: str | None = None,
+) -> list[str]:
+    """The torchrun argument list (run from the pack root, so `-m trainer` resolves)."""
+    if nproc_per_node < 1:
+        raise ValueError(f"num_processes must be >= 1, got {nproc_per_node}.")
+    if nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise ValueError(f"node_rank must be in [0, nnodes); got node_rank={node_rank}, nnodes={nnodes}.")
+    cmd = [python or sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc_per_node)]
+    if nnodes == 1:
+        cmd += ["--standalone"]
+    else:
+        if not rdzv_endpoint:
+            raise ValueError("multi-node runs need rdzv_endpoint (host:port of node 0), e.g. 10.0.0.1:29500.")
+        cmd += ["--nnodes", str(nnodes), "--node_rank", str(node_rank), "--rdzv_backend", "c10d",
+                "--rdzv_endpoint", rdzv_endpoint, "--rdzv_id", rdzv_id]
+    cmd += ["-m", "trainer", "train", "--config", str(config_path)]
+    return cmd
+
+
+def command_text(cmd: list[str], *, cwd: Path = PACK_ROOT) -> str:
+    """The command as a user pastes it into a shell (display only; never executed through a shell)."""
+    return f"cd {shlex.quote(str(cwd))} && {shlex.join(cmd)}"
+
+
+@dataclass
+class TrainingProcess:
+    """A started torchrun process group."""
+
+    popen: subprocess.Popen
+    run_dir: Path
+    log_path: Path
+
+    @classmethod
+    def start(cls, cmd: list[str], *, run_dir: Path, env: dict[str, str] | None = None,
+              cwd: Path = PACK_ROOT) -> "TrainingProcess":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log_path = run_dir / LOG_FILE
+        full_env = dict(os.environ)
+        full_env.setdefault("OMP_NUM_THREADS", "1")
+        full_env["PYTHONUNBUFFERED"] = "1"
+        # The pack root, not ComfyUI's cwd, must come first so `-m trainer` is ours.
+        full_env["PYTHONPATH"] = os.pathsep.join([str(cwd)] + [p for p in [full_env.get("PYTHONPATH")] if p])
+        if env:
+            full_env.update(env)
+        kwargs: dict[str, Any] = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
+        else:
+            kwargs["start_new_session"] = True
+        with open(log_path, "ab") as log_fh:
+            popen = subprocess.Popen(cmd, cwd=str(cwd), env=full_env, stdout=log_fh, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, **kwargs)
+        return cls(popen=popen, run_dir=run_dir, log_path=log_path)
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, *, grace_s: float = 10.0) -> None:
+        """Stop every process of the group: a polite signal first, then a kill after grace_s."""
+        if self.popen.poll() is not None and os.name == "nt":
+            return
+        if os.name == "nt":
+            try:
+                self.popen.send_signal(signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined]
+            except OSError:
+                pass
+            if self.wait(grace_s) is None:
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.popen.pid)], check=False,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                self.wait(grace_s)
+            return
+        pgid = self.popen.pid  # start_new_session made it the group leader
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            if self.wait(0.2) is not None and not _group_alive(pgid):
+                return
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.wait(grace_s)
+
+    def log_tail(self, *, lines: int = 40) -> str:
+        try:
+            data = self.log_path.read_bytes()[-20000:]
+        except OSError:
+            return ""
+        return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def supervise(
+    proc: TrainingProcess,
+    *,
+    on_event: Callable[[dict[str, Any]], None],
+    should_cancel: Callable[[], bool],
+    poll_interval_s: float = 0.25,
+) -> list[dict[str, Any]]:
+    """Follow the run until it ends; returns all events. Raises TrainingCancelled or TrainingFailed."""
+    follower = EventFollower(proc.run_dir / EVENTS_FILE, offset=_size(proc.run_dir / EVENTS_FILE))
+    seen: list[dict[str, Any]] = []
+
+    def drain() -> None:
+        for event in follower.poll():
+            seen.append(event)
+            on_event(event)
+
+    try:
+        while True:
+            drain()
+            if should_cancel():
+                proc.stop()
+                drain()
+                raise TrainingCancelled(f"training cancelled; checkpoints stay in {proc.run_dir}")
+            code = proc.wait(poll_interval_s)
+            if code is not None:
+                drain()
+                break
+    except BaseException:
+        if proc.poll() is None:
+            proc.stop()
+        raise
+    if code != 0 or not any(e.get("event") == "end" for e in seen):
+        errors = [e for e in seen if e.get("event") == "error"]
+        reason = errors[-1].get("message", "") if errors else f"exit code {code}"
+        raise TrainingFailed(
+            f"training failed: {reason}\nrun folder: {proc.run_dir}\n--- last lines of {proc.log_path.name} ---\n"
+            f"{proc.log_tail()}"
+        )
+    return seen
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0

@@ -1,0 +1,124 @@
+"""The FLUX.2 training objective for one batch: flow matching with guidance and caption dropout.
+
+x_t = (1 - s) x0 + s e, target e - x0, MSE over the target image tokens. s ~ sigmoid(N(0, 1)) with a
+shift. The model gets timestep s (it scales by 1000 inside) and the guidance value through its
+guidance embedding: constant, or uniform in [min, max] per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from . import flux2
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GuidanceSpec:
+    mode: Literal["constant", "random-range"] = "constant"
+    value: float = 1.0
+    minimum: float = 1.0
+    maximum: float = 1.0
+
+    def sample(self, batch_size: int, *, generator: torch.Generator) -> torch.Tensor:
+        if self.mode == "constant":
+            return torch.full((batch_size,), float(self.value))
+        if self.mode == "random-range":
+            u = torch.rand(batch_size, generator=generator)
+            return self.minimum + (self.maximum - self.minimum) * u
+        raise ValueError(f"flux_guidance_mode {self.mode!r} must be 'constant' or 'random-range'.")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ObjectiveSpec:
+    shift: float = 3.0
+    """Static timestep shift (flow_schedule_shift)."""
+    auto_shift: bool = False
+    """Use the resolution-dependent shift for the batch's token count instead (flow_schedule_auto_shift)."""
+    guidance: GuidanceSpec = GuidanceSpec()
+    caption_dropout_probability: float = 0.0
+
+
+def step_generator(*, seed: int, rank: int, step: int, micro_step: int = 0) -> torch.Generator:
+    """A generator that depends only on (seed, rank, step): resume reproduces the same noise exactly."""
+    mixed = (seed * 1_000_003 + rank * 97_403 + step * 7_919 + micro_step * 131) % (2**63 - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PreparedBatch:
+    hidden_states: torch.Tensor
+    """Packed noisy target tokens, then reference tokens (B, N_img + N_ref, 128)."""
+    encoder_hidden_states: torch.Tensor
+    timestep: torch.Tensor
+    guidance: torch.Tensor
+    img_ids: torch.Tensor
+    txt_ids: torch.Tensor
+    target: torch.Tensor
+    """Packed flow target of the target image tokens only (B, N_img, 128)."""
+    num_target_tokens: int
+    sigmas: torch.Tensor
+
+
+def prepare_batch(
+    *,
+    latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    empty_embeds: torch.Tensor | None,
+    spec: ObjectiveSpec,
+    generator: torch.Generator,
+    reference_latents: list[torch.Tensor] | None = None,
+) -> PreparedBatch:
+    """Noise, timesteps, guidance, dropout and ids for one batch of cached latents (B, 128, h, w)."""
+    batch, _, h, w = latents.shape
+    x0 = latents.float()
+    noise = torch.randn(x0.shape, generator=generator)
+    shift = flux2.resolution_shift(h * w) if spec.auto_shift else spec.shift
+    sigmas = flux2.sample_training_sigmas(batch, shift=shift, generator=generator)
+    x_t = flux2.noisy_latents(x0, noise, sigmas)
+    target = flux2.pack_latents(flux2.flow_target(x0, noise))
+
+    embeds = prompt_embeds
+    if spec.caption_dropout_probability > 0:
+        if empty_embeds is None:
+            raise ValueError("caption_dropout_probability > 0 needs the empty-prompt encoding in the dataset cache.")
+        drop = torch.rand(batch, generator=generator) < spec.caption_dropout_probability
+        if drop.any():
+            embeds = torch.where(drop.view(-1, 1, 1), empty_embeds.to(embeds.dtype).expand_as(embeds), embeds)
+
+    tokens = flux2.pack_latents(x_t)
+    img_ids = flux2.image_position_ids(batch, h, w)
+    if reference_latents:
+        ref_tokens = torch.cat([flux2.pack_latents(r.float()) for r in reference_latents], dim=1)
+        tokens = torch.cat([tokens, ref_tokens], dim=1)
+        ref_ids = flux2.reference_position_ids([tuple(r.shape[-2:]) for r in reference_latents], batch)
+        img_ids = torch.cat([img_ids, ref_ids], dim=1)
+    return PreparedBatch(
+        hidden_states=tokens,
+        encoder_hidden_states=embeds,
+        timestep=sigmas,
+        guidance=spec.guidance.sample(batch, generator=generator),
+        img_ids=img_ids,
+        txt_ids=flux2.text_position_ids(batch, embeds.shape[1]),
+        target=target,
+        num_target_tokens=h * w,
+        sigmas=sigmas,
+    )
+
+
+def flow_matching_loss(model: torch.nn.Module, prepared: PreparedBatch, *, device: torch.device,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """MSE between the model's prediction on the target tokens and e - x0 (reference outputs cut)."""
+    pred = model(
+        hidden_states=prepared.hidden_states.to(device=device, dtype=dtype),
+        encoder_hidden_states=prepared.encoder_hidden_states.to(device=device, dtype=dtype),
+        timestep=prepared.timestep.to(device=device, dtype=dtype),
+        img_ids=prepared.img_ids.to(device),
+        txt_ids=prepared.txt_ids.to(device),
+        guidance=prepared.guidance.to(device=device, dtype=dtype),
+        return_dict=False,
+    )[0]
+    pred = pred[:, : prepared.num_target_tokens]
+    return torch.nn.functional.mse_loss(pred.float(), prepared.target.to(device=device, dtype=torch.float32))
