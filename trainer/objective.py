@@ -22,11 +22,12 @@ class GuidanceSpec:
     minimum: float = 1.0
     maximum: float = 1.0
 
-    def sample(self, batch_size: int, *, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, generators: list[torch.Generator]) -> torch.Tensor:
+        """One guidance value per sample (each sample has its own generator)."""
         if self.mode == "constant":
-            return torch.full((batch_size,), float(self.value))
+            return torch.full((len(generators),), float(self.value))
         if self.mode == "random-range":
-            u = torch.rand(batch_size, generator=generator)
+            u = torch.cat([torch.rand(1, generator=g) for g in generators])
             return self.minimum + (self.maximum - self.minimum) * u
         raise ValueError(f"flux_guidance_mode {self.mode!r} must be 'constant' or 'random-range'.")
 
@@ -41,10 +42,16 @@ class ObjectiveSpec:
     caption_dropout_probability: float = 0.0
 
 
-def step_generator(*, seed: int, rank: int, step: int, micro_step: int = 0) -> torch.Generator:
-    """A generator that depends only on (seed, rank, step): resume reproduces the same noise exactly."""
-    mixed = (seed * 1_000_003 + rank * 97_403 + step * 7_919 + micro_step * 131) % (2**63 - 1)
-    return torch.Generator().manual_seed(mixed)
+def sample_generators(*, seed: int, step: int, first_index: int, count: int) -> list[torch.Generator]:
+    """One generator per sample, keyed by (seed, step, the sample's index in the global batch).
+
+    Noise, timestep, guidance and caption dropout of a sample then depend neither on the number of
+    processes nor on whether the run was resumed: 1 x batch 2 equals 2 x batch 1, and resume is exact.
+    """
+    return [
+        torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + (first_index + i) * 131) % (2**63 - 1))
+        for i in range(count)
+    ]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -68,15 +75,17 @@ def prepare_batch(
     prompt_embeds: torch.Tensor,
     empty_embeds: torch.Tensor | None,
     spec: ObjectiveSpec,
-    generator: torch.Generator,
+    generators: list[torch.Generator],
     reference_latents: list[torch.Tensor] | None = None,
 ) -> PreparedBatch:
     """Noise, timesteps, guidance, dropout and ids for one batch of cached latents (B, 128, h, w)."""
     batch, _, h, w = latents.shape
+    if len(generators) != batch:
+        raise ValueError(f"prepare_batch needs one generator per sample: {len(generators)} for a batch of {batch}")
     x0 = latents.float()
-    noise = torch.randn(x0.shape, generator=generator)
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators])
     shift = flux2.resolution_shift(h * w) if spec.auto_shift else spec.shift
-    sigmas = flux2.sample_training_sigmas(batch, shift=shift, generator=generator)
+    sigmas = torch.cat([flux2.sample_training_sigmas(1, shift=shift, generator=g) for g in generators])
     x_t = flux2.noisy_latents(x0, noise, sigmas)
     target = flux2.pack_latents(flux2.flow_target(x0, noise))
 
@@ -84,7 +93,7 @@ def prepare_batch(
     if spec.caption_dropout_probability > 0:
         if empty_embeds is None:
             raise ValueError("caption_dropout_probability > 0 needs the empty-prompt encoding in the dataset cache.")
-        drop = torch.rand(batch, generator=generator) < spec.caption_dropout_probability
+        drop = torch.cat([torch.rand(1, generator=g) for g in generators]) < spec.caption_dropout_probability
         if drop.any():
             embeds = torch.where(drop.view(-1, 1, 1), empty_embeds.to(embeds.dtype).expand_as(embeds), embeds)
 
@@ -99,7 +108,7 @@ def prepare_batch(
         hidden_states=tokens,
         encoder_hidden_states=embeds,
         timestep=sigmas,
-        guidance=spec.guidance.sample(batch, generator=generator),
+        guidance=spec.guidance.sample(generators),
         img_ids=img_ids,
         txt_ids=flux2.text_position_ids(batch, embeds.shape[1]),
         target=target,
