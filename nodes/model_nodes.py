@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from ..trainer.model_files import PRECISIONS, inspect_model_folder
@@ -21,9 +22,11 @@ def diffusers_model_choices() -> list[str]:
     names: list[str] = []
     for root in comfy_bridge.model_folder_paths("diffusers"):
         if root.is_dir():
-            for index in sorted(root.rglob("model_index.json")):
-                names.append(str(index.parent.relative_to(root)))
-    return names or [NO_FOLDER_FOUND]
+            # followlinks: users often symlink a model folder into models/diffusers.
+            for folder, _, files in os.walk(root, followlinks=True):
+                if "model_index.json" in files:
+                    names.append(os.path.relpath(folder, root))
+    return sorted(names) or [NO_FOLDER_FOUND]
 
 
 def resolve_model_folder(model: str, folder_path: str) -> Path:
