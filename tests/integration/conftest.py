@@ -1,0 +1,102 @@
+"""Fixtures for trainer runs: a small built dataset on the tiny model, and a torchrun launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 220), "yellow": (230, 200, 40)}
+
+
+def write_square_images(folder: Path, *, count: int, size: int = 64, seed: int = 0) -> Path:
+    """Coloured squares on white with captions: a small set a LoRA can overfit."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(COLOURS)
+    for i in range(count):
+        name = names[i % len(names)]
+        image = Image.new("RGB", (size, size), (240, 240, 240))
+        x, y = rng.randint(4, size // 2 - 2), rng.randint(4, size // 2 - 2)
+        ImageDraw.Draw(image).rectangle([x, y, x + size // 2 - 4, y + size // 2 - 4], fill=COLOURS[name])
+        image.save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a {name} square on a white background", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def square_dataset(tiny_model_dir, tmp_path_factory) -> Path:
+    """Manifest of 8 cached 64x64 images (one bucket) on the tiny model."""
+    from trainer.data import build_dataset
+    from trainer.model_files import inspect_model_folder
+
+    root = tmp_path_factory.mktemp("squares")
+    images = write_square_images(root / "images", count=8)
+    return build_dataset(image_dir=images, model=inspect_model_folder(tiny_model_dir), out_dir=root / "built",
+                         resolution=64, text_precision="fp32",
+                         extra_prompts=["a red square on a white background"])
+
+
+def run_config(tiny_model_dir: Path, manifest: Path, output_dir: Path, **overrides: Any) -> dict[str, Any]:
+    config = {
+        "model_type": "lora",
+        "model_family": "flux2",
+        "pretrained_model_name_or_path": str(tiny_model_dir),
+        "output_dir": str(output_dir),
+        "dataset_manifest": str(manifest),
+        "train_batch_size": 1,
+        "max_train_steps": 4,
+        "learning_rate": 1e-3,
+        "lora_rank": 4,
+        "lora_alpha": 2,
+        "mixed_precision": "no",
+        "gradient_checkpointing": False,
+        "checkpointing_steps": 100,
+        "validation_steps": 0,
+        "distributed": "none",
+        "seed": 1,
+    }
+    config.update(overrides)
+    return config
+
+
+def launch(config: dict[str, Any], *, nproc: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the trainer as users do: torchrun for several processes, python -m trainer for one."""
+    out = Path(config["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f"{out.name}.run.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "trainer", "train", "--config", str(path)]
+    else:
+        cmd = [sys.executable, "-m", "trainer", "train", "--config", str(path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"trainer failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def step_losses(output_dir: Path) -> dict[int, float]:
+    from trainer.events import read_events
+
+    return {e["step"]: e["loss"] for e in read_events(output_dir / "events.jsonl") if e["event"] == "step"}
+
+
+@pytest.fixture(scope="session")
+def runs():
+    """The helpers above, for test modules (importlib mode cannot import conftest directly)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(run_config=run_config, launch=launch, step_losses=step_losses,
+                           write_square_images=write_square_images)
