@@ -38,12 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root).resolve()
     workflow = Path(args.workflow) if args.workflow else (DEFAULT_WORKFLOW if DEFAULT_WORKFLOW.exists() else FALLBACK_WORKFLOW)
     sys.path.insert(0, str(REPO))
+    from trainer.sample_data import make_sample_dataset
     from trainer.tiny import make_tiny
 
     model_dir = root / "models" / "diffusers" / "flux2-tiny"
     if not (model_dir / "model_index.json").is_file():
         print(f"writing tiny FLUX.2 weights to {model_dir}")
         make_tiny(out_dir=model_dir, seed=0)
+    dataset_dir = root / "input" / "flux2_lora_sample_squares"
+    if not dataset_dir.is_dir():
+        print(f"writing the sample dataset to {dataset_dir}")
+        make_sample_dataset(out_dir=dataset_dir, count=8, size=64)
     pack = import_pack()
     headless = importlib.import_module(f"{pack.__name__}.nodes.headless")
     bridge = importlib.import_module(f"{pack.__name__}.nodes.comfy_bridge")

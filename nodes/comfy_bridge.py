@@ -42,6 +42,15 @@ def output_directory() -> Path:
     return Path.cwd() / "output"
 
 
+def input_directory() -> Path:
+    fp = _folder_paths()
+    if fp is not None:
+        return Path(fp.get_input_directory())
+    if _HEADLESS_ROOT is not None:
+        return _HEADLESS_ROOT / "input"
+    return Path.cwd() / "input"
+
+
 def models_directory() -> Path:
     fp = _folder_paths()
     if fp is not None:

@@ -65,6 +65,12 @@ def sanitize_name(name: str, *, input_name: str) -> str:
     return clean
 
 
+def resolve_image_folder(image_folder: str) -> Path:
+    """A folder path as typed; a relative one is taken inside ComfyUI's input directory."""
+    path = Path(image_folder.strip()).expanduser()
+    return path if path.is_absolute() else comfy_bridge.input_directory() / path
+
+
 class Flux2BuildDataset:
     TITLE = "Build Dataset (FLUX.2)"
     DESCRIPTION = (
@@ -86,7 +92,7 @@ class Flux2BuildDataset:
         return {
             "required": {
                 "model": ("FLUX2_MODEL", {"tooltip": "Model whose VAE and text encoder fill the caches."}),
-                "image_folder": ("STRING", {"default": "", "tooltip": "Folder of training images (png, jpg, webp) with captions in same-name .txt files."}),
+                "image_folder": ("STRING", {"default": "", "tooltip": "Folder of training images (png, jpg, webp) with captions in same-name .txt files; a relative path is inside ComfyUI's input folder."}),
                 "resolution": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 16, "tooltip": "Training resolution: buckets hold about resolution x resolution pixels, sides multiples of 16."}),
                 "repeats": ("INT", {"default": 1, "min": 1, "max": 1000, "step": 1, "tooltip": "How many times each image appears per epoch."}),
                 "caption_strategy": (["textfile", "filename", "instanceprompt"], {"default": "textfile", "tooltip": "textfile: captions from same-name .txt files; filename: the file name is the caption; instanceprompt: one caption for all."}),
@@ -99,7 +105,7 @@ class Flux2BuildDataset:
     @classmethod
     def IS_CHANGED(cls, model=None, image_folder: str = "", **kwargs):
         # Re-run when any file in the folder changes (name, size or time); contents are hashed inside.
-        root = Path(image_folder).expanduser()
+        root = resolve_image_folder(image_folder)
         if not root.is_dir():
             return f"missing:{image_folder}"
         h = hashlib.sha256()
@@ -111,15 +117,16 @@ class Flux2BuildDataset:
 
     @classmethod
     def VALIDATE_INPUTS(cls, image_folder: str = "", **kwargs):
-        if not image_folder or not Path(image_folder).expanduser().is_dir():
-            return f"image_folder {image_folder!r} is not a folder; give the folder that holds your training images."
+        if not image_folder.strip() or not resolve_image_folder(image_folder).is_dir():
+            return (f"image_folder {image_folder!r} is not a folder; give the folder that holds your training images "
+                    "(absolute, or relative to ComfyUI's input folder).")
         return True
 
     def build(self, model, image_folder: str, resolution: int, repeats: int, caption_strategy: str,
               instance_prompt: str = ""):
-        from ..trainer.data import build_dataset, load_manifest
+        from ..trainer.data import build_dataset, load_build_report, load_manifest
 
-        folder = Path(image_folder).expanduser().resolve()
+        folder = resolve_image_folder(image_folder).resolve()
         if not folder.is_dir():
             raise ValueError(f"Build Dataset: image_folder {image_folder!r} is not a folder.")
         key = hashlib.sha256(json.dumps([str(folder), resolution, repeats, caption_strategy, instance_prompt,
@@ -137,8 +144,7 @@ class Flux2BuildDataset:
             device=str(comfy_bridge.torch_device()),
         )
         manifest = load_manifest(manifest_path)
-        report_path = Path(manifest_path).parent / "report.json"
-        report = report_path.read_text(encoding="utf-8") if report_path.is_file() else ""
+        report = load_build_report(Path(manifest_path).parent).summary()
         handle = DatasetHandle(manifest=str(manifest_path), fingerprint=manifest.fingerprint,
                                num_images=len(manifest.items))
         return (handle, handle.num_images, report)

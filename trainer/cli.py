@@ -110,7 +110,23 @@ def _add_build_dataset(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_make_tiny, _add_convert_lora, _add_inspect_lora, _add_train, _add_build_dataset]
+def _add_make_sample_dataset(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("make-sample-dataset", help="write the demo dataset: coloured shapes with captions")
+    p.add_argument("--out", required=True, help="folder to write (empty or new)")
+    p.add_argument("--count", type=int, default=8, help="number of images")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0, help="random seed for placement")
+
+    def run(args: argparse.Namespace) -> int:
+        from .sample_data import make_sample_dataset
+
+        print(make_sample_dataset(out_dir=args.out, count=args.count, size=args.size, seed=args.seed))
+        return 0
+
+    p.set_defaults(run=run)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_make_tiny, _add_convert_lora, _add_inspect_lora, _add_train, _add_build_dataset, _add_make_sample_dataset]
 
 
 def build_parser() -> argparse.ArgumentParser:

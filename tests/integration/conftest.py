@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -13,24 +12,6 @@ from typing import Any
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 220), "yellow": (230, 200, 40)}
-
-
-def write_square_images(folder: Path, *, count: int, size: int = 64, seed: int = 0) -> Path:
-    """Coloured squares on white with captions: a small set a LoRA can overfit."""
-    from PIL import Image, ImageDraw
-
-    rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    names = list(COLOURS)
-    for i in range(count):
-        name = names[i % len(names)]
-        image = Image.new("RGB", (size, size), (240, 240, 240))
-        x, y = rng.randint(4, size // 2 - 2), rng.randint(4, size // 2 - 2)
-        ImageDraw.Draw(image).rectangle([x, y, x + size // 2 - 4, y + size // 2 - 4], fill=COLOURS[name])
-        image.save(folder / f"img{i}.png")
-        (folder / f"img{i}.txt").write_text(f"a {name} square on a white background", encoding="utf-8")
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -38,9 +19,10 @@ def square_dataset(tiny_model_dir, tmp_path_factory) -> Path:
     """Manifest of 8 cached 64x64 images (one bucket) on the tiny model."""
     from trainer.data import build_dataset
     from trainer.model_files import inspect_model_folder
+    from trainer.sample_data import make_sample_dataset
 
     root = tmp_path_factory.mktemp("squares")
-    images = write_square_images(root / "images", count=8)
+    images = make_sample_dataset(out_dir=root / "images", count=8)
     return build_dataset(image_dir=images, model=inspect_model_folder(tiny_model_dir), out_dir=root / "built",
                          resolution=64, text_precision="fp32",
                          extra_prompts=["a red square on a white background"])
@@ -98,5 +80,4 @@ def runs():
     """The helpers above, for test modules (importlib mode cannot import conftest directly)."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(run_config=run_config, launch=launch, step_losses=step_losses,
-                           write_square_images=write_square_images)
+    return SimpleNamespace(run_config=run_config, launch=launch, step_losses=step_losses)
