@@ -211,6 +211,7 @@ class Flux2TrainLora:
     def train(self, model, dataset, output_name: str, launch: str = "run", attach_run_folder: str = "",
               extra_config_json: str = "", num_processes: int = 1, **widgets):
         from ..trainer.config import TrainConfig
+        from ..trainer.events import append_event
         from ..trainer.launch import TrainingCancelled, TrainingProcess, command_text, supervise, torchrun_command
 
         name = sanitize_name(output_name, input_name="output_name")
@@ -272,9 +273,11 @@ class Flux2TrainLora:
             supervise(proc, on_event=on_event, should_cancel=comfy_bridge.interrupted)
         except cancelled_types as err:
             # Cancel is not an error: the run folder keeps the last checkpoint and the next Run resumes it.
+            append_event(run_dir, "cancelled", message="cancelled by the user; Run again to resume")
             comfy_bridge.send_event(comfy_bridge.PACK_EVENT, {"run": run_dir.name, "event": "cancelled"})
             raise comfy_bridge.interrupt_exception()(f"Train LoRA cancelled; resume by pressing Run again ({run_dir}).") from err
         except Exception as err:
+            append_event(run_dir, "failed", message=str(err)[:2000])
             comfy_bridge.send_event(comfy_bridge.PACK_EVENT, {"run": run_dir.name, "event": "failed", "message": str(err)[:2000]})
             raise
         log.info("Train LoRA: finished in %.1f s", time.time() - node_started)

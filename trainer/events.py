@@ -88,5 +88,12 @@ class EventFollower:
         return events
 
 
+def append_event(output_dir: str | os.PathLike, event: str, **data: Any) -> None:
+    """Add one event from outside the trainer (the supervisor's 'cancelled' / 'failed'), so a reload sees it."""
+    path = Path(output_dir) / EVENTS_FILE
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"event": event, "time": time.time(), **_clean(data)}, default=str) + "\n")
+
+
 def read_events(path: str | os.PathLike) -> list[dict[str, Any]]:
     return EventFollower(Path(path)).poll()

@@ -1,0 +1,128 @@
+"""The Train LoRA node as ComfyUI calls it: validation before launch, caching, export, attach, cancel."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def nodes(pack, comfy_root):
+    return importlib.import_module(f"{pack.__name__}.nodes.train_nodes")
+
+
+@pytest.fixture
+def model_spec(pack, tiny_model_dir):
+    inference = importlib.import_module(f"{pack.__name__}.trainer.inference")
+    model_files = importlib.import_module(f"{pack.__name__}.trainer.model_files")
+    return inference.Flux2ModelSpec(folder=model_files.inspect_model_folder(tiny_model_dir), precision="fp32")
+
+
+@pytest.fixture
+def dataset(nodes, square_dataset):
+    manifest = json.loads(Path(square_dataset).read_text())
+    return nodes.DatasetHandle(manifest=str(square_dataset), fingerprint=manifest["fingerprint"], num_images=8)
+
+
+WIDGETS = dict(
+    max_train_steps=3, learning_rate=1e-3, lora_rank=4, lora_alpha=2.0, flux_lora_target="all", train_batch_size=1,
+    gradient_accumulation_steps=1, mixed_precision="no", gradient_checkpointing=False, flux_guidance_value=1.0,
+    caption_dropout_probability=0.0, seed=3, checkpointing_steps=2, checkpoints_total_limit=2, validation_prompt="",
+    validation_steps=0, distributed="none",
+)
+
+
+def _train(nodes, model_spec, dataset, **overrides):
+    kwargs = {**WIDGETS, "output_name": "node_test", "launch": "run", "num_processes": 1, **overrides}
+    return nodes.Flux2TrainLora().train(model_spec, dataset, **kwargs)
+
+
+def test_export_writes_run_json_and_the_cluster_command(nodes, model_spec, dataset, comfy_root):
+    out = _train(nodes, model_spec, dataset, launch="export", num_processes=8)
+    lora, history, info = out["result"]
+    assert lora.path == "" and history == []
+    assert "torch.distributed.run --nproc_per_node 8 --standalone -m trainer train --config" in info
+    assert "--nnodes 2 --node_rank 0 --rdzv_backend c10d --rdzv_endpoint NODE0_HOST:29500" in info
+    [run_dir] = (comfy_root / "output" / "flux2_lora" / "runs").iterdir()
+    config = json.loads((run_dir / "run.json").read_text())
+    assert config["max_train_steps"] == 3 and config["dataset_manifest"] == dataset.manifest
+    assert not (run_dir / "train.log").exists()  # nothing was launched
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"output_name": "../escape"}, "plain name"),
+        ({"output_name": "bad\x07name"}, "control characters"),
+        ({"output_name": "CON"}, "not usable"),
+        ({"output_name": "  "}, "empty"),
+        ({"extra_config_json": "{\"learning_rat\": 1}"}, "learning_rate"),
+        ({"extra_config_json": "[1, 2]"}, "JSON object"),
+        ({"extra_config_json": "{not json"}, "not valid JSON"),
+        ({"launch": "detach"}, "launch"),
+        ({"extra_config_json": "{\"flux_guidance_mode\": \"random-range\", \"flux_guidance_min\": 4, \"flux_guidance_max\": 1}"}, "flux_guidance_min"),
+    ],
+)
+def test_bad_inputs_are_refused_before_launch(nodes, model_spec, dataset, comfy_root, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _train(nodes, model_spec, dataset, **overrides)
+    runs = comfy_root / "output" / "flux2_lora" / "runs"
+    assert not any(runs.rglob("train.log")) if runs.exists() else True
+
+
+def test_same_inputs_reuse_the_finished_run(nodes, model_spec, dataset, monkeypatch):
+    first = _train(nodes, model_spec, dataset)
+    lora, history, _ = first["result"]
+    assert Path(lora.path).is_file() and [s for s, _ in history] == [1, 2, 3]
+    assert lora.metadata["rank"] == "4"
+
+    launch = importlib.import_module(f"{nodes.__package__.rsplit('.', 1)[0]}.trainer.launch")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the same inputs must not retrain")
+
+    monkeypatch.setattr(launch.TrainingProcess, "start", classmethod(refuse))
+    again = _train(nodes, model_spec, dataset)
+    assert again["result"][0].path == lora.path
+    # attach picks up the same run folder.
+    attached = _train(nodes, model_spec, dataset, launch="attach", attach_run_folder=str(Path(lora.path).parent))
+    assert attached["result"][0].path == lora.path
+    with pytest.raises(ValueError, match="attach_run_folder"):
+        _train(nodes, model_spec, dataset, launch="attach", attach_run_folder=str(Path(lora.path).parent / "nope"))
+
+
+def test_cancel_stops_every_process_and_the_next_run_resumes(pack, tiny_model_dir, square_dataset, tmp_path, runs):
+    launch = importlib.import_module(f"{pack.__name__}.trainer.launch")
+    out = tmp_path / "cancel"
+    config = runs.run_config(tiny_model_dir, square_dataset, out, max_train_steps=1000, checkpointing_steps=2,
+                             distributed="fsdp2", resume_from_checkpoint="latest")
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps(config))
+    proc = launch.TrainingProcess.start(launch.torchrun_command(config_path=out / "run.json", nproc_per_node=2),
+                                        run_dir=out)
+    seen = []
+
+    def cancel_after_checkpoint() -> bool:
+        return any(e.get("event") == "checkpoint" for e in seen)
+
+    with pytest.raises(launch.TrainingCancelled):
+        launch.supervise(proc, on_event=seen.append, should_cancel=cancel_after_checkpoint)
+    # The whole process group (torchrun and both ranks) is gone.
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.popen.pid, 0)
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert checkpoints, "the last checkpoint must survive a cancel"
+    last = max(int(p.name.split("-")[1]) for p in checkpoints)
+    # The next run resumes from it.
+    config["max_train_steps"] = last + 2
+    (out / "run.json").write_text(json.dumps(config))
+    proc = launch.TrainingProcess.start(launch.torchrun_command(config_path=out / "run.json", nproc_per_node=2),
+                                        run_dir=out)
+    events = launch.supervise(proc, on_event=lambda e: None, should_cancel=lambda: False)
+    start = next(e for e in events if e["event"] == "start")
+    assert start["start_step"] == last
+    assert [e["step"] for e in events if e["event"] == "step"] == [last + 1, last + 2]
