@@ -431,6 +431,8 @@ class Flux2SaveLora:
         }
 
     def save(self, lora: TrainedLora, filename: str):
+        from ..trainer.checkpoint import file_sha256
+
         if not lora.path:
             raise ValueError("Save LoRA: the LoRA input has no file (Train LoRA ran in export mode).")
         parts = [p for p in filename.replace("\\", "/").split("/") if p]
@@ -441,10 +443,10 @@ class Flux2SaveLora:
         target = root.joinpath(*clean[:-1], clean[-1] + ".safetensors")
         target.parent.mkdir(parents=True, exist_ok=True)
         source = Path(lora.path)
-        digest = _file_sha256(source)
+        digest = file_sha256(source)
         candidate, n = target, 1
         while candidate.exists():
-            if _file_sha256(candidate) == digest:
+            if file_sha256(candidate) == digest:
                 return {"ui": {"text": [str(candidate)]}, "result": (str(candidate),)}
             n += 1
             candidate = target.with_name(f"{target.stem}_{n}.safetensors")
@@ -453,14 +455,6 @@ class Flux2SaveLora:
         tmp.replace(candidate)
         log.info("Save LoRA: wrote %s", candidate)
         return {"ui": {"text": [str(candidate)]}, "result": (str(candidate),)}
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Flux2LossPlot:

@@ -55,3 +55,18 @@ def comfy_root(tmp_path: Path, pack):
     (tmp_path / "output").mkdir()
     yield tmp_path
     bridge.set_headless_root(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_model_dir):
+    """diffusers' own Flux2Pipeline on the tiny weights: the reference the conventions are checked against.
+
+    The tokenizer is handed over separately: the real folder is a PixtralProcessor, which needs torchvision.
+    """
+    from diffusers import Flux2Pipeline
+    from transformers import AutoTokenizer
+
+    pipeline = Flux2Pipeline.from_pretrained(tiny_model_dir, tokenizer=None)
+    pipeline.register_modules(tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer"))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

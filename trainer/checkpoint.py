@@ -26,7 +26,7 @@ MARKER_FILE = "COMPLETE"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -101,7 +101,7 @@ def save_checkpoint(
         (tmp / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=1, default=str), encoding="utf-8")
         for name in (STATE_FILE, META_FILE):
             _fsync_file(tmp / name)
-        marker = {name: _sha256(tmp / name) for name in (STATE_FILE, META_FILE)}
+        marker = {name: file_sha256(tmp / name) for name in (STATE_FILE, META_FILE)}
         (tmp / MARKER_FILE).write_text(json.dumps(marker), encoding="utf-8")
         _fsync_file(tmp / MARKER_FILE)
         _fsync_dir(tmp)
@@ -130,7 +130,7 @@ def is_complete(path: Path, *, verify_hashes: bool = True) -> bool:
     for name in (STATE_FILE, META_FILE):
         if not (path / name).is_file():
             return False
-        if verify_hashes and _sha256(path / name) != expected.get(name):
+        if verify_hashes and file_sha256(path / name) != expected.get(name):
             return False
     return True
 

@@ -26,14 +26,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_model_dir):
-    from diffusers import Flux2Pipeline
-    from transformers import AutoTokenizer
-
-    pipeline = Flux2Pipeline.from_pretrained(tiny_model_dir, tokenizer=None)
-    pipeline.register_modules(tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer"))
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+def pipe(tiny_pipeline):
+    return tiny_pipeline
 
 
 # ---------------------------------------------------------------------------------------------------- text

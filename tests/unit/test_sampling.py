@@ -21,14 +21,8 @@ HEIGHT, WIDTH = 32, 48  # 2 x 3 tokens: not square, so a transposed layout would
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_model_dir):
-    from diffusers import Flux2Pipeline
-    from transformers import AutoTokenizer
-
-    pipeline = Flux2Pipeline.from_pretrained(tiny_model_dir, tokenizer=None)
-    pipeline.register_modules(tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer"))
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+def pipe(tiny_pipeline):
+    return tiny_pipeline
 
 
 @pytest.fixture(scope="module")
