@@ -113,3 +113,149 @@ def plan_crop(width: int, height: int, *, bucket: tuple[int, int]) -> CropPlan:
     rw = max(bw, round(width * scale))
     rh = max(bh, round(height * scale))
     return CropPlan(bucket=(bw, bh), resized=(rw, rh), crop=((rw - bw) // 2, (rh - bh) // 2), scale=scale)
+
+
+# ----------------------------------------------------------------------------- SimpleTuner dataset geometry
+
+RESOLUTION_TYPES: tuple[str, ...] = ("pixel_area", "area", "pixel")
+CROP_ASPECTS: tuple[str, ...] = ("square", "preserve", "closest")
+CROP_STYLES: tuple[str, ...] = ("center", "random", "corner")
+
+
+def target_area(resolution: float, *, resolution_type: str) -> int:
+    """Pixels a bucket holds for SimpleTuner's resolution / resolution_type.
+
+    pixel_area: resolution is a side, the area resolution^2 (1024 -> 1,048,576 pixels); area: resolution is in
+    megapixels (1.05 -> 1,050,000 pixels); pixel: resolution is the shorter side, so the square area.
+    """
+    if resolution_type == "area":
+        return int(round(float(resolution) * 1_000_000))
+    if resolution_type in ("pixel_area", "pixel"):
+        return int(round(float(resolution))) ** 2
+    raise ValueError(f"resolution_type {resolution_type!r} is not one of {', '.join(RESOLUTION_TYPES)}.")
+
+
+def image_size_measure(width: int, height: int, *, resolution_type: str) -> float:
+    """An image's size in the unit of minimum_image_size / maximum_image_size for resolution_type.
+
+    pixel_area: the side of the equal-area square (sqrt(w*h)), compared with a pixel side such as 1024;
+    area: megapixels (w*h / 1e6); pixel: the shorter side.
+    """
+    if resolution_type == "pixel_area":
+        return math.sqrt(width * height)
+    if resolution_type == "area":
+        return width * height / 1_000_000
+    if resolution_type == "pixel":
+        return float(min(width, height))
+    raise ValueError(f"resolution_type {resolution_type!r} is not one of {', '.join(RESOLUTION_TYPES)}.")
+
+
+def _floor_step(value: float, step: int) -> int:
+    return max(step, int(value // step) * step)
+
+
+def _round_step(value: float, step: int) -> int:
+    return max(step, int(round(value / step)) * step)
+
+
+def choose_bucket(
+    width: int,
+    height: int,
+    *,
+    resolution: float,
+    resolution_type: str = "pixel_area",
+    crop: bool = True,
+    crop_aspect: str = "closest",
+    step: int = TOKEN_PIXELS,
+    min_aspect: float = 0.25,
+    max_aspect: float = 4.0,
+) -> tuple[int, int]:
+    """The training size of one image under SimpleTuner-style dataset settings.
+
+    - crop_aspect "closest" (with pixel_area / area): the bucket of the fixed list with the nearest aspect
+      (assign_bucket), so many images share a bucket.
+    - crop_aspect "square": one square bucket whose side is the largest multiple of step within the area.
+    - crop_aspect "preserve", crop false, and resolution_type "pixel": the image's own aspect (clamped to the
+      aspect limits) scaled to the area, each side rounded to the nearest multiple of step; with "pixel" the
+      shorter side is resolution rounded down to a multiple of step. Only the rounding is cropped away.
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"image size {width}x{height} must be at least 1x1 pixel.")
+    if crop_aspect not in CROP_ASPECTS:
+        raise ValueError(f"crop_aspect {crop_aspect!r} is not one of {', '.join(CROP_ASPECTS)}.")
+    area = target_area(resolution, resolution_type=resolution_type)
+    if area < step * step:
+        raise ValueError(f"resolution {resolution!r} ({resolution_type}) is below one {step}x{step} bucket.")
+    if crop and crop_aspect == "square":
+        side = _floor_step(resolution, step) if resolution_type == "pixel" else _floor_step(math.sqrt(area), step)
+        return side, side
+    aspect = min(max(width / height, min_aspect), max_aspect)
+    if resolution_type == "pixel":
+        short = _floor_step(resolution, step)
+        long = _round_step(short * max(aspect, 1 / aspect), step)
+        return (long, short) if aspect >= 1 else (short, long)
+    if crop and crop_aspect == "closest":
+        return min(
+            _bucket_sizes_for_area(area, step, float(min_aspect), float(max_aspect)),
+            key=lambda b: (round(abs(math.log(b[0] / b[1]) - math.log(aspect)), 12), -b[0] * b[1], -b[0]),
+        )
+    # preserve (or no crop): the own aspect at the target area.
+    h = math.sqrt(area / aspect)
+    return _round_step(h * aspect, step), _round_step(h, step)
+
+
+@lru_cache(maxsize=64)
+def _bucket_sizes_for_area(area: int, step: int, min_aspect: float, max_aspect: float) -> tuple[tuple[int, int], ...]:
+    buckets = []
+    for h in range(step, area // step + 1, step):
+        w = (area // h) // step * step
+        if w < step:
+            break
+        if (w + step) * h <= area or w * (h + step) <= area:
+            continue
+        if min_aspect <= w / h <= max_aspect:
+            buckets.append((w, h))
+    if not buckets:
+        side = _floor_step(math.sqrt(area), step)
+        buckets.append((side, side))
+    return tuple(sorted(set(buckets), key=lambda b: (b[0] / b[1], b[0])))
+
+
+def plan_crop_styled(
+    width: int, height: int, *, bucket: tuple[int, int], crop_style: str = "center", random_key: str = ""
+) -> CropPlan:
+    """plan_crop with SimpleTuner's crop_style: center, corner (top-left, as SimpleTuner's current code) or
+    random (an offset drawn from random_key, e.g. the image's sha256, so one image always gets one crop and
+    its cached latent stays valid)."""
+    if crop_style not in CROP_STYLES:
+        raise ValueError(f"crop_style {crop_style!r} is not one of {', '.join(CROP_STYLES)}.")
+    plan = plan_crop(width, height, bucket=bucket)
+    if crop_style == "center":
+        return plan
+    if crop_style == "corner":
+        return CropPlan(bucket=plan.bucket, resized=plan.resized, crop=(0, 0), scale=plan.scale)
+    import hashlib
+
+    digest = hashlib.sha256(f"crop|{random_key}|{bucket}".encode()).digest()
+    spare_x, spare_y = plan.resized[0] - bucket[0], plan.resized[1] - bucket[1]
+    left = int.from_bytes(digest[:4], "little") % (spare_x + 1)
+    top = int.from_bytes(digest[4:8], "little") % (spare_y + 1)
+    return CropPlan(bucket=plan.bucket, resized=plan.resized, crop=(left, top), scale=plan.scale)
+
+
+def plan_matching_crop(width: int, height: int, *, like: CropPlan) -> CropPlan:
+    """The crop of a reference image that covers the same part of the scene as `like` (reference_strict).
+
+    The reference is resized to cover like.bucket and cropped at the same relative offset; for a reference
+    of the same size as the edit image this is exactly `like`.
+    """
+    plan = plan_crop(width, height, bucket=like.bucket)
+    def offset(spare_like: int, spare: int, value: int) -> int:
+        return 0 if spare_like == 0 else min(spare, round(value * spare / spare_like))
+    left = offset(like.resized[0] - like.bucket[0], plan.resized[0] - plan.bucket[0], like.crop[0])
+    top = offset(like.resized[1] - like.bucket[1], plan.resized[1] - plan.bucket[1], like.crop[1])
+    if like.resized[0] - like.bucket[0] == 0:
+        left = (plan.resized[0] - plan.bucket[0]) // 2
+    if like.resized[1] - like.bucket[1] == 0:
+        top = (plan.resized[1] - plan.bucket[1]) // 2
+    return CropPlan(bucket=plan.bucket, resized=plan.resized, crop=(left, top), scale=plan.scale)

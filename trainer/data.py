@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import math
 import io
 import json
 import logging
 import os
 import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -46,7 +47,8 @@ MAX_IMAGE_PIXELS = 178_956_970
 here so the scan stays safe even where another node pack switched Pillow's guard off."""
 
 MANIFEST_FORMAT = "flux2-lora-dataset"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+"""2 added references (edit LoRAs), several sources and cache paths outside the manifest's folder; 1 is read too."""
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.json"
 LATENT_DIR = "latents"
@@ -418,7 +420,12 @@ def _free_memory(device: str) -> None:
 
 @dataclass(kw_only=True, slots=True)
 class BuildReport:
-    """What a build did; saved as out_dir/report.json. The counters prove cache reuse in tests."""
+    """What a build did; saved as out_dir/report.json. The counters prove cache reuse in tests.
+
+    The top-level fields total over all datasets; `datasets` holds one entry per dataset id with what was
+    found, used and skipped (each with its reason), its buckets, caption length statistics, cache hits and
+    the latent cache's bytes per image.
+    """
 
     image_dir: str
     out_dir: str
@@ -434,6 +441,16 @@ class BuildReport:
     rebuilt_cache_files: list[str] = field(default_factory=list)
     vae_loaded: bool = False
     text_encoder_loaded: bool = False
+    datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    disabled_datasets: list[str] = field(default_factory=list)
+    latent_bytes_per_image: float = 0.0
+    text_bytes_per_caption: float = 0.0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        """Share of latents and caption embeddings that came from the cache (1.0 when nothing was needed)."""
+        total = self.vae_images_encoded + self.latents_reused + self.prompts_encoded + self.prompts_reused
+        return 1.0 if total == 0 else (self.latents_reused + self.prompts_reused) / total
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -445,6 +462,20 @@ class BuildReport:
             f"latents: {self.vae_images_encoded} encoded, {self.latents_reused} reused; "
             f"captions: {self.prompts_encoded} encoded, {self.prompts_reused} reused.",
         ]
+        if len(self.datasets) > 1 or any(d.get("type") == "conditioning" for d in self.datasets.values()):
+            for ds, info in self.datasets.items():
+                buckets = ", ".join(f"{b}: {n}" for b, n in info["buckets"].items())
+                lines.append(
+                    f"dataset {ds} ({info['type']}): {info['found']} found, {info['used']} used, "
+                    f"{len(info['skipped'])} skipped; x{info['copies']} per epoch; buckets {buckets or 'none'}; "
+                    f"{info['latent_bytes_per_image']:.0f} latent bytes per image"
+                )
+        lines.append(
+            f"cache hit rate {self.cache_hit_rate:.0%}; {self.latent_bytes_per_image:.0f} latent bytes per image, "
+            f"{self.text_bytes_per_caption:.0f} text bytes per caption."
+        )
+        for d in self.disabled_datasets:
+            lines.append(f"dataset {d}: disabled, not built")
         lines += [f"skipped {s['path']}: {s['reason']}" for s in self.skipped]
         lines += [f"warning: {w}" for w in self.warnings]
         lines += [f"rebuilt damaged cache file {p}" for p in self.rebuilt_cache_files]
@@ -464,6 +495,12 @@ class _PendingItem:
     image: ScannedImage
     plan: CropPlan
     latent_key: str
+    latent_dir: Path
+    dataset: str = "default"
+
+    @property
+    def latent_path(self) -> Path:
+        return self.latent_dir / f"{self.latent_key}.safetensors"
 
 
 def _check_build_args(*, resolution: int, repeats: int, bucket_step: int, extra_prompts: Sequence[str],
@@ -474,12 +511,16 @@ def _check_build_args(*, resolution: int, repeats: int, bucket_step: int, extra_
         )
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats {repeats!r} must be an integer >= 1 (how often each image appears per epoch).")
+    _check_common_args(extra_prompts=extra_prompts, vae_batch_size=vae_batch_size, text_batch_size=text_batch_size)
+
+
+def _check_common_args(*, extra_prompts: Sequence[str], vae_batch_size: int, text_batch_size: int | None) -> None:
     if isinstance(extra_prompts, str) or not all(isinstance(p, str) for p in extra_prompts):
         raise ValueError(
             f"extra_prompts must be a list of strings, got {extra_prompts!r}; wrap one prompt as [prompt]."
         )
     for name, value in (("vae_batch_size", vae_batch_size), ("text_batch_size", text_batch_size)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}.")
 
 
@@ -513,91 +554,326 @@ def build_dataset(
     min_side_px: int = 16,
     vae_batch_size: int = 4,
     text_batch_size: int = 4,
+    encoders: Any = None,
 ) -> Path:
-    """Scan image_dir, fill the latent and caption caches under out_dir, write manifest.json; return its path.
+    """Scan one image folder, fill the latent and caption caches under out_dir, write manifest.json; return its path.
 
-    Only cache misses touch the encoders: the VAE is loaded only if some latent is missing, used, and released
-    before the text encoder loads (only if some caption is missing), so the two never share memory. A second
-    build with the same inputs loads neither. The text cache always holds "" (caption dropout) and
-    extra_prompts (validation), so training never needs the text encoder. report.json records skips,
-    warnings, truncated captions, rebuilt cache files and the encode/reuse counters.
+    repeats counts appearances per epoch (1 = once). The one-folder form of build_datasets (see there for the
+    cache and encoder rules): latents go to out_dir/latents, embeddings to out_dir/text, center crops to the
+    nearest bucket of about resolution^2 pixels.
     """
     _check_build_args(resolution=resolution, repeats=repeats, bucket_step=bucket_step, extra_prompts=extra_prompts,
                       vae_batch_size=vae_batch_size, text_batch_size=text_batch_size)
+    from .databackend import BackendConfig, ImageDatasetSpec, TextEmbedsSpec
+
+    images_path = Path(image_dir).expanduser()
+    if images_path.resolve() == Path(out_dir).expanduser().resolve():
+        raise ValueError(
+            f"out_dir {str(out_dir)!r} is the image folder itself; write the dataset to a separate folder "
+            "(a subfolder of the image folder works: it is left out of the scan)."
+        )
+    spec = ImageDatasetSpec(id="default", instance_data_dir=images_path, caption_strategy=caption_strategy,
+                            instance_prompt=instance_prompt, resolution=resolution, repeats=repeats - 1)
+    config = BackendConfig(path=None, datasets=(spec,), conditioning={},
+                           text_embeds=(TextEmbedsSpec(id="text", write_batch_size=text_batch_size, default=True),))
+    return build_datasets(config, model=model, out_dir=out_dir, vae_precision=vae_precision,
+                          text_precision=text_precision, device=device, extra_prompts=extra_prompts,
+                          bucket_step=bucket_step, min_side_px=min_side_px, vae_batch_size=vae_batch_size,
+                          encoders=encoders, _strict_folder_errors=True)
+
+
+def _size_reason(image: ScannedImage, spec: Any) -> str | None:
+    """Why an image is outside the dataset's size or aspect limits, or None."""
+    from .buckets import image_size_measure
+
+    unit = {"pixel_area": "sqrt(w*h) px", "area": "megapixels", "pixel": "px shorter side"}[spec.resolution_type]
+    size = image_size_measure(image.width, image.height, resolution_type=spec.resolution_type)
+    if spec.minimum_image_size is not None and size < spec.minimum_image_size:
+        return (f"too small: {image.width}x{image.height} is {size:.4g} {unit}, under minimum_image_size "
+                f"{spec.minimum_image_size:g}")
+    if spec.maximum_image_size is not None and size > spec.maximum_image_size:
+        return (f"too large: {image.width}x{image.height} is {size:.4g} {unit}, above maximum_image_size "
+                f"{spec.maximum_image_size:g}")
+    aspect = image.width / image.height
+    if spec.minimum_aspect_ratio is not None and aspect < spec.minimum_aspect_ratio:
+        return f"aspect {aspect:.3g} ({image.width}x{image.height}) is under minimum_aspect_ratio {spec.minimum_aspect_ratio:g}"
+    if spec.maximum_aspect_ratio is not None and aspect > spec.maximum_aspect_ratio:
+        return f"aspect {aspect:.3g} ({image.width}x{image.height}) is above maximum_aspect_ratio {spec.maximum_aspect_ratio:g}"
+    return None
+
+
+def _plan_for(image: ScannedImage, spec: Any, *, step: int) -> CropPlan:
+    from .buckets import choose_bucket, plan_crop_styled
+
+    bucket = choose_bucket(image.width, image.height, resolution=spec.resolution,
+                           resolution_type=spec.resolution_type, crop=spec.crop, crop_aspect=spec.crop_aspect, step=step)
+    style = spec.crop_style if spec.crop else "center"
+    return plan_crop_styled(image.width, image.height, bucket=bucket, crop_style=style, random_key=image.sha256)
+
+
+def _stem_key(relpath: str) -> str:
+    """The name references are matched by: the relative path without its extension."""
+    return relpath.rsplit(".", 1)[0] if "." in relpath.rsplit("/", 1)[-1] else relpath
+
+
+def _dataset_entry(kind: str, folder: Path, copies: int) -> dict[str, Any]:
+    return {"type": kind, "folder": str(folder), "found": 0, "used": 0, "skipped": [], "buckets": {},
+            "copies": copies, "caption_words": {}, "latents_encoded": 0, "latents_reused": 0,
+            "latent_bytes_per_image": 0.0}
+
+
+def build_datasets(
+    config: Any,
+    *,
+    model: ModelFolder,
+    out_dir: str | Path,
+    vae_precision: str = "fp32",
+    text_precision: str = "bf16",
+    device: str = "cpu",
+    extra_prompts: Sequence[str] = (),
+    bucket_step: int = 16,
+    min_side_px: int = 16,
+    vae_batch_size: int = 4,
+    encoders: Any = None,
+    _strict_folder_errors: bool = False,
+) -> Path:
+    """Build every dataset of a BackendConfig (databackend.py) into one manifest under out_dir; return its path.
+
+    Each image dataset is scanned (unusable files skipped with the reason), filtered by its size and aspect
+    limits, bucketed and cropped by its own settings; conditioning datasets named by its conditioning_data
+    give each image its references, matched by relative path without extension. A reference_strict dataset
+    that lacks a file the image dataset needs is an error naming the files (training on unpaired edit images
+    would be wrong); under reference_loose that image is skipped with the reason.
+
+    Only cache misses touch the encoders: the VAE is loaded at most once for all datasets and released
+    before the text encoder loads (at most once, for every caption of every text_embeds cache); a second
+    build with the same inputs loads neither. The text cache always holds "" (caption dropout) and
+    extra_prompts (validation), so training never needs the text encoder. report.json records everything.
+    """
+    _check_common_args(extra_prompts=extra_prompts, vae_batch_size=vae_batch_size, text_batch_size=None)
+    if encoders is not None:  # offload.EncoderSettings: quantization / group offload of the encoders
+        encoders.check(device=device)
     for name, value in (("vae_precision", vae_precision), ("text_precision", text_precision)):
         if value not in model_files.PRECISIONS:
             raise ValueError(
                 f"{name} {value!r} is not one of {', '.join(model_files.PRECISIONS)}; fp32 is the safe choice "
                 "for the VAE."
             )
-    images_path, out_path = Path(image_dir).expanduser().resolve(), Path(out_dir).expanduser().resolve()
-    if images_path == out_path:
-        raise ValueError(
-            f"out_dir {str(out_dir)!r} is the image folder itself; write the dataset to a separate folder "
-            "(a subfolder of the image folder works: it is left out of the scan)."
-        )
     out = check_writable_dir(Path(out_dir), what="dataset output folder (out_dir)")
-    (out / LATENT_DIR).mkdir(exist_ok=True)
-    (out / TEXT_DIR).mkdir(exist_ok=True)
-    scan = scan_image_folder(
-        image_dir, caption_strategy=caption_strategy, instance_prompt=instance_prompt, min_side_px=min_side_px,
-        exclude=[out],
-    )
-    report = BuildReport(image_dir=str(scan.folder), out_dir=str(out), warnings=list(scan.warnings))
-    report.skipped = [{"path": str(s.path), "reason": s.reason} for s in scan.skipped]
+    specs = list(config.datasets)
+    used_cond = [config.conditioning[c] for c in dict.fromkeys(c for d in specs for c in d.conditioning_data)]
+    latent_dirs: dict[str, Path] = {}
+    for spec in specs + used_cond:
+        if spec.cache_dir_vae is None:
+            latent_dirs[spec.id] = out / LATENT_DIR
+            latent_dirs[spec.id].mkdir(exist_ok=True)
+        else:
+            latent_dirs[spec.id] = check_writable_dir(spec.cache_dir_vae, what=f"dataset {spec.id!r} cache_dir_vae")
+    text_dirs: dict[str, Path] = {}
+    for t in config.text_embeds or (config.default_text_embeds(),):
+        if t.cache_dir is None:
+            text_dirs[t.id] = out / TEXT_DIR
+            text_dirs[t.id].mkdir(exist_ok=True)
+        else:
+            text_dirs[t.id] = check_writable_dir(t.cache_dir, what=f"text_embeds dataset {t.id!r} cache_dir")
+    excluded = [out, *latent_dirs.values(), *text_dirs.values()]
+    first_folder = specs[0].instance_data_dir.expanduser().resolve()
+    report = BuildReport(image_dir=str(first_folder), out_dir=str(out), warnings=list(config.warnings),
+                         disabled_datasets=list(config.disabled))
     ids = encoder_identities(model)
 
-    pending: list[_PendingItem] = []
-    for image in scan.images:
-        bucket = assign_bucket(image.width, image.height, resolution=resolution, step=bucket_step)
-        plan = plan_crop(image.width, image.height, bucket=bucket)
+    def scan(spec) -> ScanResult:
+        conditioning = spec.dataset_type == "conditioning"
+        try:
+            result = scan_image_folder(
+                spec.instance_data_dir, caption_strategy="filename" if conditioning else spec.caption_strategy,
+                instance_prompt=None if conditioning else spec.instance_prompt, min_side_px=min_side_px,
+                exclude=excluded,
+            )
+        except ValueError as exc:
+            if _strict_folder_errors:
+                raise
+            raise ValueError(f"dataset {spec.id!r} (instance_data_dir): {exc}") from None
+        entry = report.datasets.setdefault(spec.id, _dataset_entry(spec.dataset_type, result.folder, spec.copies))
+        entry["found"] = len(result.images) + sum(1 for s in result.skipped if s.path.suffix.lower() in IMAGE_EXTENSIONS)
+        for s in result.skipped:
+            entry["skipped"].append({"path": str(s.path), "reason": s.reason})
+        report.warnings.extend(f"{spec.id}: {w}" if not _strict_folder_errors else w for w in result.warnings)
+        return result
+
+    def keep(spec, image: ScannedImage) -> bool:
+        reason = _size_reason(image, spec)
+        if reason is not None:
+            report.datasets[spec.id]["skipped"].append({"path": str(image.path), "reason": reason})
+        return reason is None
+
+    def pending_for(spec, image: ScannedImage, plan: CropPlan) -> _PendingItem:
         if plan.scale > 2.0:
             report.warnings.append(
                 f"{image.relpath} ({image.width}x{image.height}) is upscaled {plan.scale:.1f}x to "
-                f"{bucket[0]}x{bucket[1]}; use larger images or a lower resolution"
+                f"{plan.bucket[0]}x{plan.bucket[1]}; use larger images or a lower resolution"
             )
         key = latent_key(image_sha256=image.sha256, vae_identity=ids["vae"], precision=vae_precision, plan=plan)
-        pending.append(_PendingItem(image=image, plan=plan, latent_key=key))
+        return _PendingItem(image=image, plan=plan, latent_key=key, latent_dir=latent_dirs[spec.id], dataset=spec.id)
 
-    failed = _fill_latent_cache(pending, model=model, out=out, precision=vae_precision, device=device,
-                                batch_size=vae_batch_size, report=report)
-    items = [p for p in pending if p.latent_key not in failed]
-    for p in pending:
-        if p.latent_key in failed:
-            report.skipped.append({"path": str(p.image.path), "reason": failed[p.latent_key]})
-    if not items:
-        _write_report(report, out)
-        raise ValueError(
-            f"image folder {scan.folder} has no usable images: every image failed to decode ({report.skipped[:3]})."
-        )
+    cond_images: dict[str, dict[str, ScannedImage]] = {}
+    cond_skipped: dict[str, dict[str, str]] = {}
+    for c in used_cond:
+        result = scan(c)
+        cond_images[c.id] = {_stem_key(im.relpath): im for im in result.images if keep(c, im)}
+        cond_skipped[c.id] = {_stem_key(s.path.relative_to(result.folder).as_posix()): s.reason
+                              for s in result.skipped}
+        cond_skipped[c.id].update({_stem_key(s["path"][len(str(result.folder)) + 1:]): s["reason"]
+                                   for s in report.datasets[c.id]["skipped"]})
 
-    captions = sorted({p.image.caption for p in items} | {""} | set(extra_prompts))
-    text_paths = _fill_text_cache(captions, model=model, out=out, text_identity=ids["text"], precision=text_precision,
-                                  device=device, batch_size=text_batch_size, report=report)
+    # Per image dataset: (spec, [(target pending, [reference pendings])]).
+    planned: list[tuple[Any, list[tuple[_PendingItem, list[_PendingItem]]]]] = []
+    for spec in specs:
+        result = scan(spec)
+        rows: list[tuple[_PendingItem, list[_PendingItem]]] = []
+        missing: dict[str, list[str]] = {}
+        for image in result.images:
+            if not keep(spec, image):
+                continue
+            plan = _plan_for(image, spec, step=bucket_step)
+            refs: list[_PendingItem] = []
+            reason = None
+            for cid in spec.conditioning_data:
+                cspec = config.conditioning[cid]
+                ref = cond_images[cid].get(_stem_key(image.relpath))
+                if ref is None:
+                    why = cond_skipped[cid].get(_stem_key(image.relpath))
+                    if why is None and cspec.conditioning_type == "reference_strict":
+                        missing.setdefault(cid, []).append(image.relpath)
+                    reason = (f"unmatched reference: conditioning dataset {cid!r} has no usable "
+                              f"{_stem_key(image.relpath)}.* ({why or 'no such file'})")
+                    break
+                if cspec.conditioning_type == "reference_strict":
+                    if abs(math.log((ref.width / ref.height) / (image.width / image.height))) > 0.02:
+                        reason = (f"reference {cid}/{ref.relpath} is {ref.width}x{ref.height} but "
+                                  f"reference_strict needs the edit image's aspect ({image.width}x{image.height})")
+                        break
+                    from .buckets import plan_matching_crop
 
-    source_id = "default"
+                    ref_plan = plan_matching_crop(ref.width, ref.height, like=plan)
+                else:
+                    ref_plan = _plan_for(ref, cspec, step=bucket_step)
+                refs.append(pending_for(cspec, ref, ref_plan))
+            if reason is not None:
+                report.datasets[spec.id]["skipped"].append({"path": str(image.path), "reason": reason})
+                continue
+            rows.append((pending_for(spec, image, plan), refs))
+        if missing:
+            detail = "; ".join(
+                f"{cid} ({config.conditioning[cid].instance_data_dir}) lacks {len(names)}: "
+                + ", ".join(_stem_key(n) + ".*" for n in names[:10]) + (" ..." if len(names) > 10 else "")
+                for cid, names in missing.items()
+            )
+            raise ValueError(
+                f"dataset {spec.id!r} conditioning_data: reference_strict needs a reference for every image, matched "
+                f"by relative path without extension; {detail}. Add the reference images, remove the edit images "
+                "without one, or use conditioning_type reference_loose to skip unpaired images."
+            )
+        planned.append((spec, rows))
+
+    everything = [p for _, rows in planned for target, refs in rows for p in [target, *refs]]
+    encoded_keys, failed = _fill_latent_cache(everything, model=model, precision=vae_precision, device=device,
+                                              batch_size=vae_batch_size, report=report, encoders=encoders)
+
+    # Captions per text cache; "" and the validation prompts go to the default one.
+    default_text = config.default_text_embeds()
+    text_jobs: dict[str, list[str]] = {t: [] for t in text_dirs}
+    usable: list[tuple[Any, list[tuple[_PendingItem, list[_PendingItem]]]]] = []
+    for spec, rows in planned:
+        keep_rows = []
+        for target, refs in rows:
+            bad = next((p for p in [target, *refs] if p.latent_key in failed), None)
+            if bad is not None:
+                what = "" if bad is target else f"reference {bad.image.path}: "
+                report.datasets[spec.id]["skipped"].append(
+                    {"path": str(target.image.path), "reason": what + failed[bad.latent_key]})
+                continue
+            keep_rows.append((target, refs))
+        if not keep_rows:
+            _finish_report(report, out)
+            skipped = report.datasets[spec.id]["skipped"]
+            raise ValueError(
+                f"dataset {spec.id!r} ({spec.instance_data_dir}) has no usable images "
+                f"({len(skipped)} skipped: {'; '.join(Path(s['path']).name + ': ' + s['reason'] for s in skipped[:5])})."
+            )
+        usable.append((spec, keep_rows))
+        text_jobs[config.text_spec_for(spec).id].extend(t.image.caption for t, _ in keep_rows)
+    text_jobs[default_text.id].extend(["", *extra_prompts])
+    batch_sizes = {t.id: t.write_batch_size for t in (config.text_embeds or (default_text,))}
+    text_paths = _fill_text_cache(
+        {t: sorted(set(c)) for t, c in text_jobs.items() if c}, text_dirs=text_dirs, batch_sizes=batch_sizes,
+        model=model, text_identity=ids["text"], precision=text_precision, device=device, report=report,
+        encoders=encoders,
+    )
+
+    def stored(path: Path) -> str:
+        return path.relative_to(out).as_posix() if path.is_relative_to(out) else str(path)
+
     manifest_items = []
-    for p in items:
-        manifest_items.append(
-            {
-                "image": p.image.relpath,
-                "source": source_id,
-                "caption": p.image.caption,
-                "image_sha256": p.image.sha256,
-                "width": p.image.width,
-                "height": p.image.height,
-                "bucket": list(p.plan.bucket),
-                "resized": list(p.plan.resized),
-                "crop": list(p.plan.crop),
-                "latent": f"{LATENT_DIR}/{p.latent_key}.safetensors",
-                "text": text_paths[p.image.caption],
-                "repeats": repeats,
-            }
-        )
-        key = f"{p.plan.bucket[0]}x{p.plan.bucket[1]}"
-        report.buckets[key] = report.buckets.get(key, 0) + 1
+    latent_sizes: dict[str, list[int]] = {}
+    for spec, rows in usable:
+        entry = report.datasets[spec.id]
+        tid = config.text_spec_for(spec).id
+        for target, refs in rows:
+            image = target.image
+            manifest_items.append({
+                "image": image.relpath,
+                "source": spec.id,
+                "caption": image.caption,
+                "image_sha256": image.sha256,
+                "width": image.width,
+                "height": image.height,
+                "bucket": list(target.plan.bucket),
+                "resized": list(target.plan.resized),
+                "crop": list(target.plan.crop),
+                "latent": stored(target.latent_path),
+                "text": stored(text_paths[tid][image.caption]),
+                "repeats": spec.copies,
+                "references": [
+                    {"source": r.dataset, "image": r.image.relpath, "image_sha256": r.image.sha256,
+                     "width": r.image.width, "height": r.image.height, "bucket": list(r.plan.bucket),
+                     "resized": list(r.plan.resized), "crop": list(r.plan.crop), "latent": stored(r.latent_path)}
+                    for r in refs
+                ],
+            })
+            for p in [target, *refs]:
+                ds_entry = report.datasets[p.dataset]
+                if p.latent_key in encoded_keys:
+                    ds_entry["latents_encoded"] += 1
+                else:
+                    ds_entry["latents_reused"] += 1
+                latent_sizes.setdefault(p.dataset, []).append(p.latent_path.stat().st_size)
+                ds_entry["used"] += 1
+                key = f"{p.plan.bucket[0]}x{p.plan.bucket[1]}"
+                ds_entry["buckets"][key] = ds_entry["buckets"].get(key, 0) + 1
+            key = f"{target.plan.bucket[0]}x{target.plan.bucket[1]}"
+            report.buckets[key] = report.buckets.get(key, 0) + 1
+        words = [len(t.image.caption.split()) for t, _ in rows]
+        entry["caption_words"] = {"min": min(words), "mean": round(sum(words) / len(words), 2), "max": max(words),
+                                  "empty": sum(1 for w in words if w == 0)}
+    for ds, sizes in latent_sizes.items():
+        report.datasets[ds]["latent_bytes_per_image"] = sum(sizes) / len(sizes)
+        report.datasets[ds]["buckets"] = dict(sorted(report.datasets[ds]["buckets"].items()))
+    all_sizes = [s for sizes in latent_sizes.values() for s in sizes]
+    report.latent_bytes_per_image = sum(all_sizes) / len(all_sizes)
+    text_files = {p for paths in text_paths.values() for p in paths.values()}
+    report.text_bytes_per_caption = sum(p.stat().st_size for p in text_files) / max(1, len(text_files))
     report.buckets = dict(sorted(report.buckets.items()))
     report.usable_images = len(manifest_items)
+    for info in report.datasets.values():
+        report.skipped.extend(info["skipped"])
+
+    default_paths = text_paths[default_text.id]
+    text_cache: dict[str, str] = {c: stored(p) for c, p in default_paths.items()}
+    for item in manifest_items:
+        text_cache.setdefault(item["caption"], item["text"])
+    sources = [_source_record(s) for s in specs + used_cond]
+    first = specs[0]
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
@@ -607,68 +883,91 @@ def build_dataset(
         "text_identity": ids["text"],
         "vae_precision": vae_precision,
         "text_precision": text_precision,
-        "resolution": resolution,
-        "sources": [
-            {
-                "id": source_id,
-                "type": "local",
-                "image_dir": str(scan.folder),
-                "caption_strategy": caption_strategy,
-                "instance_prompt": instance_prompt,
-                "resolution": resolution,
-                "bucket_step": bucket_step,
-                "repeats": repeats,
-                "min_side_px": min_side_px,
-            }
-        ],
+        "resolution": int(first.resolution) if first.resolution_type != "area" else int(
+            round(math.sqrt(first.resolution * 1_000_000))),
+        "sources": sources,
         "items": manifest_items,
-        "text_cache": {c: text_paths[c] for c in captions},
+        "text_cache": dict(sorted(text_cache.items())),
         "empty_caption": "",
         "extra_prompts": list(dict.fromkeys(extra_prompts)),
+        "backend_config": str(config.path) if config.path else None,
     }
     manifest_path = out / MANIFEST_FILE
     atomic_write_bytes(manifest_path, json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8"))
-    _write_report(report, out)
+    _finish_report(report, out)
     log.info("dataset built: %s", report.summary().splitlines()[0])
     return manifest_path
 
 
+def _source_record(spec: Any) -> dict[str, Any]:
+    return {
+        "id": spec.id,
+        "type": "local",
+        "dataset_type": spec.dataset_type,
+        "image_dir": str(spec.instance_data_dir.expanduser().resolve()),
+        "caption_strategy": spec.caption_strategy,
+        "instance_prompt": spec.instance_prompt,
+        "resolution": spec.resolution,
+        "resolution_type": spec.resolution_type,
+        "crop": spec.crop,
+        "crop_aspect": spec.crop_aspect,
+        "crop_style": spec.crop_style,
+        "bucket_step": 16,
+        "repeats": spec.copies,
+        "conditioning_data": list(spec.conditioning_data),
+        "conditioning_multidataset_sampling": spec.conditioning_multidataset_sampling,
+        "conditioning_type": spec.conditioning_type,
+    }
+
+
+def _finish_report(report: BuildReport, out: Path) -> None:
+    _write_report(report, out)
+
+
 def _write_report(report: BuildReport, out: Path) -> None:
-    atomic_write_bytes(out / REPORT_FILE, json.dumps(report.to_dict(), indent=1, ensure_ascii=False).encode("utf-8"))
+    data = report.to_dict() | {}
+    atomic_write_bytes(out / REPORT_FILE, json.dumps(data, indent=1, ensure_ascii=False).encode("utf-8"))
 
 
 def dataset_fingerprint(items: Sequence[dict[str, Any]], *, model_identity: str) -> str:
     """The dataset's identity for caching training runs: what the trainer sees, independent of file names.
 
-    sha256 over the sorted (image sha256, caption, bucket, crop, repeats) of every item, the encoders'
-    identity (other encoders mean other latents) and the preprocessing version.
+    sha256 over the sorted (image sha256, caption, bucket, crop, repeats[, references]) of every item, the
+    encoders' identity (other encoders mean other latents) and the preprocessing version.
     """
-    rows = sorted(
-        [it["image_sha256"], it["caption"], list(it["bucket"]), list(it["crop"]), int(it["repeats"])] for it in items
-    )
-    return hash_json({"preprocess": PREPROCESS_VERSION, "model": model_identity, "items": rows})
+    rows = []
+    for it in items:
+        row = [it["image_sha256"], it["caption"], list(it["bucket"]), list(it["crop"]), int(it["repeats"])]
+        if it.get("references"):
+            row.append([[r["image_sha256"], list(r["bucket"]), list(r["crop"])] for r in it["references"]])
+        rows.append(row)
+    return hash_json({"preprocess": PREPROCESS_VERSION, "model": model_identity, "items": sorted(rows)})
 
 
-def _fill_latent_cache(pending: list[_PendingItem], *, model: ModelFolder, out: Path, precision: str, device: str,
-                       batch_size: int, report: BuildReport) -> dict[str, str]:
-    """Encode every missing latent; return {latent key: reason} for images that failed to decode."""
+def _fill_latent_cache(pending: list[_PendingItem], *, model: ModelFolder, precision: str, device: str,
+                       batch_size: int, report: BuildReport, encoders: Any = None) -> tuple[set[str], dict[str, str]]:
+    """Encode every missing latent; return (keys encoded now, {latent key: reason} for images that failed)."""
     misses: dict[str, _PendingItem] = {}
+    seen: set[tuple[str, Path]] = set()
     for p in pending:
-        if p.latent_key in misses:
+        if (p.latent_key, p.latent_dir) in seen:
             continue
-        path = out / LATENT_DIR / f"{p.latent_key}.safetensors"
-        if _cached_entry(path, kind="latent", key=p.latent_key, report=report) is not None:
+        seen.add((p.latent_key, p.latent_dir))
+        if _cached_entry(p.latent_path, kind="latent", key=p.latent_key, report=report) is not None:
             report.latents_reused += 1
         else:
             misses[p.latent_key] = p
     failed: dict[str, str] = {}
     if not misses:
-        return failed
+        return set(), failed
     by_bucket: dict[tuple[int, int], list[_PendingItem]] = {}
     for p in misses.values():
         by_bucket.setdefault(p.plan.bucket, []).append(p)
-    vae = model_files.load_vae(model, precision=precision, device=device)
+    from . import offload
+
+    vae = offload.load_vae(model, precision=precision, device=device, encoders=encoders)
     report.vae_loaded = True
+    encoded: set[str] = set()
     try:
         for bucket in sorted(by_bucket):
             group = by_bucket[bucket]
@@ -686,55 +985,67 @@ def _fill_latent_cache(pending: list[_PendingItem], *, model: ModelFolder, out: 
                     latents = flux2.encode_images(vae, torch.stack(pixels)).cpu()
                 for p, latent in zip(chunk, latents):
                     write_entry(
-                        out / LATENT_DIR / f"{p.latent_key}.safetensors",
+                        p.latent_path,
                         {LATENT_TENSOR: latent},
                         kind="latent",
                         key=p.latent_key,
                         metadata={"image_sha256": p.image.sha256, "bucket": f"{bucket[0]}x{bucket[1]}"},
                     )
+                    encoded.add(p.latent_key)
                 report.vae_images_encoded += len(chunk)
     finally:
         # Free the VAE before the text encoder loads: on a GPU the two need not fit together.
         del vae
         _free_memory(device)
-    return failed
+    return encoded, failed
 
 
-def _fill_text_cache(captions: list[str], *, model: ModelFolder, out: Path, text_identity: str, precision: str,
-                     device: str, batch_size: int, report: BuildReport) -> dict[str, str]:
-    """Encode every missing caption once; return {caption: cache path relative to out}."""
-    paths: dict[str, str] = {}
-    misses: list[tuple[str, str]] = []
-    for caption in captions:
-        key = text_key(caption=caption, text_identity=text_identity, precision=precision)
-        paths[caption] = f"{TEXT_DIR}/{key}.safetensors"
-        meta = _cached_entry(out / paths[caption], kind="text", key=key, report=report)
-        if meta is None:
-            misses.append((caption, key))
-            continue
-        report.prompts_reused += 1
-        if meta.get("truncated") == "1":
-            report.truncated_captions.append(caption)
+def _fill_text_cache(jobs: dict[str, list[str]], *, text_dirs: dict[str, Path], batch_sizes: dict[str, int],
+                     model: ModelFolder, text_identity: str, precision: str, device: str,
+                     report: BuildReport, encoders: Any = None) -> dict[str, dict[str, Path]]:
+    """Encode every missing caption of every text cache with one encoder load; {cache id: {caption: path}}."""
+    paths: dict[str, dict[str, Path]] = {}
+    misses: dict[str, list[tuple[str, str]]] = {}
+    truncated: list[str] = []
+    for tid, captions in jobs.items():
+        paths[tid] = {}
+        for caption in captions:
+            # A quantized text encoder gives other embeddings: its precision tag keeps them apart.
+            tag = precision if encoders is None else encoders.text_cache_tag(precision)
+            key = text_key(caption=caption, text_identity=text_identity, precision=tag)
+            paths[tid][caption] = text_dirs[tid] / f"{key}.safetensors"
+            meta = _cached_entry(paths[tid][caption], kind="text", key=key, report=report)
+            if meta is None:
+                misses.setdefault(tid, []).append((caption, key))
+                continue
+            report.prompts_reused += 1
+            if meta.get("truncated") == "1":
+                truncated.append(caption)
     if misses:
         tokenizer = model_files.load_tokenizer(model)
-        text_encoder = model_files.load_text_encoder(model, precision=precision, device=device)
+        from . import offload
+
+        text_encoder = offload.load_text_encoder(model, precision=precision, device=device, encoders=encoders)
         report.text_encoder_loaded = True
         try:
-            for start in range(0, len(misses), batch_size):
-                chunk = misses[start : start + batch_size]
-                prompts = [c for c, _ in chunk]
-                _, _, truncated = flux2.tokenize_prompts(tokenizer, prompts)
-                embeds = flux2.encode_prompts(text_encoder, tokenizer, prompts, device="cpu")
-                for (caption, key), embed, cut in zip(chunk, embeds, truncated):
-                    write_entry(out / paths[caption], {TEXT_TENSOR: embed}, kind="text", key=key,
-                                metadata={"truncated": "1" if cut else "0"})
-                    if cut:
-                        report.truncated_captions.append(caption)
-                report.prompts_encoded += len(chunk)
+            for tid, todo in misses.items():
+                size = batch_sizes.get(tid, 4)
+                for start in range(0, len(todo), size):
+                    chunk = todo[start : start + size]
+                    prompts = [c for c, _ in chunk]
+                    _, _, cut_flags = flux2.tokenize_prompts(tokenizer, prompts)
+                    embeds = flux2.encode_prompts(text_encoder, tokenizer, prompts, device="cpu")
+                    for (caption, key), embed, cut in zip(chunk, embeds, cut_flags):
+                        write_entry(paths[tid][caption], {TEXT_TENSOR: embed}, kind="text", key=key,
+                                    metadata={"truncated": "1" if cut else "0"})
+                        if cut:
+                            truncated.append(caption)
+                    report.prompts_encoded += len(chunk)
         finally:
             del text_encoder
             _free_memory(device)
-    for caption in report.truncated_captions:
+    for caption in dict.fromkeys(truncated):
+        report.truncated_captions.append(caption)
         report.warnings.append(
             f"caption longer than {flux2.MAX_TEXT_TOKENS} tokens is truncated: {caption[:80]!r}"
             + ("..." if len(caption) > 80 else "")
@@ -748,15 +1059,38 @@ def _fill_text_cache(captions: list[str], *, model: ModelFolder, out: Path, text
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DataSource:
-    """One image folder and the settings it was built with (several once multidatabackend.json lands)."""
+    """One dataset (image folder) and the settings it was built with."""
 
     id: str
     image_dir: Path
     caption_strategy: str
     instance_prompt: str | None
-    resolution: int
+    resolution: float
     bucket_step: int
     repeats: int
+    dataset_type: str = "image"
+    resolution_type: str = "pixel_area"
+    conditioning_data: tuple[str, ...] = ()
+    conditioning_multidataset_sampling: str = "combined"
+    conditioning_type: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReferenceItem:
+    """A reference image of an edit item: its own cached latent, bucket and crop."""
+
+    source: str
+    """The conditioning dataset's id."""
+    image: str
+    """Path relative to the conditioning dataset's image_dir."""
+    image_sha256: str
+    width: int
+    height: int
+    bucket: tuple[int, int]
+    resized: tuple[int, int]
+    crop: tuple[int, int]
+    latent: str
+    """Latent cache file: relative to the manifest's folder, or absolute when cache_dir_vae is elsewhere."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -772,10 +1106,13 @@ class ManifestItem:
     resized: tuple[int, int]
     crop: tuple[int, int]
     latent: str
-    """Latent cache file, relative to the manifest's folder."""
+    """Latent cache file: relative to the manifest's folder, or absolute when cache_dir_vae is elsewhere."""
     text: str
-    """Caption embedding cache file, relative to the manifest's folder."""
+    """Caption embedding cache file, relative to the manifest's folder (or absolute)."""
     repeats: int
+    """Appearances per epoch (SimpleTuner's repeats + 1)."""
+    references: tuple[ReferenceItem, ...] = ()
+    """One per conditioning dataset of its source, in conditioning_data order (edit LoRAs)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -804,6 +1141,14 @@ class Manifest:
     def latent_path(self, index: int) -> Path:
         return self.root / self.items[index].latent
 
+    def reference_latent_path(self, index: int, k: int) -> Path:
+        return self.root / self.items[index].references[k].latent
+
+    def sampling_mode(self, index: int) -> str:
+        """combined or random: how the references of an item with several are used."""
+        source = self.sources.get(self.items[index].source)
+        return source.conditioning_multidataset_sampling if source is not None else "combined"
+
     def text_path(self, caption: str) -> Path:
         if caption not in self.text_cache:
             raise ValueError(
@@ -829,6 +1174,9 @@ def _manifest_error(path: Path, problem: str) -> ValueError:
 
 
 def _inside(root: Path, rel: str, *, path: Path, what: str) -> Path:
+    if Path(rel).is_absolute():
+        # Written by a build for a cache_dir_vae / text cache_dir outside the dataset folder.
+        return Path(rel)
     target = (root / rel).resolve()
     if not target.is_relative_to(root.resolve()):
         raise _manifest_error(path, f"{what} {rel!r} points outside the dataset folder")
@@ -851,9 +1199,9 @@ def load_manifest(path: str | Path) -> Manifest:
         raise _manifest_error(path, f"not valid JSON ({exc})") from None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         raise _manifest_error(path, f"not a {MANIFEST_FORMAT} manifest")
-    if data.get("version") != MANIFEST_VERSION:
+    if data.get("version") not in (1, MANIFEST_VERSION):
         raise _manifest_error(
-            path, f"version {data.get('version')!r}, this trainer reads version {MANIFEST_VERSION}"
+            path, f"version {data.get('version')!r}, this trainer reads versions 1 and {MANIFEST_VERSION}"
         )
     root = path.parent
     try:
@@ -863,9 +1211,14 @@ def load_manifest(path: str | Path) -> Manifest:
                 image_dir=Path(s["image_dir"]),
                 caption_strategy=str(s["caption_strategy"]),
                 instance_prompt=s.get("instance_prompt"),
-                resolution=int(s["resolution"]),
+                resolution=float(s["resolution"]),
                 bucket_step=int(s["bucket_step"]),
                 repeats=int(s["repeats"]),
+                dataset_type=str(s.get("dataset_type", "image")),
+                resolution_type=str(s.get("resolution_type", "pixel_area")),
+                conditioning_data=tuple(str(c) for c in s.get("conditioning_data", ())),
+                conditioning_multidataset_sampling=str(s.get("conditioning_multidataset_sampling", "combined")),
+                conditioning_type=s.get("conditioning_type"),
             )
             for s in data["sources"]
         }
@@ -883,6 +1236,16 @@ def load_manifest(path: str | Path) -> Manifest:
                 latent=str(it["latent"]),
                 text=str(it["text"]),
                 repeats=int(it["repeats"]),
+                references=tuple(
+                    ReferenceItem(
+                        source=str(r["source"]), image=str(r["image"]), image_sha256=str(r["image_sha256"]),
+                        width=int(r["width"]), height=int(r["height"]),
+                        bucket=(int(r["bucket"][0]), int(r["bucket"][1])),
+                        resized=(int(r["resized"][0]), int(r["resized"][1])),
+                        crop=(int(r["crop"][0]), int(r["crop"][1])), latent=str(r["latent"]),
+                    )
+                    for r in it.get("references", ())
+                ),
             )
             for it in data["items"]
         )
@@ -911,9 +1274,17 @@ def load_manifest(path: str | Path) -> Manifest:
             raise _manifest_error(path, f"item {i} ({item.image}) names unknown source {item.source!r}")
         if item.repeats < 1 or item.bucket[0] % 16 or item.bucket[1] % 16:
             raise _manifest_error(path, f"item {i} ({item.image}) has repeats {item.repeats} / bucket {item.bucket}")
-        if text_cache.get(item.caption) != item.text:
+        if item.caption not in text_cache:
             raise _manifest_error(path, f"item {i} ({item.image}): its caption is not in text_cache")
-    for rel in [it.latent for it in items] + list(text_cache.values()):
+        source = sources[item.source]
+        if len(item.references) != len(source.conditioning_data):
+            raise _manifest_error(path, f"item {i} ({item.image}) has {len(item.references)} references, its "
+                                        f"source {item.source!r} names {len(source.conditioning_data)}")
+        for ref in item.references:
+            if ref.source not in sources or ref.bucket[0] % 16 or ref.bucket[1] % 16:
+                raise _manifest_error(path, f"item {i} ({item.image}) reference {ref.image} is malformed")
+    files = [it.latent for it in items] + [it.text for it in items] + [r.latent for it in items for r in it.references]
+    for rel in files + list(text_cache.values()):
         if not _inside(root, rel, path=path, what="cache file").is_file():
             missing.append(rel)
     if manifest.empty_caption not in text_cache:
@@ -931,11 +1302,14 @@ def load_manifest(path: str | Path) -> Manifest:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class BatchRef:
     indices: tuple[int, ...]
-    """Manifest item indices, all from one bucket."""
+    """Manifest item indices, all from one bucket of one dataset."""
     bucket: tuple[int, int]
     epoch: int
     position: int
     """This rank's batch index within the epoch (0-based)."""
+    references: tuple[tuple[int, ...], ...] = ()
+    """Per sample, which of its item's references it trains with (all, or one under random sampling);
+    empty for a plain text-to-image batch. Every sample of a batch has references of the same shapes."""
 
 
 def _derived_seed(*parts: object) -> int:
@@ -946,7 +1320,7 @@ class BucketBatchSampler:
     """Deterministic, resumable, rank-sharded single-bucket batches of manifest item indices.
 
     Each epoch, for every rank alike: items expanded by their repeats, shuffled by (seed, epoch), split per
-    bucket into *global* batches of batch_size x world_size items, the list of global batches shuffled by
+    group (dataset, bucket and, for edit items, the buckets of the references used) into *global* batches of batch_size x world_size items, the list of global batches shuffled by
     (seed, epoch); at each step rank r takes slice [r * batch_size, (r + 1) * batch_size) of the global batch.
     So all ranks step together on one bucket, and a run on 1 process with batch 2 sees exactly the samples a
     run on 2 processes with batch 1 sees (the trainer's noise is keyed by the sample's place in the global
@@ -977,13 +1351,12 @@ class BucketBatchSampler:
         self.drop_last = drop_last
         self.epoch = 0
         self.position = 0
-        self._plan_cache: tuple[int, list[tuple[int, ...]]] | None = None
-        counts: dict[tuple[int, int], int] = {}
+        self._plan_cache: tuple[int, list[list[tuple[int, tuple[int, ...]]]]] | None = None
+        counts: dict[tuple[Any, ...], int] = {}
         for item in manifest.items:
-            counts[item.bucket] = counts.get(item.bucket, 0) + item.repeats
-        size = self.global_batch_size
-        per_bucket = [n // size if drop_last else -(-n // size) for n in counts.values()]
-        self.batches_per_epoch = sum(per_bucket)
+            counts[(item.source, item.bucket)] = counts.get((item.source, item.bucket), 0) + item.repeats
+        # Under random reference sampling the groups (and so the count) can change by epoch: len() is epoch 0's.
+        self.batches_per_epoch = len(self._epoch_samples(0))
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"dataset {manifest.path} gives no full batch per epoch (batch_size {batch_size} x {world_size} "
@@ -999,45 +1372,71 @@ class BucketBatchSampler:
         """Steps per epoch (the same for every rank)."""
         return self.batches_per_epoch
 
-    def epoch_plan(self, epoch: int) -> list[tuple[int, ...]]:
-        """The global batches of an epoch, in order (length batches_per_epoch)."""
-        order = [i for i, item in enumerate(self.manifest.items) for _ in range(item.repeats)]
-        random.Random(_derived_seed(self.seed, epoch, "items")).shuffle(order)
-        by_bucket: dict[tuple[int, int], list[int]] = {}
-        for i in order:
-            by_bucket.setdefault(self.manifest.items[i].bucket, []).append(i)
+    def _choice(self, index: int, *, epoch: int, copy: int) -> tuple[int, ...]:
+        """Which references of an item a sample uses: all (combined), or one drawn per (seed, epoch, copy)."""
+        item = self.manifest.items[index]
+        if not item.references:
+            return ()
+        if len(item.references) == 1 or self.manifest.sampling_mode(index) == "combined":
+            return tuple(range(len(item.references)))
+        rng = random.Random(_derived_seed(self.seed, epoch, "reference", index, copy))
+        return (rng.randrange(len(item.references)),)
+
+    def _group(self, index: int, choice: tuple[int, ...]) -> tuple[Any, ...]:
+        # A batch shares the dataset, the target bucket and every chosen reference's bucket (tensor shapes).
+        item = self.manifest.items[index]
+        return (item.source, item.bucket, tuple(item.references[k].bucket for k in choice))
+
+    def _epoch_samples(self, epoch: int) -> list[list[tuple[int, tuple[int, ...]]]]:
+        """The global batches of an epoch as (item index, reference choice) pairs."""
+        order = [(i, c) for i, item in enumerate(self.manifest.items) for c in range(item.repeats)]
+        rng = random.Random(_derived_seed(self.seed, epoch, "items"))
+        rng.shuffle(order)
+        by_group: dict[tuple[Any, ...], list[tuple[int, tuple[int, ...]]]] = {}
+        for i, copy in order:
+            choice = self._choice(i, epoch=epoch, copy=copy)
+            by_group.setdefault(self._group(i, choice), []).append((i, choice))
         size = self.global_batch_size
         batches = []
-        for indices in by_bucket.values():
-            for start in range(0, len(indices), size):
-                batch = indices[start : start + size]
+        for samples in by_group.values():
+            for start in range(0, len(samples), size):
+                batch = samples[start : start + size]
                 if len(batch) < size:
                     if self.drop_last:
                         continue
                     if self.world_size > 1:  # pad like DistributedSampler so every rank gets a full batch
-                        batch = batch + [indices[k % len(indices)] for k in range(size - len(batch))]
-                batches.append(tuple(batch))
+                        batch = batch + [samples[k % len(samples)] for k in range(size - len(batch))]
+                batches.append(batch)
         random.Random(_derived_seed(self.seed, epoch, "batches")).shuffle(batches)
         return batches
 
-    def rank_batches(self, epoch: int) -> list[tuple[int, ...]]:
-        """This rank's batches of an epoch, in order (length len(self))."""
+    def epoch_plan(self, epoch: int) -> list[tuple[int, ...]]:
+        """The global batches of an epoch (item indices), in order (length batches_per_epoch)."""
+        return [tuple(i for i, _ in b) for b in self._epoch_samples(epoch)]
+
+    def _rank_samples(self, epoch: int) -> list[list[tuple[int, tuple[int, ...]]]]:
         if self._plan_cache is None or self._plan_cache[0] != epoch:
             lo = self.rank * self.batch_size
-            self._plan_cache = (epoch, [b[lo : lo + self.batch_size] for b in self.epoch_plan(epoch)])
+            self._plan_cache = (epoch, [b[lo : lo + self.batch_size] for b in self._epoch_samples(epoch)])
         return self._plan_cache[1]
+
+    def rank_batches(self, epoch: int) -> list[tuple[int, ...]]:
+        """This rank's batches of an epoch (item indices), in order (length len(self))."""
+        return [tuple(i for i, _ in b) for b in self._rank_samples(epoch)]
 
     def iter_batches(self) -> Iterator[BatchRef]:
         """Batches forever, from the current state on; the state advances as each batch is handed out."""
         while True:
-            batches = self.rank_batches(self.epoch)
+            batches = self._rank_samples(self.epoch)
             if self.position >= len(batches):
                 self.epoch += 1
                 self.position = 0
                 continue
-            indices = batches[self.position]
+            samples = batches[self.position]
+            indices = tuple(i for i, _ in samples)
+            choices = tuple(c for _, c in samples)
             ref = BatchRef(indices=indices, bucket=self.manifest.items[indices[0]].bucket, epoch=self.epoch,
-                           position=self.position)
+                           position=self.position, references=choices if any(choices) else ())
             self.position += 1
             yield ref
 
@@ -1085,6 +1484,8 @@ class Batch:
     image_paths: list[Path]
     indices: tuple[int, ...]
     bucket: tuple[int, int]
+    reference_latents: list[torch.Tensor] = field(default_factory=list)
+    """Reference k of every sample, (B, 128, h_k, w_k), for objective.prepare_batch; empty without references."""
 
 
 def _read_cached(manifest: Manifest, path: Path, *, kind: str, name: str, verify: bool) -> torch.Tensor:
@@ -1104,13 +1505,15 @@ def load_batch(
     manifest: Manifest,
     indices: Sequence[int],
     *,
+    references: Sequence[Sequence[int]] | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     verify: bool = False,
 ) -> Batch:
-    """Latents and caption embeddings of items that share one bucket, stacked in the order given.
+    """Latents, caption embeddings and reference latents of items that share one bucket, in the order given.
 
-    verify=True also re-hashes every byte (the structural checks always run; build-dataset verifies fully).
+    references: per sample, which of its item's references to load (BatchRef.references); None loads all of
+    them. verify=True also re-hashes every byte (the structural checks always run; build-dataset verifies fully).
     """
     if not indices:
         raise ValueError("load_batch needs at least one item index.")
@@ -1135,7 +1538,30 @@ def load_batch(
             texts[item.caption] = _read_cached(
                 manifest, manifest.root / item.text, kind="text", name=TEXT_TENSOR, verify=verify
             )
+    choices = [tuple(range(len(it.references))) for it in items] if references is None else [tuple(c) for c in references]
+    if len(choices) != len(items):
+        raise ValueError(f"load_batch got {len(choices)} reference choices for {len(items)} items.")
+    if len({len(c) for c in choices}) > 1:
+        raise ValueError(f"items {list(indices)} use different numbers of references {choices}; a batch needs one.")
+    reference_latents = []
+    for k in range(len(choices[0]) if choices else 0):
+        refs = []
+        for i, item, choice in zip(indices, items, choices):
+            ref = item.references[choice[k]]
+            latent = _read_cached(manifest, manifest.reference_latent_path(i, choice[k]), kind="latent",
+                                  name=LATENT_TENSOR, verify=verify)
+            want = (flux2.PATCHIFIED_CHANNELS, ref.bucket[1] // flux2.PIXELS_PER_TOKEN,
+                    ref.bucket[0] // flux2.PIXELS_PER_TOKEN)
+            if tuple(latent.shape) != want:
+                raise ValueError(f"dataset {manifest.path}: reference latent {ref.latent} has shape "
+                                 f"{tuple(latent.shape)}, expected {want}; rebuild the dataset.")
+            refs.append(latent)
+        if len({tuple(r.shape) for r in refs}) > 1:
+            raise ValueError(f"items {list(indices)}: reference {k} has different shapes in one batch; batches "
+                             "from BucketBatchSampler group references by bucket.")
+        reference_latents.append(torch.stack(refs).to(device=device, dtype=dtype))
     return Batch(
+        reference_latents=reference_latents,
         latents=torch.stack(latents).to(device=device, dtype=dtype),
         prompt_embeds=torch.stack([texts[it.caption] for it in items]).to(device=device, dtype=dtype),
         captions=[it.caption for it in items],
@@ -1152,3 +1578,64 @@ def load_text_embedding(
     """(1, 512, F) embedding of a cached caption: the empty caption or a validation prompt given at build time."""
     embed = _read_cached(manifest, manifest.text_path(caption), kind="text", name=TEXT_TENSOR, verify=verify)
     return embed.unsqueeze(0).to(device=device, dtype=dtype or embed.dtype)
+
+
+# ------------------------------------------------------------------------------------------- for the trainer
+
+RUN_DATASET_DIR = "dataset"
+"""Subfolder of a run's output_dir where a data_backend_config is built (manifest and report)."""
+RUN_SUMMARY_FILE = "dataset_summary.txt"
+RUN_REPORT_FILE = "dataset_report.json"
+
+
+def resolve_training_manifest(
+    *,
+    dataset_manifest: Path | None,
+    data_backend_config: Path | None,
+    model: ModelFolder,
+    out_dir: Path,
+    is_main: bool,
+    barrier: Callable[[], None],
+    device: str = "cpu",
+    vae_batch_size: int = 4,
+    encoders: Any = None,
+) -> Manifest:
+    """The manifest a run trains on, with its summary written into the run folder by rank 0.
+
+    With data_backend_config, rank 0 builds it into out_dir/dataset before any transformer loads (only
+    missing cache entries are encoded; a complete cache loads no encoder) while the other ranks wait on the
+    barrier; then every rank loads the manifest.
+    """
+    if (dataset_manifest is None) == (data_backend_config is None):
+        raise ValueError("give exactly one of dataset_manifest and data_backend_config.")
+    if data_backend_config is not None:
+        from .databackend import load_backend_config
+
+        config = load_backend_config(data_backend_config)  # every rank checks it: errors show on all of them
+        path = Path(out_dir) / RUN_DATASET_DIR / MANIFEST_FILE
+        if is_main:
+            build_datasets(config, model=model, out_dir=path.parent, device=device, vae_batch_size=vae_batch_size,
+                           vae_precision="fp32", text_precision="fp32" if device == "cpu" else "bf16",
+                           encoders=encoders)
+        barrier()
+    else:
+        path = Path(dataset_manifest)
+    manifest = load_manifest(path)
+    if is_main:
+        write_run_summary(manifest, out_dir=Path(out_dir))
+    return manifest
+
+
+def write_run_summary(manifest: Manifest, *, out_dir: Path) -> None:
+    """Copy the build report (used/skipped per dataset, buckets, cache bytes per image) into the run folder."""
+    report_path = manifest.root / REPORT_FILE
+    if report_path.is_file():
+        report = load_build_report(report_path)
+        text, record = report.summary(), report.to_dict() | {"cache_hit_rate": report.cache_hit_rate}
+    else:
+        text = f"{len(manifest.items)} items in {len(manifest.buckets())} buckets (no report.json next to the manifest)"
+        record = {"usable_images": len(manifest.items)}
+    record |= {"manifest": str(manifest.path), "fingerprint": manifest.fingerprint}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / RUN_REPORT_FILE, json.dumps(record, indent=1, ensure_ascii=False).encode("utf-8"))
+    atomic_write_bytes(out_dir / RUN_SUMMARY_FILE, (f"manifest: {manifest.path}\n" + text + "\n").encode("utf-8"))

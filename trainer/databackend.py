@@ -1,0 +1,421 @@
+"""SimpleTuner's multidatabackend.json: parse and check it into typed dataset specs.
+
+The file is a JSON list of datasets. Three kinds are understood:
+
+- image datasets (dataset_type "image", the default): the training images, with their captions, crop and
+  bucket settings, repeats and VAE cache folder; conditioning_data may name conditioning datasets;
+- conditioning datasets (dataset_type "conditioning", conditioning_type reference_strict or reference_loose):
+  reference images for edit LoRAs, matched to the image dataset's files by relative path without extension;
+- text_embeds datasets: where caption embeddings are cached (cache_dir, write_batch_size); the one marked
+  default (or the only one) is used by image datasets that do not name one with text_embeds.
+
+Differences from SimpleTuner, each deliberate:
+- Relative paths are taken relative to the JSON file's folder, not the process's working directory (the
+  file is read by ComfyUI, the CLI and torchrun workers, which run in different folders).
+- maximum_image_size skips larger images (with the reason in the report) instead of downsampling them
+  first: this trainer always resizes an image to cover its bucket before cropping, so a downsample step
+  would change nothing; target_downsample_size is therefore refused.
+- crop_style "random" draws one offset per image (from its content hash), so its latent can be cached.
+- textfile captions are the whole file (SimpleTuner splits lines into alternative captions).
+
+Unknown keys, SimpleTuner options this trainer does not implement and bad values raise ValueError naming the
+dataset id and the key. This module imports only the standard library (ComfyUI imports it at start-up).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DATASET_TYPES: tuple[str, ...] = ("image", "conditioning", "text_embeds")
+CONDITIONING_TYPES: tuple[str, ...] = ("reference_strict", "reference_loose")
+CONDITIONING_SAMPLING: tuple[str, ...] = ("combined", "random")
+CAPTION_STRATEGIES: tuple[str, ...] = ("textfile", "filename", "instanceprompt")
+RESOLUTION_TYPES: tuple[str, ...] = ("pixel_area", "area", "pixel")
+CROP_ASPECTS: tuple[str, ...] = ("square", "preserve", "closest")
+CROP_STYLES: tuple[str, ...] = ("center", "random", "corner")
+DEFAULT_WRITE_BATCH_SIZE = 128
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ImageDatasetSpec:
+    """One image or conditioning dataset of multidatabackend.json, checked and with paths resolved."""
+
+    id: str
+    """Unique name; used in reports, the manifest and error messages."""
+    dataset_type: str = "image"
+    """image (training targets) or conditioning (reference images paired by file name)."""
+    instance_data_dir: Path
+    """Folder of images, searched recursively."""
+    caption_strategy: str = "textfile"
+    """textfile: same-name .txt; filename: the file name; instanceprompt: instance_prompt for every image.
+    Conditioning datasets carry no captions: their caption_strategy is ignored."""
+    instance_prompt: str | None = None
+    crop: bool = True
+    """Crop to the bucket; false keeps the image's own aspect (only rounding to 16 pixels is trimmed)."""
+    crop_aspect: str = "closest"
+    """square: one square bucket; closest: the nearest bucket of a fixed list; preserve: the own aspect."""
+    crop_style: str = "center"
+    """Where the crop sits: center, corner (top-left) or random (one fixed offset per image)."""
+    resolution: float = 1024
+    """With resolution_type pixel_area a side (1024: buckets of about 1024^2 pixels); area: megapixels;
+    pixel: the shorter side."""
+    resolution_type: str = "pixel_area"
+    minimum_image_size: float | None = None
+    """Skip smaller images, in resolution_type's unit (pixel_area: sqrt(w*h); area: megapixels; pixel: shorter side)."""
+    maximum_image_size: float | None = None
+    """Skip larger images, in the same unit."""
+    minimum_aspect_ratio: float | None = None
+    """Skip images whose width / height is below this."""
+    maximum_aspect_ratio: float | None = None
+    """Skip images whose width / height is above this."""
+    repeats: int = 0
+    """Extra passes per epoch, SimpleTuner's way: 0 = each image once, 9 = ten times."""
+    cache_dir_vae: Path | None = None
+    """Folder of this dataset's latent cache; None = latents/ next to the built manifest."""
+    text_embeds: str | None = None
+    """id of the text_embeds dataset for its captions; None = the default one."""
+    conditioning_data: tuple[str, ...] = ()
+    """ids of conditioning datasets whose images are this dataset's references (edit LoRAs)."""
+    conditioning_multidataset_sampling: str = "combined"
+    """With several conditioning datasets: combined gives every reference to every sample (reference k gets
+    time position 10 + 10k); random gives one, chosen per sample and epoch."""
+    conditioning_type: str | None = None
+    """For conditioning datasets: reference_strict (same bucket and crop as the edit image; a missing
+    reference is an error) or reference_loose (own aspect and bucket; an edit image without its reference
+    is skipped with the reason)."""
+    source_dataset_id: str | None = None
+    """For conditioning datasets: the image dataset they belong to (optional; checked when given)."""
+
+    @property
+    def copies(self) -> int:
+        """How many times each image appears per epoch."""
+        return self.repeats + 1
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TextEmbedsSpec:
+    id: str
+    cache_dir: Path | None = None
+    """Folder of caption embeddings; None = text/ next to the built manifest."""
+    write_batch_size: int = DEFAULT_WRITE_BATCH_SIZE
+    """Captions encoded per text-encoder call (and written together)."""
+    default: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BackendConfig:
+    path: Path | None
+    """The JSON file (None when built from widgets)."""
+    datasets: tuple[ImageDatasetSpec, ...]
+    """Enabled image datasets, in file order."""
+    conditioning: dict[str, ImageDatasetSpec]
+    """Enabled conditioning datasets by id."""
+    text_embeds: tuple[TextEmbedsSpec, ...]
+    disabled: tuple[str, ...] = ()
+    """ids of datasets marked disabled (listed in the report, not built)."""
+    warnings: tuple[str, ...] = field(default=())
+
+    def text_spec_for(self, dataset: ImageDatasetSpec) -> TextEmbedsSpec:
+        if dataset.text_embeds is not None:
+            return next(t for t in self.text_embeds if t.id == dataset.text_embeds)
+        return self.default_text_embeds()
+
+    def default_text_embeds(self) -> TextEmbedsSpec:
+        for t in self.text_embeds:
+            if t.default:
+                return t
+        return self.text_embeds[0] if self.text_embeds else TextEmbedsSpec(id="text-embeds", default=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary of what was resolved (for the manifest and the report)."""
+        def spec(d: ImageDatasetSpec) -> dict[str, Any]:
+            out = {k: getattr(d, k) for k in d.__slots__}
+            return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
+        return {
+            "path": str(self.path) if self.path else None,
+            "datasets": [spec(d) for d in self.datasets],
+            "conditioning": [spec(d) for d in self.conditioning.values()],
+            "text_embeds": [{"id": t.id, "cache_dir": str(t.cache_dir) if t.cache_dir else None,
+                             "write_batch_size": t.write_batch_size, "default": t.default} for t in self.text_embeds],
+            "disabled": list(self.disabled),
+        }
+
+
+# ------------------------------------------------------------------------------------------------ keys
+
+_COMMON = {"id", "type", "dataset_type", "disabled", "disable"}
+_IMAGE_KEYS = _COMMON | {
+    "instance_data_dir", "caption_strategy", "instance_prompt", "crop", "crop_aspect", "crop_style", "resolution",
+    "resolution_type", "minimum_image_size", "maximum_image_size", "minimum_aspect_ratio", "maximum_aspect_ratio",
+    "repeats", "cache_dir_vae", "metadata_backend", "text_embeds", "conditioning_data",
+    "conditioning_multidataset_sampling",
+}
+_CONDITIONING_KEYS = (_IMAGE_KEYS - {"conditioning_data", "conditioning_multidataset_sampling", "text_embeds"}) | {
+    "conditioning_type", "source_dataset_id",
+}
+_TEXT_KEYS = _COMMON | {"default", "cache_dir", "write_batch_size"}
+
+_HINT_DOWNSAMPLE = ("this trainer always resizes an image to cover its bucket before cropping, so there is no "
+                    "separate downsample step; remove it")
+_UNSUPPORTED: dict[str, str] = {
+    "target_downsample_size": _HINT_DOWNSAMPLE,
+    "max_upscale_threshold": "upscaled images are reported as warnings; use minimum_image_size to skip small ones",
+    "crop_aspect_buckets": "crop_aspect 'random' is not implemented; use closest, square or preserve",
+    "prepend_instance_prompt": "use caption_strategy instanceprompt, or write the trigger word into the captions",
+    "only_instance_prompt": "use caption_strategy instanceprompt",
+    "disable_multiline_split": "textfile captions are always the whole file (no multi-caption split)",
+    "caption_shuffle": "caption shuffling is not implemented",
+    "probability": "every dataset is sampled in proportion to its images x (repeats + 1)",
+    "vae_cache_clear_each_epoch": "latents are cached once per image and crop",
+    "vae_cache_ondemand": "latents are always cached before training",
+    "vae_cache_disable": "latents are always cached before training",
+    "text_cache_ondemand": "caption embeddings are always cached before training",
+    "text_cache_disable": "caption embeddings are always cached before training",
+    "skip_file_discovery": "files are always scanned (unchanged files hit the cache)",
+    "preserve_data_backend_cache": "the manifest is rebuilt from the caches on every build",
+    "is_regularisation_data": "regularisation data is not implemented",
+    "is_regularization_data": "regularisation data is not implemented",
+    "max_num_samples": "use a folder with the images you want",
+    "start_epoch": "dataset scheduling is not implemented", "start_step": "dataset scheduling is not implemented",
+    "end_epoch": "dataset scheduling is not implemented", "end_step": "dataset scheduling is not implemented",
+    "image_embeds": "latents go to cache_dir_vae", "parquet": "use type local with caption files",
+    "huggingface": "use type local", "aws_bucket_name": "use type local", "aws_data_prefix": "use type local",
+    "video": "video datasets are not implemented", "audio": "audio datasets are not implemented",
+    "conditioning": "generated conditioning datasets are not implemented; give a conditioning dataset folder",
+    "timestep_sampling_offset": "per-dataset timestep offsets are not implemented",
+    "hash_filenames": "cache files are named by content hash already",
+}
+
+
+def _err(ds: str, key: str, problem: str) -> ValueError:
+    return ValueError(f"data_backend_config dataset {ds!r}: {key} {problem}")
+
+
+def _check_keys(raw: dict[str, Any], *, ds: str, allowed: set[str], kind: str) -> None:
+    for key in raw:
+        if key in allowed:
+            continue
+        if key in _UNSUPPORTED:
+            raise _err(ds, key, f"is a SimpleTuner option this trainer does not implement: {_UNSUPPORTED[key]}.")
+        close = difflib.get_close_matches(key, sorted(allowed), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise _err(ds, key, f"is not a key of a {kind} dataset (known: {', '.join(sorted(allowed))}).{hint}")
+
+
+def _choice(raw: dict[str, Any], key: str, choices: tuple[str, ...], default: str | None, *, ds: str) -> str | None:
+    value = raw.get(key, default)
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in choices:
+        raise _err(ds, key, f"is {value!r}; choose one of {', '.join(choices)}.")
+    return value
+
+
+def _bool(raw: dict[str, Any], key: str, default: bool, *, ds: str) -> bool:
+    value = raw.get(key, default)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        raise _err(ds, key, f"is {value!r}; use true or false.")
+    return value
+
+
+def _number(raw: dict[str, Any], key: str, default: float | None, *, ds: str, minimum: float = 0.0,
+            integer: bool = False, allow_equal: bool = True) -> float | int | None:
+    value = raw.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value) if not integer else int(value)
+        except ValueError:
+            raise _err(ds, key, f"is {raw[key]!r}, not a number.") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _err(ds, key, f"is {value!r}, not a number.")
+    if integer and (not float(value).is_integer()):
+        raise _err(ds, key, f"is {value!r}; it must be a whole number.")
+    if value < minimum or (not allow_equal and value == minimum):
+        raise _err(ds, key, f"is {value!r}; it must be {'>=' if allow_equal else '>'} {minimum:g}.")
+    return int(value) if integer else float(value)
+
+
+def _path(raw: dict[str, Any], key: str, *, ds: str, base: Path, required: bool) -> Path | None:
+    value = raw.get(key)
+    if value is None or value == "":
+        if required:
+            raise _err(ds, key, "is required: give the folder path.")
+        return None
+    if not isinstance(value, str):
+        raise _err(ds, key, f"is {value!r}; give a folder path as a string.")
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base / path)
+
+
+def _parse_image(raw: dict[str, Any], *, ds: str, base: Path, conditioning: bool) -> ImageDatasetSpec:
+    _check_keys(raw, ds=ds, allowed=_CONDITIONING_KEYS if conditioning else _IMAGE_KEYS,
+                kind="conditioning" if conditioning else "image")
+    folder = _path(raw, "instance_data_dir", ds=ds, base=base, required=True)
+    assert folder is not None
+    if not folder.is_dir():
+        raise _err(ds, "instance_data_dir", f"{str(folder)!r} is not a folder; give the folder of its images.")
+    caption_strategy = _choice(raw, "caption_strategy", CAPTION_STRATEGIES, "textfile", ds=ds)
+    instance_prompt = raw.get("instance_prompt")
+    if instance_prompt is not None and not isinstance(instance_prompt, str):
+        raise _err(ds, "instance_prompt", f"is {instance_prompt!r}; give a string.")
+    if not conditioning and caption_strategy == "instanceprompt" and not (instance_prompt or "").strip():
+        raise _err(ds, "instance_prompt", "is required with caption_strategy instanceprompt (the caption of every image).")
+    resolution_type = _choice(raw, "resolution_type", RESOLUTION_TYPES, "pixel_area", ds=ds)
+    default_res = 1.0 if resolution_type == "area" else 1024
+    resolution = _number(raw, "resolution", default_res, ds=ds, allow_equal=False)
+    if resolution_type != "area" and (resolution < 16 or not float(resolution).is_integer()):
+        raise _err(ds, "resolution", f"is {resolution!r}; with resolution_type {resolution_type} give whole pixels "
+                   ">= 16 (e.g. 1024), or use resolution_type area for megapixels.")
+    if resolution_type == "area" and resolution > 64:
+        raise _err(ds, "resolution", f"is {resolution:g} megapixels with resolution_type area; did you mean "
+                   "resolution_type pixel_area (a side in pixels such as 1024)?")
+    min_size = _number(raw, "minimum_image_size", None, ds=ds)
+    max_size = _number(raw, "maximum_image_size", None, ds=ds, allow_equal=False)
+    if min_size is not None and max_size is not None and min_size > max_size:
+        raise _err(ds, "minimum_image_size", f"{min_size:g} is above maximum_image_size {max_size:g}.")
+    min_ar = _number(raw, "minimum_aspect_ratio", None, ds=ds, allow_equal=False)
+    max_ar = _number(raw, "maximum_aspect_ratio", None, ds=ds, allow_equal=False)
+    if min_ar is not None and max_ar is not None and min_ar > max_ar:
+        raise _err(ds, "minimum_aspect_ratio", f"{min_ar:g} is above maximum_aspect_ratio {max_ar:g}.")
+    metadata = raw.get("metadata_backend", "discovery")
+    if metadata != "discovery":
+        raise _err(ds, "metadata_backend", f"is {metadata!r}; only 'discovery' (scan the files) is implemented.")
+    conditioning_data = raw.get("conditioning_data", ())
+    if isinstance(conditioning_data, str):
+        conditioning_data = (conditioning_data,)
+    if not isinstance(conditioning_data, (list, tuple)) or not all(isinstance(c, str) for c in conditioning_data):
+        raise _err(ds, "conditioning_data", f"is {conditioning_data!r}; give a dataset id or a list of ids.")
+    if len(set(conditioning_data)) != len(conditioning_data):
+        raise _err(ds, "conditioning_data", f"{list(conditioning_data)} names a dataset twice.")
+    text_embeds = raw.get("text_embeds")
+    if text_embeds is not None and not isinstance(text_embeds, str):
+        raise _err(ds, "text_embeds", f"is {text_embeds!r}; give the id of a text_embeds dataset.")
+    source = raw.get("source_dataset_id")
+    if source is not None and not isinstance(source, str):
+        raise _err(ds, "source_dataset_id", f"is {source!r}; give the id of an image dataset.")
+    conditioning_type = None
+    if conditioning:
+        if "conditioning_type" not in raw:
+            raise _err(ds, "conditioning_type", f"is required for a conditioning dataset: {' or '.join(CONDITIONING_TYPES)}.")
+        conditioning_type = _choice(raw, "conditioning_type", CONDITIONING_TYPES, None, ds=ds)
+    return ImageDatasetSpec(
+        id=ds,
+        dataset_type="conditioning" if conditioning else "image",
+        instance_data_dir=folder,
+        caption_strategy=str(caption_strategy),
+        instance_prompt=instance_prompt,
+        crop=_bool(raw, "crop", True, ds=ds),
+        crop_aspect=str(_choice(raw, "crop_aspect", CROP_ASPECTS, "closest", ds=ds)),
+        crop_style=str(_choice(raw, "crop_style", CROP_STYLES, "center", ds=ds)),
+        resolution=float(resolution) if resolution_type == "area" else int(resolution),
+        resolution_type=str(resolution_type),
+        minimum_image_size=min_size,
+        maximum_image_size=max_size,
+        minimum_aspect_ratio=min_ar,
+        maximum_aspect_ratio=max_ar,
+        repeats=int(_number(raw, "repeats", 0, ds=ds, integer=True)),
+        cache_dir_vae=_path(raw, "cache_dir_vae", ds=ds, base=base, required=False),
+        text_embeds=text_embeds,
+        conditioning_data=tuple(conditioning_data),
+        conditioning_multidataset_sampling=str(
+            _choice(raw, "conditioning_multidataset_sampling", CONDITIONING_SAMPLING, "combined", ds=ds)
+        ),
+        conditioning_type=conditioning_type,
+        source_dataset_id=source,
+    )
+
+
+def _parse_text(raw: dict[str, Any], *, ds: str, base: Path) -> TextEmbedsSpec:
+    _check_keys(raw, ds=ds, allowed=_TEXT_KEYS, kind="text_embeds")
+    return TextEmbedsSpec(
+        id=ds,
+        cache_dir=_path(raw, "cache_dir", ds=ds, base=base, required=False),
+        write_batch_size=int(_number(raw, "write_batch_size", DEFAULT_WRITE_BATCH_SIZE, ds=ds, integer=True,
+                                     minimum=1)),
+        default=_bool(raw, "default", False, ds=ds),
+    )
+
+
+def parse_backend_config(data: Any, *, base_dir: str | Path, path: Path | None = None) -> BackendConfig:
+    """Check a multidatabackend.json value (a list of dataset objects); relative paths are under base_dir."""
+    base = Path(base_dir).expanduser().resolve()
+    where = f"data_backend_config {path}" if path else "data_backend_config"
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{where} must be a non-empty JSON list of datasets (SimpleTuner's multidatabackend.json).")
+    images: list[ImageDatasetSpec] = []
+    conditioning: dict[str, ImageDatasetSpec] = {}
+    texts: list[TextEmbedsSpec] = []
+    disabled: list[str] = []
+    seen: set[str] = set()
+    for index, raw in enumerate(data):
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: entry {index} is {raw!r}; each dataset is a JSON object.")
+        ds = raw.get("id")
+        if not isinstance(ds, str) or not ds.strip():
+            raise ValueError(f"{where}: entry {index} has no id; give every dataset a unique non-empty id.")
+        if ds in seen:
+            raise _err(ds, "id", "is used twice; dataset ids must be unique.")
+        seen.add(ds)
+        kind = raw.get("dataset_type", "image")
+        if kind not in DATASET_TYPES:
+            raise _err(ds, "dataset_type", f"is {kind!r}; choose one of {', '.join(DATASET_TYPES)}.")
+        backend = raw.get("type", "local")
+        if backend != "local":
+            raise _err(ds, "type", f"is {backend!r}; only 'local' (a folder on this machine) is implemented.")
+        if "disabled" in raw and "disable" in raw:
+            raise _err(ds, "disable", "and disabled are both set; keep one.")
+        is_disabled = _bool(raw, "disabled" if "disabled" in raw else "disable", False, ds=ds)
+        if is_disabled:
+            disabled.append(ds)
+            continue
+        if kind == "text_embeds":
+            texts.append(_parse_text(raw, ds=ds, base=base))
+        elif kind == "conditioning":
+            conditioning[ds] = _parse_image(raw, ds=ds, base=base, conditioning=True)
+        else:
+            images.append(_parse_image(raw, ds=ds, base=base, conditioning=False))
+    if not images:
+        raise ValueError(f"{where} has no enabled image dataset; add one with instance_data_dir (and disabled false).")
+    if sum(t.default for t in texts) > 1:
+        raise ValueError(f"{where}: text_embeds datasets {[t.id for t in texts if t.default]} are all default; mark one.")
+    if len(texts) > 1 and not any(t.default for t in texts):
+        raise ValueError(f"{where}: several text_embeds datasets and none has default true; mark one default.")
+    text_ids = {t.id for t in texts}
+    image_ids = {d.id for d in images}
+    used: set[str] = set()
+    for d in images:
+        if d.text_embeds is not None and d.text_embeds not in text_ids:
+            raise _err(d.id, "text_embeds", f"names {d.text_embeds!r}, which is not an enabled text_embeds dataset.")
+        for c in d.conditioning_data:
+            if c not in conditioning:
+                why = "disabled" if c in disabled else "not a conditioning dataset of this file"
+                raise _err(d.id, "conditioning_data", f"names {c!r}, which is {why}.")
+            used.add(c)
+    for c in conditioning.values():
+        if c.source_dataset_id is not None and c.source_dataset_id not in image_ids:
+            raise _err(c.id, "source_dataset_id", f"names {c.source_dataset_id!r}, which is not an enabled image dataset.")
+    warnings = tuple(f"conditioning dataset {c!r} is named by no image dataset's conditioning_data; it is not used"
+                     for c in conditioning if c not in used)
+    return BackendConfig(path=path, datasets=tuple(images), conditioning=conditioning, text_embeds=tuple(texts),
+                         disabled=tuple(disabled), warnings=warnings)
+
+
+def load_backend_config(path: str | Path) -> BackendConfig:
+    """Read and check multidatabackend.json (relative paths inside it are under its folder)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"data_backend_config {str(path)!r} is not a file; give the path of multidatabackend.json.")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"data_backend_config {file} is not valid JSON ({exc}).") from None
+    return parse_backend_config(data, base_dir=file.resolve().parent, path=file.resolve())
