@@ -167,3 +167,13 @@ def send_event(event: str, data: dict[str, Any]) -> None:
     instance = getattr(PromptServer, "instance", None)
     if instance is not None:
         instance.send_sync(event, data)
+
+
+def free_comfy_memory() -> None:
+    """Unload ComfyUI's own models and cached GPU memory before a training process needs the GPU."""
+    try:
+        import comfy.model_management as mm  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    mm.unload_all_models()
+    mm.soft_empty_cache()

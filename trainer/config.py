@@ -57,6 +57,7 @@ __all__ = [
 SEED_MAX = 2**31 - 1  # SimpleTuner's bound: seeds must fit a signed 32-bit integer.
 SUBJECT_PLACEHOLDER = "<subject>"
 PIXELS_PER_TOKEN = 16  # VAE 8x down, then 2x2 patchify: sizes must be multiples of 16.
+MAX_VALIDATION_SIDE = 8192  # the FLUX.2 Sample node's limit too
 
 QuantPrecision = Literal["no_change", "int8-quanto", "int4-quanto"]
 
@@ -438,7 +439,8 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     """Recompute block activations in backward: much less memory, about 30% slower."""
     gradient_checkpointing_interval: int | None = None
-    """Checkpoint contiguous chunks of this many blocks instead of every block. >= 1, or null for every block."""
+    """Checkpoint every N-th block (blocks 0, N, 2N, ... over double then single blocks), as SimpleTuner does;
+    the others keep their activations: faster, more memory. >= 1, or null for every block."""
 
     # -- checkpoints -------------------------------------------------------------------------------
     checkpointing_steps: int = 500
@@ -479,6 +481,10 @@ class TrainConfig:
     nan_policy: Literal["stop", "skip_batch"] = "stop"
     """On a non-finite loss or gradient: "stop" ends the run with an error naming the step;
     "skip_batch" skips that optimizer step, reports it, and goes on."""
+    collective_timeout_s: float = 600.0
+    """Seconds a process waits in a collective (all-reduce, barrier) for the others before the run fails:
+    a crashed or hung process then ends the run with an error instead of hanging it. > 0. Raise it when
+    rank 0 alone does long work (a first text-encoder load from a slow disk) while the others wait."""
 
     # -- speed and memory features -----------------------------------------------------------------
     tread_config: TreadConfig | None = None
@@ -553,6 +559,7 @@ class TrainConfig:
         _positive("adam_epsilon", self.adam_epsilon)
         _positive("flow_schedule_shift", self.flow_schedule_shift, fix="1.0 means no shift")
         _positive("validation_guidance", self.validation_guidance)
+        _positive("collective_timeout_s", self.collective_timeout_s, fix="600 is the default")
         if self.lora_alpha is not None:
             _positive("lora_alpha", self.lora_alpha, fix="use null for alpha = lora_rank")
         for key in ("adam_weight_decay", "max_grad_norm", "flux_guidance_value", "flux_guidance_min", "flux_guidance_max"):
@@ -687,6 +694,8 @@ class TrainConfig:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ValueError(f"cannot read config file {path}: {exc.strerror or exc}.") from exc
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"config file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 JSON.") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -949,6 +958,9 @@ def parse_resolution(value: str | int, *, key: str = "validation_resolution") ->
                 f"{key} {value!r}: {name} {side} must be a positive multiple of {PIXELS_PER_TOKEN} (FLUX.2 makes one "
                 f"token per 16x16 pixels); e.g. {max(PIXELS_PER_TOKEN, round(side / PIXELS_PER_TOKEN) * PIXELS_PER_TOKEN)}."
             )
+        if side > MAX_VALIDATION_SIDE:
+            raise ValueError(f"{key} {value!r}: {name} {side} is above {MAX_VALIDATION_SIDE} pixels; FLUX.2 renders up to "
+                             "about 4 megapixels (e.g. 2048x2048).")
     return width, height
 
 
@@ -1093,6 +1105,8 @@ def _read_prompt_library(path: Path) -> dict[str, str]:
         raise ValueError(f"user_prompt_library {path} is not valid JSON: {exc.msg} at line {exc.lineno}.") from exc
     except OSError as exc:
         raise ValueError(f"user_prompt_library {path} cannot be read: {exc.strerror or exc}.") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"user_prompt_library {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 JSON.") from None
     if not isinstance(data, dict) or not data:
         raise ValueError(f"user_prompt_library {path} must be a non-empty JSON object of {{name: prompt}}.")
     for name, prompt in data.items():

@@ -43,3 +43,12 @@ def test_outputs_are_described(pack):
         assert hasattr(cls, cls.FUNCTION), node_id
         n = len(cls.RETURN_TYPES)
         assert len(cls.RETURN_NAMES) == n and len(cls.OUTPUT_TOOLTIPS) == n, node_id
+
+
+def test_every_node_has_a_help_page(pack):
+    from pathlib import Path
+
+    docs = Path(pack.__file__).parent / "web" / "js" / "docs"
+    for node_id in pack.NODE_CLASS_MAPPINGS:
+        page = docs / f"{node_id}.md"
+        assert page.is_file() and page.read_text(encoding="utf-8").startswith("# "), node_id

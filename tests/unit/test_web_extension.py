@@ -31,8 +31,11 @@ IMPORT_BARE = re.compile(r"""^\s*import\s*["']([^"']+)["']""", re.M)
 REGISTER = re.compile(r"""\bapp\.registerExtension\s*\(\s*\{\s*name\s*:\s*["']([^"']+)["']""")
 
 
+DOCS = WEB_JS / "docs"  # node help pages: ComfyUI serves WEB_DIRECTORY/docs/<NodeId>.md
+
+
 def _js_files() -> list[Path]:
-    return sorted(p for p in WEB_JS.rglob("*") if p.is_file())
+    return sorted(p for p in WEB_JS.rglob("*") if p.is_file() and DOCS not in p.parents)
 
 
 def _strip_comments(source: str) -> str:
@@ -40,10 +43,12 @@ def _strip_comments(source: str) -> str:
     return re.sub(r"(?m)^\s*//.*$", "", source)
 
 
-def test_web_js_holds_only_extension_files():
+def test_web_js_holds_only_extension_files_and_node_docs():
     files = _js_files()
     assert TRAIN_JS in files
     assert [p.name for p in files if p.suffix != ".js"] == []
+    docs = sorted(DOCS.glob("*"))
+    assert all(p.suffix == ".md" for p in docs), docs
 
 
 def test_each_file_registers_exactly_one_uniquely_named_extension():
