@@ -18,6 +18,7 @@ from typing import Any
 
 from . import comfy_bridge
 from .model_nodes import CATEGORY
+from .paths import DATASET_ROOTS_ENV, check_inside, dataset_roots, run_roots
 
 log = logging.getLogger("flux2_lora")
 
@@ -66,9 +67,32 @@ def sanitize_name(name: str, *, input_name: str) -> str:
 
 
 def resolve_image_folder(image_folder: str) -> Path:
-    """A folder path as typed; a relative one is taken inside ComfyUI's input directory."""
+    """A folder path as typed; a relative one is taken inside ComfyUI's input directory. It must lie inside the
+    input directory or FLUX2LORA_DATASET_ROOTS (nodes/paths.py)."""
     path = Path(image_folder.strip()).expanduser()
-    return path if path.is_absolute() else comfy_bridge.input_directory() / path
+    path = path if path.is_absolute() else comfy_bridge.input_directory() / path
+    return check_inside(path, roots=dataset_roots(), input_name="image_folder", env_name=DATASET_ROOTS_ENV)
+
+
+def check_backend_paths(config) -> None:
+    """The folders a multidatabackend.json names: images inside the dataset roots, caches there or in output."""
+    for spec in list(config.datasets) + list(config.conditioning.values()):
+        check_inside(spec.instance_data_dir, roots=dataset_roots(), env_name=DATASET_ROOTS_ENV,
+                     input_name=f"data_backend_config dataset {spec.id!r} instance_data_dir")
+        if spec.cache_dir_vae is not None:
+            check_inside(spec.cache_dir_vae, roots=dataset_roots() + run_roots(), env_name=DATASET_ROOTS_ENV,
+                         input_name=f"data_backend_config dataset {spec.id!r} cache_dir_vae")
+    for text in config.text_embeds:
+        if text.cache_dir is not None:
+            check_inside(text.cache_dir, roots=dataset_roots() + run_roots(), env_name=DATASET_ROOTS_ENV,
+                         input_name=f"data_backend_config text_embeds {text.id!r} cache_dir")
+
+
+def resolve_backend_config(data_backend_config: str) -> Path:
+    """A multidatabackend.json path as typed, checked like image_folder."""
+    path = Path(data_backend_config.strip()).expanduser()
+    path = path if path.is_absolute() else comfy_bridge.input_directory() / path
+    return check_inside(path, roots=dataset_roots(), input_name="data_backend_config", env_name=DATASET_ROOTS_ENV)
 
 
 class Flux2BuildDataset:
@@ -99,13 +123,21 @@ class Flux2BuildDataset:
             },
             "optional": {
                 "instance_prompt": ("STRING", {"default": "", "tooltip": "The caption for every image when caption_strategy is instanceprompt."}),
+                "crop_aspect": (["closest", "square", "preserve"], {"default": "closest", "tooltip": "closest: the nearest of a fixed set of aspect buckets (batches share shapes); square: every image cropped square; preserve: each image keeps its own aspect (only rounding to 16 px is cropped)."}),
+                "crop_style": (["center", "random", "corner"], {"default": "center", "tooltip": "Where the crop sits: center, corner (top-left), or random (one fixed offset per image, so its latent is cached)."}),
+                "minimum_image_size": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 16, "tooltip": "Skip images smaller than this (sqrt(width x height) in pixels; 0 keeps all). Skips are listed in the report."}),
+                "data_backend_config": ("STRING", {"default": "", "tooltip": "Optional path of a SimpleTuner multidatabackend.json (several datasets, reference/conditioning datasets for edit LoRAs, text_embeds cache). When set, it is built instead of image_folder and the widgets above."}),
+                "vae_batch_size": ("INT", {"default": 4, "min": 1, "max": 64, "step": 1, "tooltip": "Images the VAE encodes at once while caching; lower it if caching runs out of memory."}),
             },
         }
 
     @classmethod
     def IS_CHANGED(cls, model=None, image_folder: str = "", **kwargs):
         # Re-run when any file in the folder changes (name, size or time); contents are hashed inside.
-        root = resolve_image_folder(image_folder)
+        try:
+            root = resolve_image_folder(image_folder)
+        except ValueError:
+            return f"refused:{image_folder}"  # VALIDATE_INPUTS reports it
         if not root.is_dir():
             return f"missing:{image_folder}"
         h = hashlib.sha256()
@@ -117,14 +149,56 @@ class Flux2BuildDataset:
 
     @classmethod
     def VALIDATE_INPUTS(cls, image_folder: str = "", **kwargs):
-        if not image_folder.strip() or not resolve_image_folder(image_folder).is_dir():
+        config = str(kwargs.get("data_backend_config") or "").strip()
+        try:
+            if config and not resolve_backend_config(config).is_file():
+                return f"data_backend_config {config!r} is not a file; give the path of a multidatabackend.json."
+            folder = resolve_image_folder(image_folder) if image_folder.strip() and not config else None
+        except ValueError as exc:
+            return str(exc)
+        if config:
+            return True
+        if folder is None or not folder.is_dir():
             return (f"image_folder {image_folder!r} is not a folder; give the folder that holds your training images "
                     "(absolute, or relative to ComfyUI's input folder).")
         return True
 
     def build(self, model, image_folder: str, resolution: int, repeats: int, caption_strategy: str,
-              instance_prompt: str = ""):
-        from ..trainer.data import build_dataset, load_build_report, load_manifest
+              instance_prompt: str = "", crop_aspect: str = "closest", crop_style: str = "center",
+              minimum_image_size: int = 0, data_backend_config: str = "", vae_batch_size: int = 4):
+        from ..trainer.data import build_dataset, build_datasets, load_build_report, load_manifest
+
+        if data_backend_config.strip():
+            from ..trainer.databackend import load_backend_config
+
+            config = load_backend_config(resolve_backend_config(data_backend_config))
+            check_backend_paths(config)
+            key = hashlib.sha256(json.dumps([str(config.path), str(model.folder.root)]).encode()).hexdigest()[:12]
+            out_dir = comfy_bridge.output_directory() / DATASETS_SUBDIR / f"{sanitize_name(config.path.stem, input_name='data_backend_config')}-{key}"
+            manifest_path = build_datasets(config, model=model.folder, out_dir=out_dir, text_precision=model.precision,
+                                           device=str(comfy_bridge.torch_device()), vae_batch_size=vae_batch_size)
+            return self._result(manifest_path)
+        if (crop_aspect, crop_style, minimum_image_size) != ("closest", "center", 0):
+            from ..trainer.databackend import BackendConfig, ImageDatasetSpec, TextEmbedsSpec
+
+            folder = resolve_image_folder(image_folder).resolve()
+            if not folder.is_dir():
+                raise ValueError(f"Build Dataset: image_folder {image_folder!r} is not a folder.")
+            if caption_strategy == "instanceprompt" and not instance_prompt.strip():
+                raise ValueError("Build Dataset: caption_strategy instanceprompt needs an instance_prompt.")
+            spec = ImageDatasetSpec(id="default", instance_data_dir=folder, caption_strategy=caption_strategy,
+                                    instance_prompt=instance_prompt or None, resolution=resolution,
+                                    repeats=repeats - 1, crop_aspect=crop_aspect, crop_style=crop_style,
+                                    minimum_image_size=float(minimum_image_size) or None)
+            config = BackendConfig(path=None, datasets=(spec,), conditioning={},
+                                   text_embeds=(TextEmbedsSpec(id="text", write_batch_size=4, default=True),))
+            key = hashlib.sha256(json.dumps([str(folder), resolution, repeats, caption_strategy, instance_prompt,
+                                             str(model.folder.root), crop_aspect, crop_style,
+                                             minimum_image_size]).encode()).hexdigest()[:12]
+            out_dir = comfy_bridge.output_directory() / DATASETS_SUBDIR / f"{sanitize_name(folder.name, input_name='image_folder')}-{key}"
+            manifest_path = build_datasets(config, model=model.folder, out_dir=out_dir, text_precision=model.precision,
+                                           device=str(comfy_bridge.torch_device()), vae_batch_size=vae_batch_size)
+            return self._result(manifest_path)
 
         folder = resolve_image_folder(image_folder).resolve()
         if not folder.is_dir():
@@ -142,12 +216,20 @@ class Flux2BuildDataset:
             instance_prompt=instance_prompt or None,
             text_precision=model.precision,
             device=str(comfy_bridge.torch_device()),
+            vae_batch_size=vae_batch_size,
         )
+        return self._result(manifest_path)
+
+    @staticmethod
+    def _result(manifest_path):
+        from ..trainer.data import load_build_report, load_manifest
+
         manifest = load_manifest(manifest_path)
         report = load_build_report(Path(manifest_path).parent).summary()
         handle = DatasetHandle(manifest=str(manifest_path), fingerprint=manifest.fingerprint,
                                num_images=len(manifest.items))
-        return (handle, handle.num_images, report)
+        # The summary is shown as text on the node as well as returned.
+        return {"ui": {"text": [report]}, "result": (handle, handle.num_images, report)}
 
 
 def _loss_history(events: list[dict[str, Any]]) -> list[tuple[int, float]]:
@@ -193,7 +275,8 @@ class Flux2TrainLora:
                 "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Recompute activations in backward: much less memory, about 30% slower."}),
                 "flux_guidance_value": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "Guidance value fed to FLUX.2-dev's guidance embedding while training."}),
                 "caption_dropout_probability": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Chance per sample of training on the empty prompt instead of the caption."}),
-                "seed": ("INT", {"default": 42, "min": 0, "max": 2**31 - 1, "step": 1, "tooltip": "Seed for data order, noise and timesteps."}),
+                # No control_after_generate: a seed that changes after each Run would retrain every time.
+                "seed": ("INT", {"default": 42, "min": 0, "max": 2**31 - 1, "step": 1, "control_after_generate": False, "tooltip": "Seed for data order, noise and timesteps."}),
                 "checkpointing_steps": ("INT", {"default": 250, "min": 1, "max": 1_000_000, "step": 1, "tooltip": "Save a resumable checkpoint every this many steps."}),
                 "checkpoints_total_limit": ("INT", {"default": 2, "min": 1, "max": 100, "step": 1, "tooltip": "Keep at most this many checkpoints (oldest are deleted)."}),
                 "validation_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "Prompt rendered during training to watch progress (empty: no validation)."}),
@@ -213,6 +296,7 @@ class Flux2TrainLora:
         from ..trainer.config import TrainConfig
         from ..trainer.events import append_event
         from ..trainer.launch import TrainingCancelled, TrainingProcess, command_text, supervise, torchrun_command
+        from ..trainer.runlock import TOKEN_ENV, acquire_run_lock
 
         name = sanitize_name(output_name, input_name="output_name")
         if launch not in LAUNCH_MODES:
@@ -220,6 +304,7 @@ class Flux2TrainLora:
         if launch == "attach":
             return self._attach(attach_run_folder)
         extra = _parse_extra(extra_config_json)
+        check_extra_paths(extra)
         settings = {k: v for k, v in widgets.items()}
         if not settings.get("validation_prompt", "").strip():
             settings["validation_prompt"] = None
@@ -241,60 +326,104 @@ class Flux2TrainLora:
             config["pretrained_transformer_model_name_or_path"] = str(model.folder.transformer_file)
         # Validate everything before anything expensive starts.
         parsed = TrainConfig.from_dict(config)
+        estimate = check_memory(parsed, num_processes=num_processes, launch=launch)
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_path = run_dir / "run.json"
-        parsed.to_json(config_path)
+        # One run per folder: another live run (a second server, a CLI run) is refused before anything is written.
+        with acquire_run_lock(run_dir, owner="Train LoRA node") as lock:
+            config_path = run_dir / "run.json"
+            parsed.to_json(config_path)
+            (run_dir / "memory_estimate.txt").write_text(estimate + "\n", encoding="utf-8")
 
-        finished = finished_run(run_dir)
-        if finished is not None:
-            log.info("Train LoRA: inputs unchanged since run %s; reusing its LoRA", run_dir)
-            return _outputs(finished, run_dir)
+            finished = finished_run(run_dir)
+            if finished is not None:
+                log.info("Train LoRA: inputs unchanged since run %s; reusing its LoRA", run_dir)
+                return _outputs(finished, run_dir)
 
-        cmd = torchrun_command(config_path=config_path, nproc_per_node=num_processes)
-        if launch == "export":
-            text = export_instructions(config_path=config_path, num_processes=num_processes)
-            (run_dir / "COMMAND.txt").write_text(text + "\n", encoding="utf-8")
-            return {"ui": {"text": [text]}, "result": (TrainedLora(path=""), [], text)}
+            cmd = torchrun_command(config_path=config_path, nproc_per_node=num_processes)
+            if launch == "export":
+                text = export_instructions(config_path=config_path, num_processes=num_processes)
+                (run_dir / "COMMAND.txt").write_text(text + "\n", encoding="utf-8")
+                return {"ui": {"text": [text]}, "result": (TrainedLora(path=""), [], text)}
 
-        total = int(parsed.max_train_steps)
-        progress = comfy_bridge.Progress(total, label="Train LoRA")
-        node_started = time.time()
+            total = int(parsed.max_train_steps)
+            progress = comfy_bridge.Progress(total, label="Train LoRA")
+            node_started = time.time()
 
-        def on_event(event: dict[str, Any]) -> None:
-            kind = event.get("event")
-            if kind == "step":
-                progress.update_absolute(min(int(event.get("step", 0)), total))
-            comfy_bridge.send_event(comfy_bridge.PACK_EVENT, {"run": run_dir.name, **event})
+            def on_event(event: dict[str, Any]) -> None:
+                kind = event.get("event")
+                if kind == "step":
+                    progress.update_absolute(min(int(event.get("step", 0)), total))
+                comfy_bridge.send_event(comfy_bridge.PACK_EVENT, {"run": run_dir.name, **event})
 
-        proc = TrainingProcess.start(cmd, run_dir=run_dir)
-        log.info("Train LoRA: started %s (pid %d); log %s", command_text(cmd), proc.popen.pid, proc.log_path)
-        cancelled_types = (TrainingCancelled, comfy_bridge.interrupt_exception())
-        try:
-            supervise(proc, on_event=on_event, should_cancel=comfy_bridge.interrupted)
-        except cancelled_types as err:
-            # Cancel is not an error: the run folder keeps the last checkpoint and the next Run resumes it.
-            append_event(run_dir, "cancelled", message="cancelled by the user; Run again to resume")
-            comfy_bridge.send_event(comfy_bridge.PACK_EVENT, {"run": run_dir.name, "event": "cancelled"})
-            raise comfy_bridge.interrupt_exception()(f"Train LoRA cancelled; resume by pressing Run again ({run_dir}).") from err
-        except Exception as err:
-            append_event(run_dir, "failed", message=str(err)[:2000])
-            comfy_bridge.send_event(comfy_bridge.PACK_EVENT, {"run": run_dir.name, "event": "failed", "message": str(err)[:2000]})
-            raise
-        log.info("Train LoRA: finished in %.1f s", time.time() - node_started)
-        done = finished_run(run_dir)
-        if done is None:
-            raise RuntimeError(f"Train LoRA: the trainer reported success but {run_dir} has no finished LoRA.")
-        return _outputs(done, run_dir)
+            # Models an earlier Run left in memory (ComfyUI's, or this pack's Encode/Sample caches) would
+            # otherwise sit beside the trainer's.
+            comfy_bridge.free_comfy_memory()
+            from ..trainer.inference import release_all
+
+            release_all()
+            proc = TrainingProcess.start(cmd, run_dir=run_dir, env={TOKEN_ENV: lock.token})  # trainer shares the lock
+            log.info("Train LoRA: started %s (pid %d); log %s", command_text(cmd), proc.popen.pid, proc.log_path)
+            cancelled_types = (TrainingCancelled, comfy_bridge.interrupt_exception())
+            try:
+                supervise(proc, on_event=on_event, should_cancel=comfy_bridge.interrupted)
+            except cancelled_types as err:
+                # Cancel is not an error: the run folder keeps the last checkpoint and the next Run resumes it.
+                from ..trainer.checkpoint import list_checkpoints
+
+                kept = list_checkpoints(run_dir)
+                resume = f"the next Run resumes from {kept[-1][1].name}" if kept else "no checkpoint yet: the next Run starts over"
+                append_event(run_dir, "cancelled", message=f"cancelled by the user; {resume}",
+                             last_checkpoint=kept[-1][1].name if kept else None)
+                comfy_bridge.send_event(comfy_bridge.PACK_EVENT, {"run": run_dir.name, "event": "cancelled"})
+                raise comfy_bridge.interrupt_exception()(f"Train LoRA cancelled; resume by pressing Run again ({run_dir}).") from err
+            except Exception as err:
+                append_event(run_dir, "failed", message=str(err)[:2000])
+                comfy_bridge.send_event(comfy_bridge.PACK_EVENT, {"run": run_dir.name, "event": "failed", "message": str(err)[:2000]})
+                raise
+            log.info("Train LoRA: finished in %.1f s", time.time() - node_started)
+            done = finished_run(run_dir)
+            if done is None:
+                raise RuntimeError(f"Train LoRA: the trainer reported success but {run_dir} has no finished LoRA.")
+            return _outputs(done, run_dir)
 
     @staticmethod
     def _attach(run_folder: str):
-        root = Path(run_folder).expanduser()
-        if not run_folder.strip() or not root.is_dir():
+        if not run_folder.strip():
+            raise ValueError("attach_run_folder is empty; give the run folder that holds events.jsonl.")
+        root = check_inside(run_folder.strip(), roots=run_roots(), input_name="attach_run_folder", env_name=None)
+        if not root.is_dir():
             raise ValueError(f"attach_run_folder {run_folder!r} is not a folder; give the run folder that holds events.jsonl.")
         done = finished_run(root)
         if done is None:
             raise ValueError(f"attach_run_folder {root} has no finished run (no 'end' event with a LoRA file in events.jsonl).")
         return _outputs(done, root)
+
+
+_NODE_SET_KEYS = {
+    "output_dir": "the run folder comes from output_name",
+    "pretrained_model_name_or_path": "the model comes from Load FLUX.2",
+    "pretrained_transformer_model_name_or_path": "the model comes from Load FLUX.2",
+    "pretrained_vae_model_name_or_path": "the model comes from Load FLUX.2",
+    "dataset_manifest": "the dataset comes from Build Dataset",
+    "data_backend_config": "the dataset comes from Build Dataset",
+}
+
+
+def check_extra_paths(extra: dict[str, Any]) -> None:
+    """Path-valued trainer keys in extra_config_json: the node sets most; the rest must stay in allowed folders."""
+    for raw_key, value in extra.items():
+        key = str(raw_key).removeprefix("--")
+        if key in _NODE_SET_KEYS:
+            raise ValueError(f"extra_config_json key {raw_key!r} cannot be set here: {_NODE_SET_KEYS[key]}. Remove it.")
+        if key == "user_prompt_library" and isinstance(value, str) and value.strip():
+            path = Path(value.strip()).expanduser()
+            path = path if path.is_absolute() else comfy_bridge.input_directory() / path
+            extra[raw_key] = str(check_inside(path, roots=dataset_roots(), env_name=DATASET_ROOTS_ENV,
+                                              input_name="extra_config_json user_prompt_library"))
+        if key == "resume_from_checkpoint" and isinstance(value, str) and value.strip() and value != "latest" \
+                and not re.fullmatch(r"checkpoint-\d+", value):
+            raise ValueError(f"extra_config_json resume_from_checkpoint {value!r}: give 'latest' or a checkpoint-<step> "
+                             "name of this run's folder.")
 
 
 def _parse_extra(text: str) -> dict[str, Any]:
@@ -333,13 +462,30 @@ def finished_run(run_dir: Path) -> dict[str, Any] | None:
     if not ends:
         return None
     end = ends[-1]
-    lora = Path(end.get("lora_path", ""))
+    lora = Path(str(end.get("lora_path", "")))
     if not lora.is_absolute():
         lora = run_dir / lora
-    if not lora.is_file():
+    # The file named by an events file is loaded: it must be a LoRA inside this run folder.
+    if lora.suffix != ".safetensors" or not lora.is_file() or not lora.resolve().is_relative_to(run_dir.resolve()):
         return None
     # Only the events of the last attempt that ended: earlier cancelled attempts are part of the curve.
     return {"end": end, "lora": str(lora), "events": events}
+
+
+def check_memory(config, *, num_processes: int, launch: str) -> str:
+    """The estimated peak GPU memory per process, as text; refuses a run that cannot fit this machine's GPU."""
+    from ..trainer.memory import accelerator_memory_gb, estimate_for_config
+
+    estimate = estimate_for_config(config, world_size=num_processes)
+    log.info("Train LoRA: %s", estimate.summary())
+    available = accelerator_memory_gb()
+    if launch == "run" and available is not None and not estimate.fits(available):
+        raise ValueError(
+            f"Train LoRA: {estimate.summary()}, more than this GPU's {available:.0f} GB. Turn on "
+            "gradient_checkpointing, set base_model_precision int8-quanto/int4-quanto (distributed ddp or none), "
+            "enable_group_offload, lower the resolution or train_batch_size, or use more GPUs with fsdp2."
+        )
+    return estimate.summary()
 
 
 def _outputs(done: dict[str, Any], run_dir: Path):
@@ -349,6 +495,9 @@ def _outputs(done: dict[str, Any], run_dir: Path):
     history = _loss_history(done["events"])
     final = history[-1][1] if history else float("nan")
     info = f"run folder: {run_dir}\nLoRA: {done['lora']}\nsteps: {done['end'].get('step')}  final loss: {final:.5f}"
+    estimate = run_dir / "memory_estimate.txt"
+    if estimate.is_file():
+        info += "\n" + estimate.read_text(encoding="utf-8").strip()
     return {"ui": {"text": [info]}, "result": (TrainedLora(path=done["lora"], metadata=dict(metadata)), history, info)}
 
 
@@ -402,6 +551,9 @@ class Flux2ApplyLora:
         if not lora.path:
             raise ValueError("Apply LoRA: the LoRA input has no file (Train LoRA ran in export mode); train or attach first.")
         state, metadata, layout = load_lora_file(lora.path)  # refuses foreign or broken files before sampling
+        from ..trainer.preflight import check_lora_fits_model
+
+        check_lora_fits_model(lora.path, folder=model.folder)  # modules and shapes vs this model, no weights loaded
         flux2_model = model.with_lora(LoraRef(path=lora.path, strength=float(strength)))
         patched = None
         if native_model is not None:

@@ -63,11 +63,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         from .config import TrainConfig
         from .loop import train
         from .parallelize import close_distributed, init_distributed
+        from torch.distributed.elastic.multiprocessing.errors import record
 
+        from .runlock import exit_with_parent
+
+        exit_with_parent()  # a rank never outlives torchrun (kill -9 of torchrun's group included)
         config = TrainConfig.from_json(args.config)  # every check before any process group or weights
-        env = init_distributed()
+        env = init_distributed(timeout_s=config.collective_timeout_s)
         try:
-            path = train(config, env=env)
+            # record: under torchrun the failing rank's exception heads torchrun's summary, the log's last lines.
+            path = record(train)(config, env=env)
             if path is not None:
                 print(f"LoRA written to {path}")
         finally:
@@ -79,9 +84,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _add_build_dataset(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build-dataset", help="scan an image folder and cache its VAE latents and caption embeddings")
-    p.add_argument("--images", required=True, help="folder of training images (png, jpg, webp, bmp), searched recursively")
+    p.add_argument("--images", default=None, help="folder of training images (png, jpg, webp, bmp), searched recursively")
+    p.add_argument("--config", default=None,
+                   help="SimpleTuner multidatabackend.json (several datasets, conditioning, text_embeds) instead of --images")
     p.add_argument("--model", required=True, help="FLUX.2 diffusers folder whose VAE and text encoder fill the caches")
-    p.add_argument("--out", required=True, help="dataset folder to write (manifest.json, report.json, latents/, text/)")
+    p.add_argument("--out", default=None, help="dataset folder to write (manifest.json, report.json, latents/, text/); "
+                   "with --config it defaults to <config folder>/<config name>.dataset")
     p.add_argument("--resolution", type=int, default=512, help="buckets hold about N x N pixels, sides multiples of 16")
     p.add_argument("--repeats", type=int, default=1, help="how often each image appears per epoch")
     p.add_argument("--caption-strategy", default="textfile", choices=("textfile", "filename", "instanceprompt"),
@@ -92,22 +100,71 @@ def _add_build_dataset(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vae-precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="VAE dtype (fp32 default)")
     p.add_argument("--text-precision", default="bf16", choices=("bf16", "fp16", "fp32"), help="text encoder dtype")
     p.add_argument("--device", default="cpu", help="torch device for the encoders, e.g. cuda or cuda:1")
+    _add_encoder_options(p)
 
     def run(args: argparse.Namespace) -> int:
-        from .data import build_dataset, load_build_report
+        from .data import build_dataset, build_datasets, load_build_report
         from .model_files import inspect_model_folder
 
+        if (args.images is None) == (args.config is None):
+            raise SystemExit("build-dataset: give exactly one of --images (one folder) and --config (multidatabackend.json).")
+        if args.config is not None:
+            from .databackend import load_backend_config
+
+            config = load_backend_config(args.config)
+            out = args.out or str(config.path.with_name(config.path.stem + ".dataset"))
+            manifest = build_datasets(
+                config, model=inspect_model_folder(args.model), out_dir=out, vae_precision=args.vae_precision,
+                text_precision=args.text_precision, device=args.device, extra_prompts=args.prompts,
+                vae_batch_size=args.vae_batch_size, encoders=_encoder_settings(args),
+            )
+            print(load_build_report(manifest.parent).summary())
+            print(f"manifest: {manifest}")
+            return 0
+        if args.out is None:
+            raise SystemExit("build-dataset: --out is required with --images.")
         manifest = build_dataset(
             image_dir=args.images, model=inspect_model_folder(args.model), out_dir=args.out,
             resolution=args.resolution, repeats=args.repeats, caption_strategy=args.caption_strategy,
             instance_prompt=args.instance_prompt, vae_precision=args.vae_precision,
             text_precision=args.text_precision, device=args.device, extra_prompts=args.prompts,
+            vae_batch_size=args.vae_batch_size, encoders=_encoder_settings(args),
         )
         print(load_build_report(manifest.parent).summary())
         print(f"manifest: {manifest}")
         return 0
 
     p.set_defaults(run=run)
+
+
+def _add_encoder_options(p: argparse.ArgumentParser) -> None:
+    """The training config's encoder keys, for building a dataset outside a run (same names and meaning)."""
+    p.add_argument("--vae-batch-size", type=int, default=4, help="images per VAE encode (config: vae_batch_size)")
+    p.add_argument("--text-encoder-1-precision", default="no_change", choices=("no_change", "int8-quanto", "int4-quanto"),
+                   help="quantize the text encoder's decoder layers with optimum-quanto (config: text_encoder_1_precision)")
+    p.add_argument("--quantize-via", default="accelerator", choices=("cpu", "accelerator"),
+                   help="where quantization runs (config: quantize_via)")
+    p.add_argument("--group-offload-text-encoder", action="store_true",
+                   help="diffusers group offload of the text encoder while it encodes (config: group_offload_text_encoder)")
+    p.add_argument("--group-offload-vae", action="store_true",
+                   help="diffusers group offload of the VAE while it encodes (config: group_offload_vae)")
+    p.add_argument("--group-offload-type", default="block_level", choices=("block_level", "leaf_level"),
+                   help="offload granularity (config: group_offload_type)")
+    p.add_argument("--group-offload-blocks-per-group", type=int, default=1,
+                   help="blocks moved together with block_level (config: group_offload_blocks_per_group)")
+    p.add_argument("--group-offload-use-stream", action="store_true",
+                   help="overlap transfers on a CUDA stream; CUDA only (config: group_offload_use_stream)")
+
+
+def _encoder_settings(args: argparse.Namespace):
+    from .offload import EncoderSettings
+
+    return EncoderSettings(
+        text_encoder_precision=args.text_encoder_1_precision, quantize_via=args.quantize_via,
+        offload_text_encoder=args.group_offload_text_encoder, offload_vae=args.group_offload_vae,
+        offload_type=args.group_offload_type, blocks_per_group=args.group_offload_blocks_per_group,
+        use_stream=args.group_offload_use_stream,
+    )
 
 
 def _add_make_sample_dataset(sub: argparse._SubParsersAction) -> None:

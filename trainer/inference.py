@@ -42,11 +42,19 @@ class Flux2ModelSpec:
     """Weights dtype for the transformer and text encoder: bf16, fp16 or fp32."""
     vae_precision: str = "fp32"
     loras: tuple[LoraRef, ...] = field(default_factory=tuple)
+    encoders: Any = None
+    """offload.EncoderSettings for the text encoder (text_encoder_1_precision, group_offload_text_encoder), or None."""
 
     def with_lora(self, lora: LoraRef) -> "Flux2ModelSpec":
         return Flux2ModelSpec(
-            folder=self.folder, precision=self.precision, vae_precision=self.vae_precision, loras=self.loras + (lora,)
+            folder=self.folder, precision=self.precision, vae_precision=self.vae_precision, loras=self.loras + (lora,),
+            encoders=self.encoders,
         )
+
+    @property
+    def text_precision_tag(self) -> str:
+        """The text encoder's precision in cache keys (a quantized encoder gives other embeddings)."""
+        return self.precision if self.encoders is None else self.encoders.text_cache_tag(self.precision)
 
 
 # One loaded model set per process; guarded because ComfyUI may run nodes from another thread.
@@ -77,7 +85,8 @@ def release_all() -> None:
 
 def _text_key(spec: Flux2ModelSpec) -> str:
     ident = {"te": spec.folder.text_encoder_config(), "w": spec.folder.identity()["text_encoder_weights"]}
-    return hashlib.sha256(json.dumps([ident, spec.precision, str(spec.folder.root)], default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([ident, spec.precision, str(spec.folder.root), repr(spec.encoders)],
+                                     default=str).encode()).hexdigest()
 
 
 def _image_key(spec: Flux2ModelSpec, device: str) -> str:
@@ -94,7 +103,7 @@ def text_embedding_cache_key(spec: Flux2ModelSpec, prompt: str, *, max_length: i
             "text_encoder": ident["text_encoder"],
             "weights": ident["text_encoder_weights"],
             "tokenizer": sorted(p.name for p in spec.folder.tokenizer_dir.iterdir()),
-            "precision": spec.precision,
+            "precision": spec.text_precision_tag,
             "conventions": CONVENTIONS_VERSION,
             "max_length": max_length,
             "prompt": prompt,
@@ -162,10 +171,14 @@ def encode_prompts_cached(
             _release("image")  # never hold the transformer and the text encoder at once
             if _loaded.get("text_key") != _text_key(spec) or "text" not in _loaded:
                 _release("text")
-                _loaded["text"] = (
-                    load_text_encoder(spec.folder, precision=spec.precision, device=device),
-                    load_tokenizer(spec.folder),
-                )
+                if spec.encoders is None:
+                    text_encoder = load_text_encoder(spec.folder, precision=spec.precision, device=device)
+                else:  # quantized and/or group-offloaded as the run's config says
+                    from . import offload
+
+                    text_encoder = offload.load_text_encoder(spec.folder, precision=spec.precision, device=device,
+                                                             encoders=spec.encoders)
+                _loaded["text"] = (text_encoder, load_tokenizer(spec.folder))
                 _loaded["text_key"] = _text_key(spec)
             text_encoder, tokenizer = _loaded["text"]
             texts = [p for _, p in missing]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,8 @@ from typing import Any
 
 import torch
 
-from . import __version__, checkpoint, parallelize
-from .events import EventWriter
+from . import __version__, checkpoint, failures, faults, parallelize, preflight, runlock
+from .events import EventWriter, append_event
 from .objective import GuidanceSpec, ObjectiveSpec, flow_matching_loss, prepare_batch, sample_generators
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,27 @@ class Model:
     """dtype of the inputs fed to module."""
     hidden_size: int
 
+    @property
+    def tread(self) -> bool:
+        """Whether the forward routes tokens (TREAD): train_step then hands it the per-sample generators."""
+        settings = getattr(self.inner, "_block_forward_settings", None)
+        return bool(settings is not None and settings.routes)
+
 
 def build_model(*, folder, lora, precision: str, gradient_checkpointing: bool, distributed: str, seed: int,
-                env: parallelize.DistEnv) -> Model:
-    """Load the transformer, inject LoRA, wrap for the chosen distribution, in the order STYLE.md fixes."""
+                env: parallelize.DistEnv, gradient_checkpointing_interval: int | None = None,
+                tread=None, quantization=None, offload=None) -> Model:
+    """Load the transformer, inject LoRA, wrap for the chosen distribution, in the order STYLE.md fixes.
+
+    quantization: config.QuantizationSettings (quanto, before LoRA); offload: config.OffloadSettings (group
+    offload hooks on the frozen block weights, before DDP). Both default to off.
+    """
+    from .blocks import apply_block_forward
     from .lora import apply_lora
     from .model_files import load_transformer
+    from .offload import apply_group_offload, check_offload
+    from .quantize import apply_quantization, check_quantization
+    from .tread import plan_routes
 
     use_fsdp = distributed == "fsdp2" and env.world_size > 1
     bf16 = precision == "bf16"
@@ -50,7 +66,25 @@ def build_model(*, folder, lora, precision: str, gradient_checkpointing: bool, d
     # FSDP2 keeps fp32 master weights and casts to bf16 for compute; otherwise the frozen base is stored
     # in the compute dtype and only the LoRA weights are fp32.
     load_precision = "fp32" if use_fsdp or not (bf16 or fp16) else ("bf16" if bf16 else "fp16")
-    transformer = load_transformer(folder, precision=load_precision, device="cpu" if use_fsdp else str(env.device))
+    quantized = quantization is not None and quantization.base_quantized
+    offloaded = offload is not None and offload.enabled
+    if quantization is not None:  # refuse what cannot run before any weight loads
+        check_quantization(base_model_precision=quantization.base_model_precision,
+                           base_model_default_dtype=quantization.base_model_default_dtype,
+                           quantize_via=quantization.quantize_via, mixed_precision=precision, distributed=distributed,
+                           world_size=env.world_size, group_offload=offloaded)
+    if offload is not None:
+        check_offload(offload, device=env.device, distributed=distributed, world_size=env.world_size,
+                      gradient_checkpointing=gradient_checkpointing, quantized=quantized)
+    if quantized:  # the unquantized layers keep base_model_default_dtype
+        load_precision = quantization.base_model_default_dtype
+    # Quantization and offload start from CPU memory: the full-precision model never has to fit the device.
+    load_device = "cpu" if use_fsdp or quantized or offloaded else str(env.device)
+    transformer = load_transformer(folder, precision=load_precision, device=load_device)
+    if quantized:
+        apply_quantization(transformer, precision=quantization.base_model_precision,
+                           default_dtype=quantization.base_model_default_dtype,
+                           quantize_via=quantization.quantize_via, device=env.device)
     # LoRA A is drawn from the global generator: the same seed on every rank gives every rank (and a rerun)
     # the same initial adapter, which FSDP2 shards and a resumed run must match.
     torch.manual_seed(seed)
@@ -58,8 +92,12 @@ def build_model(*, folder, lora, precision: str, gradient_checkpointing: bool, d
     for name, param in transformer.named_parameters():
         if param.requires_grad:
             param.data = param.data.float()
-    if gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+    # Our block loop (trainer/blocks.py) is the forward from here on: checkpointing and TREAD live in it.
+    routes = plan_routes(tread, num_blocks=len(parallelize.transformer_blocks(transformer))) if tread else ()
+    apply_block_forward(transformer, routes=routes,
+                        checkpoint_every=(gradient_checkpointing_interval or 1) if gradient_checkpointing else None)
+    if offloaded:
+        apply_group_offload(transformer, settings=offload, device=env.device)
     transformer.train()
     hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     if use_fsdp:
@@ -123,18 +161,25 @@ def train_step(model: Model, optimizer: torch.optim.Optimizer, *, micro_batches:
         torch.manual_seed(generators[0].initial_seed())  # LoRA dropout draws from the global generator
         prepared = prepare_batch(
             latents=batch.latents, prompt_embeds=batch.prompt_embeds, empty_embeds=empty_embeds, spec=objective,
-            generators=generators,
+            generators=generators, reference_latents=batch.reference_latents or None,
         )
         with torch.autocast(env.device.type, dtype=model.compute_dtype, enabled=model.compute_dtype != torch.float32):
-            loss = flow_matching_loss(model.module, prepared, device=env.device, dtype=model.compute_dtype)
+            loss = flow_matching_loss(model.module, prepared, device=env.device, dtype=model.compute_dtype,
+                                      tread_generators=generators if model.tread else None)
+        loss = faults.corrupt_loss(loss, step=step + 1)  # test-only hook, inert unless FLUX2LORA_FAULT is set
         (loss / accum).backward()
         total += float(loss.detach())
+    faults.fault_point("step", number=step + 1)  # test-only: a crashing, hung or killed rank mid-step
     mean_loss = float(parallelize.all_reduce_mean(torch.tensor(total / accum), env))
     if not math.isfinite(mean_loss):
         if nan_policy == "skip_batch":
             optimizer.zero_grad(set_to_none=True)
             return mean_loss, False
-        raise NonFiniteLossError(f"loss is {mean_loss} at step {step + 1}")
+        files = ", ".join(str(p) for batch in micro_batches for p in batch.image_paths)
+        raise NonFiniteLossError(
+            f"loss is {mean_loss} at step {step + 1} (rank {env.rank}'s batch: {files}); nan_policy 'stop' ended the "
+            "run before the optimizer step, so the LoRA holds no NaN. Check those images, lower learning_rate, or "
+            "set nan_policy 'skip_batch' to skip such batches.")
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_([p for p in model.module.parameters() if p.requires_grad], max_grad_norm)
     optimizer.step()
@@ -183,8 +228,11 @@ def validation_prompts(config, *, env: parallelize.DistEnv, cache_dir: Path) -> 
     prompts = config.validation_prompts() if config.validation.enabled else {}
     if not prompts:
         return []
+    from .offload import EncoderSettings
+
     spec = Flux2ModelSpec(
-        folder=inspect_model_folder(config.model.root), precision="fp32" if env.device.type == "cpu" else "bf16"
+        folder=inspect_model_folder(config.model.root), precision="fp32" if env.device.type == "cpu" else "bf16",
+        encoders=EncoderSettings.from_config(config),  # text_encoder_1_precision, group_offload_text_encoder
     )
     names, texts = list(prompts), list(prompts.values())
     if env.is_main:
@@ -270,27 +318,45 @@ def save_final_lora(model: Model, *, config, out_dir: Path, step: int, env: para
 def _micro_batches(batches, count: int, *, manifest, dtype) -> list[Any]:
     from .data import load_batch
 
-    return [load_batch(manifest, next(batches).indices, dtype=dtype) for _ in range(count)]
+    refs = [next(batches) for _ in range(count)]
+    return [load_batch(manifest, r.indices, references=r.references or None, dtype=dtype) for r in refs]
 
 
 def train(config, *, env: parallelize.DistEnv) -> Path | None:
     """The whole run. Returns the LoRA path on rank 0."""
-    from .data import BucketBatchSampler, load_manifest, load_text_embedding
-    from .model_files import inspect_model_folder, load_vae
+    from .data import BucketBatchSampler, load_text_embedding, resolve_training_manifest
+    from .model_files import inspect_model_folder
+    from .offload import EncoderSettings, load_validation_vae, onloaded
 
+    encoders = EncoderSettings.from_config(config)
     out_dir = config.checkpoint.output_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    preflight.check_output_writable(out_dir)  # creates it; a clear error when it cannot be written
+    # One run per output folder: rank 0 holds the lock (or shares the launching node's) before writing anything.
+    lock = runlock.acquire_run_lock(out_dir, owner="trainer", token=os.environ.get(runlock.TOKEN_ENV)) \
+        if env.is_main else None
     events = EventWriter(out_dir, rank=env.rank)
+    where: dict[str, Any] = {"step": None, "phase": "start-up"}  # for the error event
     try:
-        manifest = load_manifest(config.data.dataset_manifest)
         folder = inspect_model_folder(config.model.root, transformer_file=config.model.transformer_file,
                                       vae_file=config.model.vae_file)
+        if env.is_main:  # free space and LoRA rank vs model, before any weights load
+            preflight.check_run(config, folder=folder, out_dir=out_dir,
+                                existing_checkpoints=len(checkpoint.list_checkpoints(out_dir)))
+        # A data_backend_config is built here by rank 0 (cache misses only), before the transformer loads.
+        manifest = resolve_training_manifest(
+            dataset_manifest=config.data.dataset_manifest, data_backend_config=config.data.data_backend_config,
+            model=folder, out_dir=out_dir, is_main=env.is_main, barrier=lambda: parallelize.barrier(env),
+            device=str(env.device), vae_batch_size=config.data.vae_batch_size, encoders=encoders)
         prompts = validation_prompts(config, env=env, cache_dir=out_dir / "text_cache")
         empty = load_text_embedding(manifest, "") if config.objective.caption_dropout_probability > 0 else None
+        where["phase"] = "model load"
+        faults.fault_point("load")  # test-only
         model = build_model(folder=folder, lora=config.lora, precision=config.memory.mixed_precision,
                             gradient_checkpointing=config.memory.gradient_checkpointing,
-                            distributed=config.distributed, seed=config.seed, env=env)
-        vae = load_vae(folder, precision="fp32", device=str(env.device)) if prompts else None
+                            gradient_checkpointing_interval=config.memory.gradient_checkpointing_interval,
+                            tread=config.tread, distributed=config.distributed, seed=config.seed, env=env,
+                            quantization=config.quantization, offload=config.offload)
+        vae = load_validation_vae(folder, precision="fp32", device=str(env.device), encoders=encoders) if prompts else None
         optimizer = build_optimizer(model, optim=config.optim)
         schedule = config.schedule
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
@@ -318,6 +384,7 @@ def train(config, *, env: parallelize.DistEnv) -> Path | None:
         samples_per_step = config.data.train_batch_size * config.data.gradient_accumulation_steps * env.world_size
         started, done_steps = time.perf_counter(), 0
         for step in range(start_step, total):
+            where.update(step=step + 1, phase="train")
             step_started = time.perf_counter()
             micro = _micro_batches(batches, config.data.gradient_accumulation_steps, manifest=manifest,
                                    dtype=torch.float32)
@@ -334,22 +401,37 @@ def train(config, *, env: parallelize.DistEnv) -> Path | None:
                         eta_seconds=mean_seconds * (total - step - 1))
             number = step + 1
             if number % config.checkpoint.every_steps == 0:
+                where["phase"] = "checkpoint"
                 path = save_training_checkpoint(model, optimizer, lr_scheduler, output_dir=out_dir, step=number,
                                                 sampler=sampler, total_limit=config.checkpoint.total_limit, env=env,
                                                 run_meta=run_meta)
                 events.emit("checkpoint", step=number, path=str(path.relative_to(out_dir)) if path else None)
             every = config.validation.every_steps
             if prompts and (number == total or (every > 0 and number % every == 0)):
-                images = run_validation(model, vae, prompts=prompts, settings=config.validation, step=number,
-                                        out_dir=out_dir, env=env)
+                where["phase"] = "validation"
+                faults.fault_point("validation", number=number)  # test-only
+                with onloaded(vae, device=env.device, encoders=encoders):  # offload_during_startup
+                    images = run_validation(model, vae, prompts=prompts, settings=config.validation, step=number,
+                                            out_dir=out_dir, env=env)
                 events.emit("validation", step=number, images=images)
+        where["phase"] = "saving the LoRA"
         lora_path = save_final_lora(model, config=config, out_dir=out_dir, step=total, env=env,
                                     dataset_fingerprint=manifest.fingerprint)
         events.emit("end", step=total, lora_path=f"{config.output_name}.safetensors",
                     seconds=time.perf_counter() - started)
         return lora_path
     except BaseException as exc:
-        events.emit("error", message=f"{type(exc).__name__}: {exc}", rank=env.rank)
+        try:
+            report = failures.failure_report(exc, step=where["step"], phase=where["phase"], rank=env.rank,
+                                             config=config, out_dir=out_dir)
+        except Exception:  # noqa: BLE001 - explaining the failure must never hide it
+            report = {"message": f"{type(exc).__name__}: {exc}", "rank": env.rank, "step": where["step"]}
+        if env.is_main:
+            events.emit("error", **report)
+        else:  # every rank names its own failure: the first error in the file is the root cause
+            append_event(out_dir, "error", **report)
         raise
     finally:
         events.close()
+        if lock is not None:
+            lock.release()

@@ -118,8 +118,14 @@ def prepare_batch(
 
 
 def flow_matching_loss(model: torch.nn.Module, prepared: PreparedBatch, *, device: torch.device,
-                       dtype: torch.dtype) -> torch.Tensor:
-    """MSE between the model's prediction on the target tokens and e - x0 (reference outputs cut)."""
+                       dtype: torch.dtype, tread_generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """MSE between the model's prediction on the target tokens and e - x0 (reference outputs cut).
+
+    tread_generators: the batch's per-sample generators, for a model with TREAD routes (blocks.apply_block_forward);
+    it draws the routed tokens from them. None for any other model.
+    """
+    extra = {} if tread_generators is None else {
+        "tread_generators": tread_generators, "num_target_tokens": prepared.num_target_tokens}
     pred = model(
         hidden_states=prepared.hidden_states.to(device=device, dtype=dtype),
         encoder_hidden_states=prepared.encoder_hidden_states.to(device=device, dtype=dtype),
@@ -128,6 +134,7 @@ def flow_matching_loss(model: torch.nn.Module, prepared: PreparedBatch, *, devic
         txt_ids=prepared.txt_ids.to(device),
         guidance=prepared.guidance.to(device=device, dtype=dtype),
         return_dict=False,
+        **extra,
     )[0]
     pred = pred[:, : prepared.num_target_tokens]
     return torch.nn.functional.mse_loss(pred.float(), prepared.target.to(device=device, dtype=torch.float32))
