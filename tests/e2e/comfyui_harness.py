@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +26,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,31 @@ def make_base_directory(base: Path, *, pack_dir: Path = REPO_ROOT, pack_name: st
     if not link.exists():
         link.symlink_to(pack_dir.resolve(), target_is_directory=True)
     return base
+
+
+TINY_MODEL_NAME = "flux2-tiny"
+"""Folder of the tiny FLUX.2 under the server's models/diffusers (what the shipped demo workflows name)."""
+SAMPLE_DATASET_NAME = "flux2_lora_sample_squares"
+"""Folder of the generated sample dataset under the server's input/ (the shipped workflows' image_folder)."""
+
+
+def install_tiny_model(base: Path, *, tiny_model_dir: Path, name: str = TINY_MODEL_NAME) -> Path:
+    """Copy the tiny FLUX.2 into base/models/diffusers/name once (later calls reuse it)."""
+    target = base / "models" / "diffusers" / name
+    if not (target / "model_index.json").is_file():
+        # A copy, not a symlink: Python 3.11's Path.rglob does not descend into symlinked folders.
+        shutil.copytree(tiny_model_dir, target, dirs_exist_ok=True)
+    return target
+
+
+def install_sample_dataset(base: Path, *, name: str = SAMPLE_DATASET_NAME) -> Path:
+    """Write the demo's sample dataset (8 squares, 64 px, with captions) into base/input/name once."""
+    from trainer.sample_data import make_sample_dataset  # the repo root is on sys.path (tests/conftest.py)
+
+    target = base / "input" / name
+    if not target.is_dir():
+        make_sample_dataset(out_dir=target, count=8, size=64)
+    return target
 
 
 def _http(url: str, *, data: bytes | None = None, timeout: float = 30.0) -> bytes:
@@ -318,39 +344,53 @@ class ComfyClient:
             raise PromptRejected(err.code, parsed) from None
         return answer["prompt_id"]
 
-    def wait_for_prompt(self, prompt_id: str, timeout: float) -> list[dict[str, Any]]:
-        """Websocket messages for prompt_id until `executing` with node None; raises on error or interrupt."""
+    def iter_messages(self, timeout: float) -> Iterator[dict[str, Any]]:
+        """Every JSON message the server sends this client (all prompts, broadcasts such as the pack's
+        training events), until the caller stops or `timeout` seconds pass (then TimeoutError)."""
         deadline = time.monotonic() + timeout
-        messages: list[dict[str, Any]] = []
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s; its messages: "
-                                   f"{[m['type'] for m in messages]}\n--- ComfyUI log tail ---\n{self._log_tail()}")
+                raise TimeoutError(f"waited {timeout:.0f} s for websocket messages\n--- ComfyUI log tail ---\n{self._log_tail()}")
             self.ws.settimeout(remaining)
             try:
                 raw = self.ws.recv()
             except websocket.WebSocketTimeoutException:
                 continue
             except (websocket.WebSocketConnectionClosedException, ConnectionError) as err:
-                raise RuntimeError(f"websocket closed while waiting for prompt {prompt_id} (did ComfyUI die?): {err}\n"
+                raise RuntimeError(f"websocket closed (did ComfyUI die?): {err}\n"
                                    f"--- ComfyUI log tail ---\n{self._log_tail()}") from err
-            if not isinstance(raw, str):
-                continue  # binary frames are latent previews
-            message = json.loads(raw)
-            data = message.get("data") or {}
-            if not isinstance(data, dict) or data.get("prompt_id") != prompt_id:
-                continue
-            messages.append(message)
-            kind = message.get("type")
-            if kind in ("execution_error", "execution_interrupted"):
-                raise ExecutionFailed(kind, data, self._log_tail())
-            if kind == "executing" and data.get("node") is None:
-                return messages
+            if isinstance(raw, str):  # binary frames are latent previews
+                yield json.loads(raw)
 
-    def run(self, graph: Mapping[str, Any] | Graph, *, timeout: float = 120.0) -> RunResult:
+    def wait_for_prompt(self, prompt_id: str, timeout: float, *,
+                        on_message: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        """Websocket messages for prompt_id until `executing` with node None; raises on error or interrupt.
+
+        on_message sees every message first, including those without a prompt_id (custom events)."""
+        messages: list[dict[str, Any]] = []
+        try:
+            for message in self.iter_messages(timeout):
+                if on_message is not None:
+                    on_message(message)
+                data = message.get("data") or {}
+                if not isinstance(data, dict) or data.get("prompt_id") != prompt_id:
+                    continue
+                messages.append(message)
+                kind = message.get("type")
+                if kind in ("execution_error", "execution_interrupted"):
+                    raise ExecutionFailed(kind, data, self._log_tail())
+                if kind == "executing" and data.get("node") is None:
+                    return messages
+        except TimeoutError as err:
+            raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s; its messages: "
+                               f"{[m['type'] for m in messages]}\n{err}") from None
+        raise AssertionError("unreachable: iter_messages ends only by raising")
+
+    def run(self, graph: Mapping[str, Any] | Graph, *, timeout: float = 120.0,
+            on_message: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
         prompt_id = self.post_prompt(graph)
-        messages = self.wait_for_prompt(prompt_id, timeout)
+        messages = self.wait_for_prompt(prompt_id, timeout, on_message=on_message)
         result = RunResult(prompt_id=prompt_id, messages=messages, history=self.history(prompt_id))
         for message in messages:
             data = message["data"]
