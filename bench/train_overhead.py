@@ -117,7 +117,8 @@ def build_bare(model_dir: Path, *, target: str, rank: int, dropout: float, seed:
 
     from trainer.lora import lora_target_modules
 
-    transformer = Flux2Transformer2DModel.from_pretrained(model_dir / "transformer", torch_dtype=torch.float32)
+    transformer = Flux2Transformer2DModel.from_pretrained(model_dir / "transformer", torch_dtype=torch.float32,
+                                                          use_safetensors=True)
     transformer.requires_grad_(False)
     # Same global seed right before injection as build_model uses: both start from the same LoRA A.
     torch.manual_seed(seed)

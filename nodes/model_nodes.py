@@ -31,7 +31,9 @@ def diffusers_model_choices() -> list[str]:
 
 def resolve_model_folder(model: str, folder_path: str) -> Path:
     if folder_path.strip():
-        return Path(folder_path.strip()).expanduser()
+        from .paths import MODEL_ROOTS_ENV, check_inside, model_roots
+
+        return check_inside(folder_path.strip(), roots=model_roots(), input_name="folder_path", env_name=MODEL_ROOTS_ENV)
     if model == NO_FOLDER_FOUND:
         raise ValueError(
             "Load FLUX.2: no model chosen. Put the FLUX.2-dev diffusers folder in ComfyUI/models/diffusers "

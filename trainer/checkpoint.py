@@ -18,6 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .faults import fault_point
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.safetensors"
@@ -98,6 +100,7 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / STATE_FILE))
+        fault_point("ckpt", number=step, path=tmp / STATE_FILE)  # test-only: a crash or full disk mid-write
         (tmp / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=1, default=str), encoding="utf-8")
         for name in (STATE_FILE, META_FILE):
             _fsync_file(tmp / name)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .events import EVENTS_FILE, EventFollower
+from .failures import summarize_errors
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 LOG_FILE = "train.log"
@@ -183,7 +184,8 @@ def supervise(
         raise
     if code != 0 or not any(e.get("event") == "end" for e in seen):
         errors = [e for e in seen if e.get("event") == "error"]
-        reason = errors[-1].get("message", "") if errors else f"exit code {code}"
+        # The first error is the root cause: a rank that crashed writes it before the others notice.
+        reason = summarize_errors(errors) if errors else f"exit code {code}"
         raise TrainingFailed(
             f"training failed: {reason}\nrun folder: {proc.run_dir}\n--- last lines of {proc.log_path.name} ---\n"
             f"{proc.log_tail()}"

@@ -70,14 +70,6 @@ def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return value
 
 
-def broadcast_object(obj: Any, env: DistEnv) -> Any:
-    if env.world_size == 1:
-        return obj
-    holder = [obj]
-    torch.distributed.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(model.transformer_blocks) + list(model.single_transformer_blocks)
 

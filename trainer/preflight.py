@@ -1,0 +1,187 @@
+"""Checks that run before any weights load: the output folder is writable and has room for the run,
+the LoRA rank fits the model, and a LoRA file fits the model it is applied to.
+
+Sizes come from the model's config alone: the transformer is built on the meta device (no memory, no
+weights read), LoRA is injected exactly as training does, and its trainable parameters are counted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MARGIN_BYTES = 64 << 20
+"""Room for events.jsonl, train.log, run.json and the validation text cache."""
+_ADAM_TENSORS = 2  # exp_avg and exp_avg_sq per trainable parameter
+_FP32 = 4
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
+def check_output_writable(out_dir: Path) -> None:
+    """Create and delete a probe file in out_dir; a ValueError names the folder and the OS error."""
+    probe = out_dir / f".write-test-{os.getpid()}"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as fh:
+            fh.write(b"0")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise ValueError(
+            f"output_dir {out_dir} is not writable ({exc.strerror or exc}); choose a folder this user can write "
+            "to, or fix its permissions."
+        ) from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+
+
+def meta_transformer(folder: Any):
+    """The FLUX.2 transformer of a model folder on the meta device: shapes without memory or weights."""
+    import torch
+    from diffusers import Flux2Transformer2DModel
+
+    with torch.device("meta"):
+        return Flux2Transformer2DModel.from_config(folder.transformer_config())
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LoraSize:
+    numel: int
+    """Trainable LoRA parameters."""
+    smallest_dim: int
+    """Smallest in/out feature count over the adapted layers."""
+
+
+def lora_size(folder: Any, *, lora: Any) -> LoraSize:
+    """Count the LoRA parameters training will create, and check the rank fits the adapted layers."""
+    import torch
+
+    from .lora import apply_lora, lora_target_modules
+
+    model = meta_transformer(folder)
+    targets = [model.get_submodule(name) for name in lora_target_modules(model, preset=lora.target)]
+    smallest = min(min(m.in_features, m.out_features) for m in targets if isinstance(m, torch.nn.Linear))
+    if lora.rank > smallest:
+        raise ValueError(
+            f"lora_rank {lora.rank} is larger than the smallest layer flux_lora_target {lora.target!r} adapts "
+            f"({smallest} features), so the adapter cannot use it; give lora_rank <= {smallest} (8-128 is usual)."
+        )
+    apply_lora(model, preset=lora.target, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, init=lora.init)
+    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return LoraSize(numel=numel, smallest_dim=smallest)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SpaceEstimate:
+    checkpoint_bytes: int
+    checkpoints_at_peak: int
+    """How many new checkpoints exist at once at the worst moment (rotation deletes after a write)."""
+    lora_bytes: int
+    validation_bytes: int
+    required_bytes: int
+
+    def breakdown(self) -> str:
+        return (f"{self.checkpoints_at_peak} x {_gib(self.checkpoint_bytes)} checkpoints + {_gib(self.lora_bytes)} "
+                f"LoRA file + {_gib(self.validation_bytes)} validation images + {_gib(MARGIN_BYTES)} margin")
+
+
+def estimate_run_bytes(*, lora_numel: int, max_train_steps: int, checkpointing_steps: int,
+                       checkpoints_total_limit: int | None, existing_checkpoints: int, validation_images: int,
+                       validation_pixels: int) -> SpaceEstimate:
+    """Disk space the run will add to its output folder at the worst moment."""
+    # A checkpoint holds the fp32 LoRA and AdamW's two moments, plus a small JSON.
+    checkpoint = lora_numel * _FP32 * (1 + _ADAM_TENSORS) + (1 << 20)
+    # Fused q/k/v adapters are block-diagonal in the saved file: up to 3x the trained numbers.
+    lora = lora_numel * _FP32 * 3
+    planned = max_train_steps // checkpointing_steps
+    peak_total = existing_checkpoints + planned
+    if checkpoints_total_limit is not None:
+        peak_total = min(peak_total, checkpoints_total_limit + 1)
+    new = max(0, peak_total - existing_checkpoints)
+    validation = validation_images * validation_pixels * 3  # PNG is never larger than raw RGB here
+    required = new * checkpoint + lora + validation + MARGIN_BYTES
+    return SpaceEstimate(checkpoint_bytes=checkpoint, checkpoints_at_peak=new, lora_bytes=lora,
+                         validation_bytes=validation, required_bytes=required)
+
+
+def check_free_space(out_dir: Path, *, estimate: SpaceEstimate) -> None:
+    free = shutil.disk_usage(out_dir).free
+    if free < estimate.required_bytes:
+        raise ValueError(
+            f"output_dir {out_dir} has {_gib(free)} free, but this run needs about {_gib(estimate.required_bytes)} "
+            f"({estimate.breakdown()}). Free disk space, lower checkpoints_total_limit or raise checkpointing_steps, "
+            "or choose an output folder on a larger disk."
+        )
+
+
+def check_run(config: Any, *, folder: Any, out_dir: Path, existing_checkpoints: int) -> SpaceEstimate:
+    """Checked before weights load (after check_output_writable): rank vs model, free space."""
+    size = lora_size(folder, lora=config.lora)
+    validation = config.validation
+    prompts = len(config.validation_prompts()) if validation.enabled else 0
+    every = validation.every_steps
+    renders = prompts * ((config.max_train_steps // every if every > 0 else 0) + 1)
+    estimate = estimate_run_bytes(
+        lora_numel=size.numel, max_train_steps=config.max_train_steps,
+        checkpointing_steps=config.checkpoint.every_steps, checkpoints_total_limit=config.checkpoint.total_limit,
+        existing_checkpoints=existing_checkpoints, validation_images=renders,
+        validation_pixels=validation.width * validation.height,
+    )
+    check_free_space(out_dir, estimate=estimate)
+    log.info("preflight: %d LoRA parameters; the run needs about %s in %s", size.numel,
+             _gib(estimate.required_bytes), out_dir)
+    return estimate
+
+
+@functools.lru_cache(maxsize=4)
+def _linear_shapes(transformer_config: str) -> tuple[dict[str, tuple[int, int]], int, int]:
+    """{module name: (in, out)} of every Linear, and the double / single block counts, from a config's JSON."""
+    import torch
+    from diffusers import Flux2Transformer2DModel
+
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel.from_config(json.loads(transformer_config))
+    shapes = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear)}
+    return shapes, len(model.transformer_blocks), len(model.single_transformer_blocks)
+
+
+def check_lora_fits_model(path: str | os.PathLike, *, folder: Any) -> None:
+    """Refuse a LoRA file whose modules or shapes do not match the model's transformer (no weights loaded)."""
+    from .lora_adapters import load_as_diffusers
+
+    state, _ = load_as_diffusers(str(path))
+    shapes, doubles, singles = _linear_shapes(json.dumps(folder.transformer_config(), sort_keys=True))
+    name = Path(path).name
+    for key, tensor in sorted(state.items()):
+        if not key.endswith(".lora_A.weight") and not key.endswith(".lora_B.weight"):
+            continue
+        module_name = key.rsplit(".lora_", 1)[0]
+        if module_name not in shapes:
+            raise ValueError(
+                f"LoRA file {name!r} adapts {module_name!r}, which this FLUX.2 model does not have (it has "
+                f"{doubles} double and {singles} single blocks); the LoRA was trained for another model."
+            )
+        is_a = key.endswith("lora_A.weight")
+        expected = shapes[module_name][0] if is_a else shapes[module_name][1]
+        got = tensor.shape[1] if is_a else tensor.shape[0]
+        if got != expected:
+            raise ValueError(
+                f"LoRA file {name!r}: {module_name} has {'input' if is_a else 'output'} size {got}, this model's "
+                f"layer has {expected}; the LoRA was trained for another model (e.g. FLUX.1 or another FLUX.2 "
+                "variant). Use a LoRA trained on this model."
+            )
