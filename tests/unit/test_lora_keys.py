@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import copy
 import json
 
@@ -10,6 +13,7 @@ import torch
 
 from trainer.lora import apply_lora, lora_state_dict
 from trainer.lora_keys import (
+
     LORA_ADAPTER_METADATA_KEY,
     apply_lora_to_comfy_state,
     bfl_module_to_diffusers,
@@ -26,6 +30,9 @@ from trainer.lora_keys import (
     save_trained_lora,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from block_tools import tiny_inputs  # noqa: E402
+
 H = 256  # tiny model hidden size (2 heads x 128)
 RANK, ALPHA = 4, 2.0  # alpha != rank on purpose: scale 0.5
 
@@ -35,21 +42,7 @@ RANK, ALPHA = 4, 2.0  # alpha != rank on purpose: scale 0.5
 
 
 def _inputs() -> dict:
-    g = torch.Generator().manual_seed(1)
-    img_ids = torch.stack(
-        torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), torch.zeros(1), indexing="ij"), dim=-1
-    ).reshape(1, 16, 4)
-    txt_ids = torch.zeros(1, 8, 4)
-    txt_ids[..., 3] = torch.arange(8.0)
-    return {
-        "hidden_states": torch.randn(1, 16, 128, generator=g),
-        "encoder_hidden_states": torch.randn(1, 8, 96, generator=g),
-        "timestep": torch.tensor([0.5]),
-        "img_ids": img_ids,
-        "txt_ids": txt_ids,
-        "guidance": torch.tensor([1.0]),
-        "return_dict": False,
-    }
+    return {**tiny_inputs(batch=1, h=4, w=4, text=8, reference=False), "return_dict": False}
 
 
 def _randomize_b(transformer: torch.nn.Module, *, seed: int = 0, std: float = 0.2) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,9 @@ from trainer.lora import (
     lora_state_dict,
     lora_target_modules,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from block_tools import tiny_inputs  # noqa: E402
 
 DOUBLE_QKV = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]
 DOUBLE_OUT = ["attn.to_out.0", "attn.to_add_out"]
@@ -52,21 +57,7 @@ def transformer(base_transformer):
 
 
 def _inputs() -> dict:
-    g = torch.Generator().manual_seed(1)
-    img_ids = torch.stack(
-        torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), torch.zeros(1), indexing="ij"), dim=-1
-    ).reshape(1, 16, 4)
-    txt_ids = torch.zeros(1, 8, 4)
-    txt_ids[..., 3] = torch.arange(8.0)
-    return {
-        "hidden_states": torch.randn(1, 16, 128, generator=g),
-        "encoder_hidden_states": torch.randn(1, 8, 96, generator=g),
-        "timestep": torch.tensor([0.5]),
-        "img_ids": img_ids,
-        "txt_ids": txt_ids,
-        "guidance": torch.tensor([1.0]),
-        "return_dict": False,
-    }
+    return {**tiny_inputs(batch=1, h=4, w=4, text=8, reference=False), "return_dict": False}
 
 
 @pytest.mark.parametrize("preset", LORA_PRESETS)
