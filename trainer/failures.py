@@ -38,6 +38,19 @@ def _is_distributed_error(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in text for m in _DIST_MARKERS)
 
 
+def peak_memory_bytes() -> int | None:
+    """This process's peak memory: the CUDA allocator peak on a GPU, else the peak resident set size."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
 def peak_memory_text(device: Any = None) -> str:
     """The peak memory of this process: CUDA allocator peak on a GPU, else the peak resident set size."""
     torch = sys.modules.get("torch")

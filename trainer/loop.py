@@ -396,9 +396,11 @@ def train(config, *, env: parallelize.DistEnv) -> Path | None:
             done_steps += 1
             seconds = time.perf_counter() - step_started
             mean_seconds = (time.perf_counter() - started) / done_steps
+            peak = failures.peak_memory_bytes()
             events.emit("step", step=step + 1, loss=loss, lr=lr, applied=applied, seconds_per_step=seconds,
                         samples_per_second=samples_per_step / max(seconds, 1e-9), max_train_steps=total,
-                        eta_seconds=mean_seconds * (total - step - 1))
+                        eta_seconds=mean_seconds * (total - step - 1),
+                        peak_memory_mb=None if peak is None else round(peak / 2**20, 1))
             number = step + 1
             if number % config.checkpoint.every_steps == 0:
                 where["phase"] = "checkpoint"
