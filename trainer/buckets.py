@@ -46,20 +46,26 @@ def _check_bucket_args(resolution: int, *, step: int, min_aspect: float, max_asp
 
 
 @lru_cache(maxsize=64)
-def _bucket_sizes(resolution: int, step: int, min_aspect: float, max_aspect: float) -> tuple[tuple[int, int], ...]:
-    area = resolution * resolution
+def _maximal_buckets(area: int, step: int, min_aspect: float, max_aspect: float) -> tuple[tuple[int, int], ...]:
+    """Shapes with sides in multiples of step and at most area pixels, sorted by aspect ratio.
+
+    Maximal: neither side can grow by one step without passing the area, which keeps one bucket per shape
+    instead of many near-duplicates (e.g. 1008x256 next to 1024x256).
+    """
     buckets = []
     for h in range(step, area // step + 1, step):
         w = (area // h) // step * step
         if w < step:
             break
-        # Maximal: neither side can grow by one step without passing the area, which keeps one bucket per
-        # shape instead of many near-duplicates (e.g. 1008x256 next to 1024x256).
         if (w + step) * h <= area or w * (h + step) <= area:
             continue
         if min_aspect <= w / h <= max_aspect:
             buckets.append((w, h))
     return tuple(sorted(set(buckets), key=lambda b: (b[0] / b[1], b[0])))
+
+
+def _bucket_sizes(resolution: int, step: int, min_aspect: float, max_aspect: float) -> tuple[tuple[int, int], ...]:
+    return _maximal_buckets(resolution * resolution, step, min_aspect, max_aspect)
 
 
 def bucket_sizes(
@@ -204,21 +210,12 @@ def choose_bucket(
     return _round_step(h * aspect, step), _round_step(h, step)
 
 
-@lru_cache(maxsize=64)
 def _bucket_sizes_for_area(area: int, step: int, min_aspect: float, max_aspect: float) -> tuple[tuple[int, int], ...]:
-    buckets = []
-    for h in range(step, area // step + 1, step):
-        w = (area // h) // step * step
-        if w < step:
-            break
-        if (w + step) * h <= area or w * (h + step) <= area:
-            continue
-        if min_aspect <= w / h <= max_aspect:
-            buckets.append((w, h))
-    if not buckets:
+    buckets = _maximal_buckets(area, step, min_aspect, max_aspect)
+    if not buckets:  # too small an area for any maximal shape: one square bucket
         side = _floor_step(math.sqrt(area), step)
-        buckets.append((side, side))
-    return tuple(sorted(set(buckets), key=lambda b: (b[0] / b[1], b[0])))
+        buckets = ((side, side),)
+    return buckets
 
 
 def plan_crop_styled(
