@@ -70,13 +70,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         exit_with_parent()  # a rank never outlives torchrun (kill -9 of torchrun's group included)
         config = TrainConfig.from_json(args.config)  # every check before any process group or weights
         env = init_distributed(timeout_s=config.collective_timeout_s)
+        finished = False
         try:
             # record: under torchrun the failing rank's exception heads torchrun's summary, the log's last lines.
             path = record(train)(config, env=env)
+            finished = True
             if path is not None:
                 print(f"LoRA written to {path}")
         finally:
-            close_distributed()
+            # After a failure another rank may be gone: only a finished run waits for the others.
+            close_distributed(synchronize=finished)
         return 0
 
     p.set_defaults(run=run)

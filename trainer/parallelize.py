@@ -52,8 +52,13 @@ def init_distributed(*, timeout_s: float = 600.0) -> DistEnv:
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def close_distributed() -> None:
+def close_distributed(*, synchronize: bool = False) -> None:
+    """Leave the process group. After a successful run every rank first meets at a barrier: a rank that
+    tore down gloo while another still used its connections made the latter abort at exit
+    ("terminate called without an active exception"), failing a run that had finished."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if synchronize:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
