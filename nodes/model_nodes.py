@@ -165,12 +165,10 @@ class Flux2Sample:
 
     def sample(self, model, positive, width: int, height: int, steps: int, guidance: float, seed: int):
         from ..trainer.inference import sample_images
+        from ..trainer.sampling import check_size, check_steps
 
-        for name, value in (("width", width), ("height", height)):
-            if value < 16 or value % 16:
-                raise ValueError(f"FLUX.2 Sample: {name}={value} must be a positive multiple of 16 (FLUX.2 uses 16-pixel tokens).")
-        if steps < 1:
-            raise ValueError(f"FLUX.2 Sample: steps={steps} must be at least 1.")
+        check_size(width=width, height=height)
+        check_steps(steps)
         embeds = conditioning_tensor(positive, input_name="positive")
         progress = comfy_bridge.Progress(steps, label="FLUX.2 Sample")
         images = sample_images(

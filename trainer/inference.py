@@ -221,8 +221,11 @@ def sample_images(
 ):
     """Images (B, H, W, 3) in [0, 1] from prompt embeddings, with the spec's LoRAs active."""
     from .lora_adapters import attached_loras
-    from .sampling import generate_images
+    from .sampling import check_size, check_steps, generate_images
 
+    # Refuse a bad size or step count before gigabytes of weights load.
+    check_size(width=width, height=height)
+    check_steps(num_steps)
     transformer, vae = _loaded_image_models(spec, device)
     with _lock, attached_loras(transformer, loras=spec.loras):
         return generate_images(

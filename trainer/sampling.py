@@ -14,7 +14,7 @@ from torch import Tensor
 from . import flux2
 
 
-def _check_size(*, width: int, height: int) -> None:
+def check_size(*, width: int, height: int) -> None:
     for name, value in (("width", width), ("height", height)):
         if value < flux2.PIXELS_PER_TOKEN or value % flux2.PIXELS_PER_TOKEN:
             raise ValueError(
@@ -24,7 +24,7 @@ def _check_size(*, width: int, height: int) -> None:
             )
 
 
-def _check_steps(num_steps: int) -> None:
+def check_steps(num_steps: int) -> None:
     if num_steps < 1:
         raise ValueError(f"num_steps {num_steps} must be >= 1; FLUX.2-dev usually samples with 28-50 steps.")
 
@@ -44,7 +44,7 @@ def initial_noise(
     cast: the same numbers as diffusers' randn_tensor (and Flux2Pipeline.prepare_latents) with a CPU generator
     and dtype float32.
     """
-    _check_size(width=width_px, height=height_px)
+    check_size(width=width_px, height=height_px)
     per_token = flux2.PIXELS_PER_TOKEN
     shape = (batch_size, flux2.PATCHIFIED_CHANNELS, height_px // per_token, width_px // per_token)
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -73,7 +73,7 @@ def denoise(
     returns them, are appended after the target tokens with reference_position_ids and their outputs dropped.
     callback(step_index, num_steps) runs after each step (0-based); raising in it stops sampling.
     """
-    _check_steps(num_steps)
+    check_steps(num_steps)
     batch, channels, height, width = latents.shape
     if channels != flux2.PATCHIFIED_CHANNELS:
         raise ValueError(f"latents must be (B, {flux2.PATCHIFIED_CHANNELS}, h, w), got {tuple(latents.shape)}.")
@@ -141,8 +141,8 @@ def generate_images(
 
     Noise from initial_noise(seed) for the whole batch, denoise on prompt_embeds' device, decode with the VAE.
     """
-    _check_size(width=width, height=height)
-    _check_steps(num_steps)
+    check_size(width=width, height=height)
+    check_steps(num_steps)
     noise = initial_noise(
         batch_size=prompt_embeds.shape[0], height_px=height, width_px=width, seed=seed, device=prompt_embeds.device
     )
