@@ -25,6 +25,8 @@ log = logging.getLogger("flux2_lora")
 RUNS_SUBDIR = Path("flux2_lora") / "runs"
 DATASETS_SUBDIR = Path("flux2_lora") / "datasets"
 LAUNCH_MODES = ("run", "export", "attach")
+EXTRA_DATASET_INPUTS = (2, 3, 4)
+"""Train LoRA's optional dataset_2 .. dataset_4 inputs."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -288,11 +290,14 @@ class Flux2TrainLora:
             "optional": {
                 "attach_run_folder": ("STRING", {"default": "", "tooltip": "With launch=attach: the run folder (holding events.jsonl and the LoRA) to pick up."}),
                 "extra_config_json": ("STRING", {"multiline": True, "default": "", "tooltip": "Advanced: more trainer keys as a JSON object (SimpleTuner names), e.g. {\"lr_scheduler\": \"cosine\"}."}),
+                **{f"dataset_{n}": ("FLUX2_DATASET", {"tooltip": f"Optional dataset {n} from another Build Dataset, trained together with the first: each batch comes from one dataset, each dataset's repeats weight it. All must be built with the same model."})
+                   for n in EXTRA_DATASET_INPUTS},
             },
         }
 
     def train(self, model, dataset, output_name: str, launch: str = "run", attach_run_folder: str = "",
-              extra_config_json: str = "", num_processes: int = 1, **widgets):
+              extra_config_json: str = "", num_processes: int = 1, dataset_2=None, dataset_3=None, dataset_4=None,
+              **widgets):
         from ..trainer.config import TrainConfig
         from ..trainer.events import append_event
         from ..trainer.launch import TrainingCancelled, TrainingProcess, command_text, supervise, torchrun_command
@@ -309,7 +314,8 @@ class Flux2TrainLora:
         if not settings.get("validation_prompt", "").strip():
             settings["validation_prompt"] = None
         settings.update(extra)
-        identity = run_identity(model=model, dataset=dataset, settings=settings, num_processes=num_processes)
+        datasets = training_datasets(dataset, dataset_2, dataset_3, dataset_4)
+        identity = run_identity(model=model, datasets=datasets, settings=settings, num_processes=num_processes)
         run_dir = _runs_root() / f"{name}-{identity[:10]}"
         config = {
             "model_type": "lora",
@@ -317,7 +323,7 @@ class Flux2TrainLora:
             "model_flavour": "dev",
             "pretrained_model_name_or_path": str(model.folder.root),
             "output_dir": str(run_dir),
-            "dataset_manifest": dataset.manifest,
+            "dataset_manifest": datasets[0].manifest if len(datasets) == 1 else [d.manifest for d in datasets],
             "resume_from_checkpoint": "latest",
             "output_name": name,
             **settings,
@@ -438,12 +444,29 @@ def _parse_extra(text: str) -> dict[str, Any]:
     return data
 
 
-def run_identity(*, model, dataset: DatasetHandle, settings: dict[str, Any], num_processes: int) -> str:
+def training_datasets(*inputs: DatasetHandle | None) -> list[DatasetHandle]:
+    """Train LoRA's connected datasets in input order; the same dataset connected twice is refused."""
+    names = ["dataset", *(f"dataset_{n}" for n in EXTRA_DATASET_INPUTS)]
+    chosen: dict[str, str] = {}
+    datasets = []
+    for name, handle in zip(names, inputs):
+        if handle is None:
+            continue
+        if handle.manifest in chosen:
+            raise ValueError(f"Train LoRA: {name} is the same dataset as {chosen[handle.manifest]} ({handle.manifest}); "
+                             "connect each dataset once (raise its repeats in Build Dataset to weight it more).")
+        chosen[handle.manifest] = name
+        datasets.append(handle)
+    return datasets
+
+
+def run_identity(*, model, datasets: list[DatasetHandle], settings: dict[str, Any], num_processes: int) -> str:
     """Hash of everything that changes the trained LoRA: same identity means the same run folder."""
     payload = {
         "model": model.folder.identity(),
         "precision": model.precision,
-        "dataset": dataset.fingerprint,
+        # One dataset hashes as before, so runs trained before several datasets existed are still reused.
+        "dataset": datasets[0].fingerprint if len(datasets) == 1 else [d.fingerprint for d in datasets],
         "settings": settings,
         "num_processes": num_processes,
     }
@@ -511,7 +534,7 @@ def export_instructions(*, config_path: Path, num_processes: int) -> str:
         f"run.json: {config_path}\n"
         f"One node ({num_processes} processes):\n  {single}\n"
         f"Several nodes (run on each node with its --node_rank; NODE0_HOST is node 0's address):\n  {multi}\n"
-        f"Copy the pack folder ({PACK_ROOT.name}), the model and the dataset folder to the same paths on the cluster, "
+        f"Copy the pack folder ({PACK_ROOT.name}), the model and the dataset folders to the same paths on the cluster, "
         "or edit run.json. Afterwards use launch=attach with the run folder."
     )
 

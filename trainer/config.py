@@ -321,7 +321,8 @@ class QuantizationSettings:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DataSettings:
-    dataset_manifest: Path | None
+    dataset_manifests: tuple[Path, ...]
+    """Empty when data_backend_config is given."""
     data_backend_config: Path | None
     train_batch_size: int
     gradient_accumulation_steps: int
@@ -360,9 +361,10 @@ class TrainConfig:
     """Folder for checkpoints, the LoRA file, validation images and events.jsonl. Required."""
     output_name: str = "lora"
     """Name of the LoRA file written to output_dir (<output_name>.safetensors): letters, digits, - and _."""
-    dataset_manifest: str | None = None
+    dataset_manifest: str | tuple[str, ...] | None = None
     """Manifest written by Build Dataset (`python -m trainer build-dataset`): images, captions and their
-    latent / text-embedding caches. Give this or data_backend_config."""
+    latent / text-embedding caches; or a list of manifests to train on several datasets at once (their
+    batches are interleaved, each batch from one dataset). Give this or data_backend_config."""
     data_backend_config: str | None = None
     """SimpleTuner's multidatabackend.json (a list of datasets). Give this or dataset_manifest."""
     vae_batch_size: int = 4
@@ -534,7 +536,8 @@ class TrainConfig:
             raise ValueError("output_dir is empty; give the folder for checkpoints and the LoRA file.")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", self.output_name):
             raise ValueError(f"output_name {self.output_name!r} may hold only letters, digits, - and _ (and not start with - or _).")
-        _check_file("dataset_manifest", self.dataset_manifest, what="the manifest written by Build Dataset")
+        for manifest in _as_paths(self.dataset_manifest):
+            _check_file("dataset_manifest", manifest, what="the manifest written by Build Dataset")
         _check_file("data_backend_config", self.data_backend_config, what="a multidatabackend.json file")
         _check_file("user_prompt_library", self.user_prompt_library, what="a JSON file of {name: prompt}")
 
@@ -829,7 +832,7 @@ class TrainConfig:
 
     @property
     def data(self) -> DataSettings:
-        return DataSettings(dataset_manifest=_opt_path(self.dataset_manifest),
+        return DataSettings(dataset_manifests=tuple(Path(p).expanduser() for p in _as_paths(self.dataset_manifest)),
                             data_backend_config=_opt_path(self.data_backend_config),
                             train_batch_size=self.train_batch_size,
                             gradient_accumulation_steps=self.gradient_accumulation_steps,
@@ -994,6 +997,8 @@ def _split_optional(hint: Any) -> tuple[Any, bool]:
 
 def _convert(key: str, value: Any, hint: Any, *, from_json: bool) -> Any:
     """The value as the field's type. from_json also accepts SimpleTuner's string spellings ("1e-4", "true")."""
+    if hint == _PATHS_HINT:
+        return _convert_paths(key, value)
     base, optional = _split_optional(hint)
     if value is None:
         if optional:
@@ -1049,6 +1054,26 @@ def _convert(key: str, value: Any, hint: Any, *, from_json: bool) -> Any:
             return str(value)  # SimpleTuner accepts a bare number of pixels
         raise ValueError(f"{key} must be a string, got {value!r}.")
     raise AssertionError(f"config field {key} has an unhandled type {hint!r}")
+
+
+_PATHS_HINT = str | tuple[str, ...] | None
+
+
+def _convert_paths(key: str, value: Any) -> str | tuple[str, ...] | None:
+    """One path (a string) or several (a JSON list of strings, kept as a tuple)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v.strip() for v in value):
+        if len(set(value)) != len(value):
+            raise ValueError(f"{key} lists a path twice ({list(value)}); give each dataset once (repeats weights it).")
+        return tuple(value)
+    raise ValueError(f"{key} must be a path or a non-empty list of paths, got {value!r}.")
+
+
+def _as_paths(value: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else value
 
 
 _EMPTY_MEANS_NULL = frozenset({"resume_from_checkpoint", "validation_prompt", "validation_subject",

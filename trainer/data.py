@@ -1588,9 +1588,128 @@ RUN_SUMMARY_FILE = "dataset_summary.txt"
 RUN_REPORT_FILE = "dataset_report.json"
 
 
+def merge_manifests(paths: Sequence[Path], *, out_dir: Path) -> Path:
+    """One manifest over several built datasets, written to out_dir/manifest.json with its merged report.
+
+    Each dataset keeps its own caches (the merged manifest points at them by absolute path, nothing is
+    copied) and its own buckets: a batch never mixes datasets, and each dataset's repeats weight it. A
+    dataset id used by two of them gets the dataset's position as a suffix ("default" and "default-2").
+    All of them must have been built with the same VAE and text encoder (their latents and embeddings are
+    trained on together).
+    """
+    if len(paths) < 2:
+        raise ValueError(f"merge_manifests needs at least two manifests, got {len(paths)}.")
+    manifests = [load_manifest(p) for p in paths]  # each checked in full: errors name its file
+    seen: dict[Path, int] = {}
+    for n, m in enumerate(manifests, start=1):
+        if m.path in seen:
+            raise ValueError(
+                f"dataset {n} and dataset {seen[m.path]} are the same dataset ({m.path}); give each dataset once "
+                "(raise its repeats in Build Dataset to weight it more)."
+            )
+        seen[m.path] = n
+    first = manifests[0]
+    for n, m in enumerate(manifests[1:], start=2):
+        for what, attr in (("VAE", "vae_identity"), ("text encoder", "text_identity")):
+            if getattr(m, attr) != getattr(first, attr):
+                raise ValueError(
+                    f"dataset {n} ({m.path}) was built with another {what} than dataset 1 ({first.path}); build "
+                    "every dataset with the same Load FLUX.2 model (Build Dataset reuses unchanged cache entries)."
+                )
+    sources: list[dict[str, Any]] = []
+    items: list[dict[str, Any]] = []
+    text_cache: dict[str, str] = {}
+    taken: set[str] = set()
+    raw = [json.loads(m.path.read_text(encoding="utf-8")) for m in manifests]
+    for n, (m, data) in enumerate(zip(manifests, raw), start=1):
+        renamed = {}
+        for record in data["sources"]:
+            new_id = record["id"] if record["id"] not in taken else f"{record['id']}-{n}"
+            if new_id in taken:
+                raise ValueError(f"dataset {n} ({m.path}): dataset id {record['id']!r} clashes with another "
+                                 "dataset's id even with a suffix; rename it in its data_backend_config.")
+            taken.add(new_id)
+            renamed[record["id"]] = new_id
+        for record in data["sources"]:
+            sources.append(record | {"id": renamed[record["id"]],
+                                     "conditioning_data": [renamed[c] for c in record.get("conditioning_data", ())]})
+        for i, record in enumerate(data["items"]):
+            item = m.items[i]
+            items.append(record | {
+                "source": renamed[item.source],
+                "latent": str(m.latent_path(i)),
+                "text": str(_inside(m.root, item.text, path=m.path, what="cache file")),
+                "references": [
+                    ref | {"source": renamed[ref["source"]], "latent": str(m.reference_latent_path(i, k))}
+                    for k, ref in enumerate(record.get("references", ()))
+                ],
+            })
+        for caption, rel in m.text_cache.items():
+            text_cache.setdefault(caption, str(_inside(m.root, rel, path=m.path, what="cache file")))
+    merged = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "fingerprint": hash_json({"merged": [m.fingerprint for m in manifests]}),
+        "model_identity": first.model_identity,
+        "vae_identity": first.vae_identity,
+        "text_identity": first.text_identity,
+        "resolution": max(m.resolution for m in manifests),
+        "sources": sources,
+        "items": items,
+        "text_cache": dict(sorted(text_cache.items())),
+        "empty_caption": first.empty_caption,
+        "extra_prompts": list(dict.fromkeys(p for m in manifests for p in m.extra_prompts)),
+        "merged_from": [str(m.path) for m in manifests],
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = _merged_report(manifests, out_dir=out_dir, renamed_sources=[s["id"] for s in sources])
+    _write_report(report, out_dir)
+    path = out_dir / MANIFEST_FILE
+    atomic_write_bytes(path, json.dumps(merged, indent=1, ensure_ascii=False).encode("utf-8"))
+    return path
+
+
+def _merged_report(manifests: Sequence[Manifest], *, out_dir: Path, renamed_sources: Sequence[str]) -> BuildReport:
+    """The build reports of merged datasets as one (counts summed, datasets listed under their merged ids)."""
+    reports = []
+    for m in manifests:
+        path = m.root / REPORT_FILE
+        reports.append(load_build_report(path) if path.is_file() else None)
+    merged = BuildReport(image_dir="; ".join(r.image_dir if r else str(m.root) for r, m in zip(reports, manifests)),
+                         out_dir=str(out_dir))
+    ids = iter(renamed_sources)
+    weighted_latent = weighted_text = 0.0
+    for m, r in zip(manifests, reports):
+        own_ids = {s: next(ids) for s in m.sources}
+        if r is None:
+            merged.usable_images += len(m.items)
+            merged.warnings.append(f"{m.root} has no {REPORT_FILE}: its counts are not in this report")
+            continue
+        merged.usable_images += r.usable_images
+        merged.skipped += r.skipped
+        merged.warnings += r.warnings
+        for bucket, count in r.buckets.items():
+            merged.buckets[bucket] = merged.buckets.get(bucket, 0) + count
+        for counter in ("vae_images_encoded", "latents_reused", "prompts_encoded", "prompts_reused"):
+            setattr(merged, counter, getattr(merged, counter) + getattr(r, counter))
+        merged.truncated_captions += r.truncated_captions
+        merged.rebuilt_cache_files += r.rebuilt_cache_files
+        merged.vae_loaded |= r.vae_loaded
+        merged.text_encoder_loaded |= r.text_encoder_loaded
+        merged.datasets |= {own_ids.get(ds, ds): info for ds, info in r.datasets.items()}
+        merged.disabled_datasets += r.disabled_datasets
+        weighted_latent += r.latent_bytes_per_image * r.usable_images
+        weighted_text += r.text_bytes_per_caption
+    merged.buckets = dict(sorted(merged.buckets.items()))
+    merged.latent_bytes_per_image = weighted_latent / max(1, merged.usable_images)
+    merged.text_bytes_per_caption = weighted_text / max(1, sum(r is not None for r in reports))
+    return merged
+
+
 def resolve_training_manifest(
     *,
-    dataset_manifest: Path | None,
+    dataset_manifests: Sequence[Path],
     data_backend_config: Path | None,
     model: ModelFolder,
     out_dir: Path,
@@ -1604,22 +1723,26 @@ def resolve_training_manifest(
 
     With data_backend_config, rank 0 builds it into out_dir/dataset before any transformer loads (only
     missing cache entries are encoded; a complete cache loads no encoder) while the other ranks wait on the
-    barrier; then every rank loads the manifest.
+    barrier; several dataset_manifests are merged there the same way. Then every rank loads the manifest.
     """
-    if (dataset_manifest is None) == (data_backend_config is None):
+    if bool(dataset_manifests) == (data_backend_config is not None):
         raise ValueError("give exactly one of dataset_manifest and data_backend_config.")
+    path = Path(out_dir) / RUN_DATASET_DIR / MANIFEST_FILE
     if data_backend_config is not None:
         from .databackend import load_backend_config
 
         config = load_backend_config(data_backend_config)  # every rank checks it: errors show on all of them
-        path = Path(out_dir) / RUN_DATASET_DIR / MANIFEST_FILE
         if is_main:
             build_datasets(config, model=model, out_dir=path.parent, device=device, vae_batch_size=vae_batch_size,
                            vae_precision="fp32", text_precision="fp32" if device == "cpu" else "bf16",
                            encoders=encoders)
         barrier()
+    elif len(dataset_manifests) > 1:
+        if is_main:
+            merge_manifests(dataset_manifests, out_dir=path.parent)
+        barrier()
     else:
-        path = Path(dataset_manifest)
+        path = Path(dataset_manifests[0])
     manifest = load_manifest(path)
     if is_main:
         write_run_summary(manifest, out_dir=Path(out_dir))

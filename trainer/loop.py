@@ -344,7 +344,7 @@ def train(config, *, env: parallelize.DistEnv) -> Path | None:
                                 existing_checkpoints=len(checkpoint.list_checkpoints(out_dir)))
         # A data_backend_config is built here by rank 0 (cache misses only), before the transformer loads.
         manifest = resolve_training_manifest(
-            dataset_manifest=config.data.dataset_manifest, data_backend_config=config.data.data_backend_config,
+            dataset_manifests=config.data.dataset_manifests, data_backend_config=config.data.data_backend_config,
             model=folder, out_dir=out_dir, is_main=env.is_main, barrier=lambda: parallelize.barrier(env),
             device=str(env.device), vae_batch_size=config.data.vae_batch_size, encoders=encoders)
         prompts = validation_prompts(config, env=env, cache_dir=out_dir / "text_cache")
@@ -400,7 +400,8 @@ def train(config, *, env: parallelize.DistEnv) -> Path | None:
             events.emit("step", step=step + 1, loss=loss, lr=lr, applied=applied, seconds_per_step=seconds,
                         samples_per_second=samples_per_step / max(seconds, 1e-9), max_train_steps=total,
                         eta_seconds=mean_seconds * (total - step - 1),
-                        peak_memory_mb=None if peak is None else round(peak / 2**20, 1))
+                        peak_memory_mb=None if peak is None else round(peak / 2**20, 1),
+                        datasets=sorted({manifest.items[b.indices[0]].source for b in micro}))
             number = step + 1
             if number % config.checkpoint.every_steps == 0:
                 where["phase"] = "checkpoint"

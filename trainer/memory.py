@@ -280,7 +280,8 @@ def estimate_for_config(config: Any, *, world_size: int, device: str = "cuda") -
     """The estimate for a TrainConfig run on `world_size` processes (largest bucket of its dataset, or
     the dataset's resolution when only data_backend_config is given: then 1024 px is assumed)."""
     transformer_config = json.loads((Path(config.model.root) / "transformer" / "config.json").read_text())
-    tokens = _largest_item_tokens(config.data.dataset_manifest) if config.data.dataset_manifest else None
+    sizes = [t for p in config.data.dataset_manifests if (t := _largest_item_tokens(p)) is not None]
+    tokens = max(sizes) if sizes else None
     extra = 0.0
     if config.validation.enabled and not config.offload.during_startup:
         extra = _vae_gb(Path(config.model.root))

@@ -28,6 +28,25 @@ def square_dataset(tiny_model_dir, tmp_path_factory) -> Path:
                          extra_prompts=["a red square on a white background"])
 
 
+@pytest.fixture(scope="session")
+def wide_dataset(tiny_model_dir, tmp_path_factory) -> Path:
+    """Manifest of 3 cached 96x64 images (bucket 80x48), captions unlike square_dataset's."""
+    import numpy as np
+    from PIL import Image
+
+    from trainer.data import build_dataset
+    from trainer.model_files import inspect_model_folder
+
+    root = tmp_path_factory.mktemp("wide")
+    (root / "images").mkdir()
+    for n in range(3):
+        pixels = np.random.default_rng(n).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "images" / f"w{n}.png")
+        (root / "images" / f"w{n}.txt").write_text(f"a wide noise picture {n}", encoding="utf-8")
+    return build_dataset(image_dir=root / "images", model=inspect_model_folder(tiny_model_dir),
+                         out_dir=root / "built", resolution=64, text_precision="fp32")
+
+
 def run_config(tiny_model_dir: Path, manifest: Path, output_dir: Path, **overrides: Any) -> dict[str, Any]:
     config = {
         "model_type": "lora",

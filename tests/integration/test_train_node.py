@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,29 @@ def test_bad_inputs_are_refused_before_launch(nodes, model_spec, dataset, comfy_
         _train(nodes, model_spec, dataset, **overrides)
     runs = comfy_root / "output" / "flux2_lora" / "runs"
     assert not any(runs.rglob("train.log")) if runs.exists() else True
+
+
+def test_several_datasets_train_together(nodes, model_spec, dataset, wide_dataset, comfy_root):
+    from trainer.events import read_events
+
+    wide = nodes.DatasetHandle(manifest=str(wide_dataset), num_images=3,
+                               fingerprint=json.loads(Path(wide_dataset).read_text())["fingerprint"])
+    with pytest.raises(ValueError, match=r"dataset_3 is the same dataset as dataset \("):
+        _train(nodes, model_spec, dataset, dataset_2=wide, dataset_3=dataset)
+    # 8 squares and 3 wide images, batch 1: 11 steps are one epoch, so both datasets are trained on.
+    out = _train(nodes, model_spec, dataset, dataset_3=wide, max_train_steps=11, checkpointing_steps=100)
+    lora, history, _ = out["result"]
+    assert Path(lora.path).is_file() and len(history) == 11
+    run_dir = Path(lora.path).parent
+    config = json.loads((run_dir / "run.json").read_text())
+    assert config["dataset_manifest"] == [dataset.manifest, wide.manifest]
+    steps = [e for e in read_events(run_dir / "events.jsonl") if e["event"] == "step"]
+    assert Counter(d for e in steps for d in e["datasets"]) == {"default": 8, "default-2": 3}
+    summary = (run_dir / "dataset_summary.txt").read_text(encoding="utf-8")
+    assert "11 usable images in 2 buckets (64x64: 8, 80x48: 3)" in summary
+    # The run folder belongs to both datasets: the first one alone is another run.
+    single = _train(nodes, model_spec, dataset, launch="export")
+    assert Path(single["result"][2].splitlines()[0].split(": ", 1)[1]).parent != run_dir
 
 
 def test_same_inputs_reuse_the_finished_run(nodes, model_spec, dataset, monkeypatch):

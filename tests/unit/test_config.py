@@ -418,7 +418,7 @@ def test_simpletuner_flux2_quickstart_config_loads(paths: Paths, tmp_path: Path)
     path = tmp_path / "config.json"
     path.write_text(json.dumps(simpletuner_config, indent=2))
     cfg = TrainConfig.from_json(path)
-    assert cfg.data.data_backend_config == paths.manifest and cfg.data.dataset_manifest is None
+    assert cfg.data.data_backend_config == paths.manifest and cfg.data.dataset_manifests == ()
     assert cfg.quantization == config_module.QuantizationSettings(
         base_model_precision="int8-quanto", text_encoder_precision="int8-quanto",
         base_model_default_dtype="bf16", quantize_via="cpu")

@@ -406,7 +406,7 @@ def test_run_summary_lands_in_the_run_folder(edit_build, model, tmp_path):
     _, config, manifest_path = edit_build
     calls = []
     manifest = data.resolve_training_manifest(
-        dataset_manifest=None, data_backend_config=config.path, model=model, out_dir=tmp_path / "run",
+        dataset_manifests=(), data_backend_config=config.path, model=model, out_dir=tmp_path / "run",
         is_main=True, barrier=lambda: calls.append("barrier"))
     assert calls == ["barrier"] and len(manifest.items) == 5
     record = json.loads((tmp_path / "run" / data.RUN_REPORT_FILE).read_text(encoding="utf-8"))
