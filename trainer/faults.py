@@ -9,6 +9,7 @@ once; nothing here is an option for users. The grammar is one fault per process 
     point   load | step<N> | ckpt<N> | validation<N>   (N: 1-based step number; omitted = any)
     action  raise   RuntimeError (a crashing rank)
             nan     the loss becomes NaN (step only)
+            nangrad the loss stays finite, its gradient becomes NaN (step only)
             oom     torch.OutOfMemoryError, as CUDA raises it
             enospc  OSError(ENOSPC) on the file being written (ckpt only)
             pause   write FLUX2LORA_FAULT_DIR/<rank>-<point><N>.pid and block until killed (a hung rank,
@@ -27,11 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 FAULT_ENV = "FLUX2LORA_FAULT"
 FAULT_DIR_ENV = "FLUX2LORA_FAULT_DIR"
 POINTS = ("load", "step", "ckpt", "validation")
-ACTIONS = ("raise", "nan", "oom", "enospc", "pause")
-_SPEC = re.compile(r"rank(\d+|\*):(load|step|ckpt|validation)(\d+)?:(raise|nan|oom|enospc|pause)")
+ACTIONS = ("raise", "nan", "nangrad", "oom", "enospc", "pause")
+_SPEC = re.compile(r"rank(\d+|\*):(load|step|ckpt|validation)(\d+)?:(raise|nangrad|nan|oom|enospc|pause)")
 
 
 class InjectedFault(RuntimeError):
@@ -60,8 +63,8 @@ def parse_fault(text: str) -> Fault:
             f"action in {ACTIONS}, e.g. 'rank1:step3:raise'. It is a test-only variable: unset it to train."
         )
     rank, point, number, action = match.groups()
-    if action == "nan" and point != "step":
-        raise ValueError(f"{FAULT_ENV}={text!r}: action 'nan' only applies to point 'step'.")
+    if action in ("nan", "nangrad") and point != "step":
+        raise ValueError(f"{FAULT_ENV}={text!r}: action {action!r} only applies to point 'step'.")
     if action == "enospc" and point != "ckpt":
         raise ValueError(f"{FAULT_ENV}={text!r}: action 'enospc' only applies to point 'ckpt'.")
     return Fault(rank=None if rank == "*" else int(rank), point=point,
@@ -80,7 +83,7 @@ def _rank() -> int:
 def fault_point(point: str, *, number: int | None = None, path: Path | None = None) -> None:
     """Fire the configured fault if it names this point, step and rank; otherwise do nothing."""
     fault = active_fault()
-    if fault is None or fault.action == "nan" or not fault.matches(point, number=number, rank=_rank()):
+    if fault is None or fault.action in ("nan", "nangrad") or not fault.matches(point, number=number, rank=_rank()):
         return
     where = f"{point}{'' if number is None else number} on rank {_rank()}"
     if fault.action == "raise":
@@ -109,8 +112,21 @@ def _pause(name: str) -> None:
 
 
 def corrupt_loss(loss: Any, *, step: int) -> Any:
-    """The loss, or NaN where a 'nan' fault names this step (1-based) and rank."""
+    """The loss, or NaN where a 'nan' fault names this step (1-based) and rank; under 'nangrad' the loss keeps
+    its value and its gradient becomes NaN."""
     fault = active_fault()
-    if fault is None or fault.action != "nan" or not fault.matches("step", number=step, rank=_rank()):
+    if fault is None or fault.action not in ("nan", "nangrad") or not fault.matches("step", number=step, rank=_rank()):
         return loss
+    if fault.action == "nangrad":
+        return _NanGradient.apply(loss)
     return loss * float("nan")
+
+
+class _NanGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")

@@ -180,10 +180,32 @@ def train_step(model: Model, optimizer: torch.optim.Optimizer, *, micro_batches:
             f"loss is {mean_loss} at step {step + 1} (rank {env.rank}'s batch: {files}); nan_policy 'stop' ended the "
             "run before the optimizer step, so the LoRA holds no NaN. Check those images, lower learning_rate, or "
             "set nan_policy 'skip_batch' to skip such batches.")
-    if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in model.module.parameters() if p.requires_grad], max_grad_norm)
+    # A finite loss can still give inf/NaN gradients (an overflow in backward); one such step ruins the LoRA.
+    # Every rank sees the same norm (DDP and FSDP2 reduce it), so every rank takes the same branch.
+    grad_norm = _gradient_norm(model, max_norm=max_grad_norm)
+    if not math.isfinite(grad_norm):
+        if nan_policy == "skip_batch":
+            optimizer.zero_grad(set_to_none=True)
+            return mean_loss, False
+        files = ", ".join(str(p) for batch in micro_batches for p in batch.image_paths)
+        raise NonFiniteLossError(
+            f"gradient norm is {grad_norm} at step {step + 1} with a finite loss {mean_loss:.5f} (rank {env.rank}'s "
+            f"batch: {files}); nan_policy 'stop' ended the run before the optimizer step, so the LoRA holds no NaN. "
+            "Lower learning_rate, use mixed_precision bf16 rather than fp16, or set nan_policy 'skip_batch'.")
     optimizer.step()
     return mean_loss, True
+
+
+def _gradient_norm(model: Model, *, max_norm: float) -> float:
+    """The global L2 norm of the LoRA gradients, clipped to max_norm first when max_norm > 0."""
+    params = [p for p in model.module.parameters() if p.requires_grad and p.grad is not None]
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # the norm before clipping
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the reduced norm
+        norm = norm.full_tensor()
+    return float(norm)
 
 
 def save_training_checkpoint(model: Model, optimizer, lr_scheduler, *, output_dir: Path, step: int, sampler,

@@ -360,6 +360,29 @@ def test_nan_loss_with_skip_batch_skips_that_step_and_finishes(runs, tiny_model_
         assert all(torch.isfinite(fh.get_tensor(k)).all() for k in fh.keys())  # noqa: SIM118
 
 
+@pytest.mark.parametrize("nan_policy", ["stop", "skip_batch"])
+def test_nan_gradient_with_a_finite_loss_is_caught_before_the_optimizer_step(
+        runs, tiny_model_dir, square_dataset, tmp_path, nan_policy):
+    out = tmp_path / "run"
+    config = runs.run_config(tiny_model_dir, square_dataset, out, max_train_steps=4, checkpointing_steps=2,
+                             nan_policy=nan_policy, max_grad_norm=0.0 if nan_policy == "stop" else 1.0)
+    events, err = follow(start_run(config, nproc=1, fault="rank*:step3:nangrad", fault_dir=tmp_path))
+    steps = {e["step"]: e for e in events if e["event"] == "step"}
+    if nan_policy == "stop":
+        assert isinstance(err, TrainingFailed)
+        [report] = errors(events)
+        assert (report["kind"], report["step"], report["last_checkpoint"]) == ("non_finite_loss", 3, "checkpoint-2")
+        assert re.match(r"gradient norm is nan at step 3 with a finite loss \d+\.\d{5} \(rank 0's batch: ",
+                        report["message"])
+        assert sorted(steps) == [1, 2] and not (out / "lora.safetensors").exists()
+        return
+    assert err is None, err
+    assert sorted(steps) == [1, 2, 3, 4]
+    assert steps[3]["applied"] is False and isinstance(steps[3]["loss"], float)  # the loss itself was finite
+    with safe_open(str(out / "lora.safetensors"), "pt") as fh:
+        assert all(torch.isfinite(fh.get_tensor(k)).all() for k in fh.keys())  # noqa: SIM118
+
+
 def test_out_of_memory_names_step_peak_memory_and_the_keys_that_save_memory(
         runs, tiny_model_dir, square_dataset, tmp_path):
     out = tmp_path / "run"
