@@ -130,6 +130,7 @@ class Flux2BuildDataset:
                 "minimum_image_size": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 16, "tooltip": "Skip images smaller than this (sqrt(width x height) in pixels; 0 keeps all). Skips are listed in the report."}),
                 "data_backend_config": ("STRING", {"default": "", "tooltip": "Optional path of a SimpleTuner multidatabackend.json (several datasets, reference/conditioning datasets for edit LoRAs, text_embeds cache). When set, it is built instead of image_folder and the widgets above."}),
                 "vae_batch_size": ("INT", {"default": 4, "min": 1, "max": 64, "step": 1, "tooltip": "Images the VAE encodes at once while caching; lower it if caching runs out of memory."}),
+                "split_caption_lines": ("BOOLEAN", {"default": True, "tooltip": "textfile captions: each non-empty line of a .txt file is a caption of its own and one is drawn per sample (SimpleTuner's multi-caption files). Off: the whole file is one caption."}),
             },
         }
 
@@ -167,7 +168,8 @@ class Flux2BuildDataset:
 
     def build(self, model, image_folder: str, resolution: int, repeats: int, caption_strategy: str,
               instance_prompt: str = "", crop_aspect: str = "closest", crop_style: str = "center",
-              minimum_image_size: int = 0, data_backend_config: str = "", vae_batch_size: int = 4):
+              minimum_image_size: int = 0, data_backend_config: str = "", vae_batch_size: int = 4,
+              split_caption_lines: bool = True):
         from ..trainer.data import build_dataset, build_datasets, load_build_report, load_manifest
 
         if data_backend_config.strip():
@@ -180,7 +182,7 @@ class Flux2BuildDataset:
             manifest_path = build_datasets(config, model=model.folder, out_dir=out_dir, text_precision=model.precision,
                                            device=str(comfy_bridge.torch_device()), vae_batch_size=vae_batch_size)
             return self._result(manifest_path)
-        if (crop_aspect, crop_style, minimum_image_size) != ("closest", "center", 0):
+        if (crop_aspect, crop_style, minimum_image_size, split_caption_lines) != ("closest", "center", 0, True):
             from ..trainer.databackend import BackendConfig, ImageDatasetSpec, TextEmbedsSpec
 
             folder = resolve_image_folder(image_folder).resolve()
@@ -191,12 +193,14 @@ class Flux2BuildDataset:
             spec = ImageDatasetSpec(id="default", instance_data_dir=folder, caption_strategy=caption_strategy,
                                     instance_prompt=instance_prompt or None, resolution=resolution,
                                     repeats=repeats - 1, crop_aspect=crop_aspect, crop_style=crop_style,
-                                    minimum_image_size=float(minimum_image_size) or None)
+                                    minimum_image_size=float(minimum_image_size) or None,
+                                    disable_multiline_split=not split_caption_lines)
             config = BackendConfig(path=None, datasets=(spec,), conditioning={},
                                    text_embeds=(TextEmbedsSpec(id="text", write_batch_size=4, default=True),))
             key = hashlib.sha256(json.dumps([str(folder), resolution, repeats, caption_strategy, instance_prompt,
                                              str(model.folder.root), crop_aspect, crop_style,
-                                             minimum_image_size]).encode()).hexdigest()[:12]
+                                             minimum_image_size, *([] if split_caption_lines else ["whole-file captions"])]
+                                            ).encode()).hexdigest()[:12]
             out_dir = comfy_bridge.output_directory() / DATASETS_SUBDIR / f"{sanitize_name(folder.name, input_name='image_folder')}-{key}"
             manifest_path = build_datasets(config, model=model.folder, out_dir=out_dir, text_precision=model.precision,
                                            device=str(comfy_bridge.torch_device()), vae_batch_size=vae_batch_size)

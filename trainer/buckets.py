@@ -10,6 +10,7 @@ Everything here is pure arithmetic and deterministic; a test pins exact assignme
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -124,7 +125,7 @@ def plan_crop(width: int, height: int, *, bucket: tuple[int, int]) -> CropPlan:
 # ----------------------------------------------------------------------------- SimpleTuner dataset geometry
 
 RESOLUTION_TYPES: tuple[str, ...] = ("pixel_area", "area", "pixel")
-CROP_ASPECTS: tuple[str, ...] = ("square", "preserve", "closest")
+CROP_ASPECTS: tuple[str, ...] = ("square", "preserve", "closest", "random")
 CROP_STYLES: tuple[str, ...] = ("center", "random", "corner")
 
 
@@ -172,6 +173,8 @@ def choose_bucket(
     resolution_type: str = "pixel_area",
     crop: bool = True,
     crop_aspect: str = "closest",
+    crop_aspect_buckets: Sequence[tuple[float, float]] = (),
+    random_key: str = "",
     step: int = TOKEN_PIXELS,
     min_aspect: float = 0.25,
     max_aspect: float = 4.0,
@@ -184,11 +187,16 @@ def choose_bucket(
     - crop_aspect "preserve", crop false, and resolution_type "pixel": the image's own aspect (clamped to the
       aspect limits) scaled to the area, each side rounded to the nearest multiple of step; with "pixel" the
       shorter side is resolution rounded down to a multiple of step. Only the rounding is cropped away.
+    - crop_aspect "random", or "closest" with crop_aspect_buckets ((aspect, weight) pairs; crop must be true):
+      the aspect select_crop_aspect picks from that list (random: drawn from random_key; closest: the nearest
+      listed one) replaces the image's own, then sized as preserve (or as "pixel") does.
     """
     if width < 1 or height < 1:
         raise ValueError(f"image size {width}x{height} must be at least 1x1 pixel.")
     if crop_aspect not in CROP_ASPECTS:
         raise ValueError(f"crop_aspect {crop_aspect!r} is not one of {', '.join(CROP_ASPECTS)}.")
+    if crop_aspect == "random" and not (crop and crop_aspect_buckets):
+        raise ValueError("crop_aspect 'random' needs crop true and a non-empty crop_aspect_buckets list to draw from.")
     area = target_area(resolution, resolution_type=resolution_type)
     if area < step * step:
         raise ValueError(f"resolution {resolution!r} ({resolution_type}) is below one {step}x{step} bucket.")
@@ -196,18 +204,64 @@ def choose_bucket(
         side = _floor_step(resolution, step) if resolution_type == "pixel" else _floor_step(math.sqrt(area), step)
         return side, side
     aspect = min(max(width / height, min_aspect), max_aspect)
+    listed = crop and crop_aspect in ("random", "closest") and bool(crop_aspect_buckets)
+    if listed:
+        aspect = select_crop_aspect(width, height, crop_aspect=crop_aspect, crop_aspect_buckets=crop_aspect_buckets,
+                                    random_key=random_key)
+        if not min_aspect <= aspect <= max_aspect:
+            raise ValueError(f"crop_aspect_buckets aspect {aspect:g} is outside [{min_aspect:g}, {max_aspect:g}].")
     if resolution_type == "pixel":
         short = _floor_step(resolution, step)
         long = _round_step(short * max(aspect, 1 / aspect), step)
         return (long, short) if aspect >= 1 else (short, long)
-    if crop and crop_aspect == "closest":
+    if crop and crop_aspect == "closest" and not listed:
         return min(
             _bucket_sizes_for_area(area, step, float(min_aspect), float(max_aspect)),
             key=lambda b: (round(abs(math.log(b[0] / b[1]) - math.log(aspect)), 12), -b[0] * b[1], -b[0]),
         )
-    # preserve (or no crop): the own aspect at the target area.
+    # preserve (or no crop): the own aspect at the target area; random / listed closest: the chosen one.
     h = math.sqrt(area / aspect)
     return _round_step(h * aspect, step), _round_step(h, step)
+
+
+def select_crop_aspect(
+    width: int,
+    height: int,
+    *,
+    crop_aspect: str,
+    crop_aspect_buckets: Sequence[tuple[float, float]],
+    random_key: str = "",
+) -> float:
+    """The aspect ratio (width / height) one image is cropped to, picked from crop_aspect_buckets.
+
+    crop_aspect_buckets holds (aspect, weight) pairs with positive weights (a plain list of aspects gives each
+    the weight 1 / n).
+    - random: one weighted draw from sha256("aspect|" + random_key); the image's own aspect plays no part.
+      Keyed by content (e.g. dataset id + image sha256) rather than a global RNG, a rebuild picks the same
+      aspect, so the crop and its cached latent stay the same, as SimpleTuner's stored metadata does.
+    - closest: the listed aspect nearest the image's, compared in log space (2:1 and 1:2 are equally far from
+      1:1); an exact tie goes to the wider aspect. Weights play no part.
+    """
+    if not crop_aspect_buckets:
+        raise ValueError("crop_aspect_buckets is empty; give at least one aspect ratio (width / height).")
+    if crop_aspect == "closest":
+        target = math.log(width / height)
+        return min((a for a, _ in crop_aspect_buckets),
+                   key=lambda a: (round(abs(math.log(a) - target), 12), -a))
+    if crop_aspect != "random":
+        raise ValueError(f"crop_aspect {crop_aspect!r} does not pick from crop_aspect_buckets; use random or closest.")
+    import hashlib
+
+    digest = hashlib.sha256(f"aspect|{random_key}".encode()).digest()
+    # 53 bits: a float in [0, 1) with every value exactly representable.
+    u = (int.from_bytes(digest[:8], "little") >> 11) / float(1 << 53)
+    point = u * math.fsum(w for _, w in crop_aspect_buckets)
+    running = 0.0
+    for aspect, weight in crop_aspect_buckets:
+        running += weight
+        if point < running:
+            return aspect
+    return crop_aspect_buckets[-1][0]  # only reached through float rounding of the running sum
 
 
 def _bucket_sizes_for_area(area: int, step: int, min_aspect: float, max_aspect: float) -> tuple[tuple[int, int], ...]:

@@ -47,8 +47,10 @@ MAX_IMAGE_PIXELS = 178_956_970
 here so the scan stays safe even where another node pack switched Pillow's guard off."""
 
 MANIFEST_FORMAT = "flux2-lora-dataset"
-MANIFEST_VERSION = 2
-"""2 added references (edit LoRAs), several sources and cache paths outside the manifest's folder; 1 is read too."""
+MANIFEST_VERSION = 3
+"""3 added several captions per item (captions/texts, written when an item has more than one) and a
+probability per source; 2 added references (edit LoRAs), several sources and cache paths outside the
+manifest's folder. Versions 1 and 2 are read too."""
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.json"
 LATENT_DIR = "latents"
@@ -76,12 +78,18 @@ class ScannedImage:
     """Absolute path of the image file."""
     relpath: str
     """Path relative to the scanned folder, with forward slashes."""
-    caption: str
+    captions: tuple[str, ...]
+    """Its captions, at least one: each non-empty line of a textfile caption (unless the split is off)."""
     width: int
     """Width as displayed, after the EXIF orientation is applied."""
     height: int
     sha256: str
     """sha256 of the file's bytes: the image's identity in every cache key."""
+
+    @property
+    def caption(self) -> str:
+        """The first caption (the only one unless the caption file has several lines)."""
+        return self.captions[0]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -200,14 +208,20 @@ def _find_caption_file(image: Path) -> Path | None:
     return None
 
 
+def split_caption_lines(text: str) -> tuple[str, ...]:
+    """Each non-empty line of a caption file, stripped (\\r of Windows line ends included); ("",) for none."""
+    lines = tuple(line.strip() for line in text.splitlines())
+    return tuple(line for line in lines if line) or ("",)
+
+
 def _caption_for(
-    image: Path, *, caption_strategy: str, instance_prompt: str | None
-) -> tuple[str | None, str | None]:
-    """(caption, None) or (None, skip reason)."""
+    image: Path, *, caption_strategy: str, instance_prompt: str | None, disable_multiline_split: bool = False
+) -> tuple[tuple[str, ...] | None, str | None]:
+    """(captions, None) or (None, skip reason)."""
     if caption_strategy == "instanceprompt":
-        return str(instance_prompt).strip(), None
+        return (str(instance_prompt).strip(),), None
     if caption_strategy == "filename":
-        return " ".join(image.stem.replace("_", " ").split()), None
+        return (" ".join(image.stem.replace("_", " ").split()),), None
     caption_file = _find_caption_file(image)
     if caption_file is None:
         return None, (
@@ -220,12 +234,13 @@ def _caption_for(
         return None, f"caption file {caption_file.name} is unreadable ({exc.strerror or exc})"
     try:
         # utf-8-sig: Windows editors often prepend a byte-order mark.
-        return raw.decode("utf-8-sig").strip(), None
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         return None, (
             f"caption file {caption_file.name} is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
             "re-save it as UTF-8"
         )
+    return ((text.strip(),) if disable_multiline_split else split_caption_lines(text)), None
 
 
 def scan_image_folder(
@@ -236,8 +251,12 @@ def scan_image_folder(
     min_side_px: int = 16,
     max_pixels: int = MAX_IMAGE_PIXELS,
     exclude: Sequence[str | Path] = (),
+    disable_multiline_split: bool = False,
 ) -> ScanResult:
-    """Every usable image under folder (recursively, sorted by relative path) with its caption.
+    """Every usable image under folder (recursively, sorted by relative path) with its captions.
+
+    With caption_strategy "textfile" each non-empty line of the caption file is a caption of its own
+    (SimpleTuner's multi-caption files); disable_multiline_split=True keeps the whole file as one caption.
 
     Unusable files are listed in ScanResult.skipped with a reason, never silently dropped: zero-byte files,
     files that are not PNG/JPEG/WebP/BMP or are truncated or corrupt, images with a side under min_side_px or
@@ -295,18 +314,19 @@ def scan_image_folder(
                 SkippedFile(path=path, reason=f"too small: {width}x{height}, a side is under min_side_px={min_side_px}")
             )
             continue
-        caption, reason = _caption_for(path, caption_strategy=caption_strategy, instance_prompt=instance_prompt)
-        if caption is None:
+        captions, reason = _caption_for(path, caption_strategy=caption_strategy, instance_prompt=instance_prompt,
+                                        disable_multiline_split=disable_multiline_split)
+        if captions is None:
             result.skipped.append(SkippedFile(path=path, reason=str(reason)))
             continue
-        if caption == "" and caption_strategy == "textfile":
+        if captions == ("",) and caption_strategy == "textfile":
             result.warnings.append(f"{rel} has an empty caption (trained as unconditional)")
         digest = hashlib.sha256(data).hexdigest()
         if digest in seen_content:
             result.warnings.append(f"{rel} has the same contents as {seen_content[digest]}")
         seen_content.setdefault(digest, rel)
         result.images.append(
-            ScannedImage(path=path, relpath=rel, caption=caption, width=width, height=height, sha256=digest)
+            ScannedImage(path=path, relpath=rel, captions=captions, width=width, height=height, sha256=digest)
         )
     result.images.sort(key=lambda im: im.relpath)
     if not result.images:
@@ -445,6 +465,10 @@ class BuildReport:
     disabled_datasets: list[str] = field(default_factory=list)
     latent_bytes_per_image: float = 0.0
     text_bytes_per_caption: float = 0.0
+    captions: int = 0
+    """Training captions of all usable images (an image with a multi-line caption file counts each line)."""
+    multi_caption_images: int = 0
+    """Usable images with several captions (one is drawn per sample)."""
 
     @property
     def cache_hit_rate(self) -> float:
@@ -462,13 +486,19 @@ class BuildReport:
             f"latents: {self.vae_images_encoded} encoded, {self.latents_reused} reused; "
             f"captions: {self.prompts_encoded} encoded, {self.prompts_reused} reused.",
         ]
+        if self.multi_caption_images:
+            several = "1 image has" if self.multi_caption_images == 1 else f"{self.multi_caption_images} images have"
+            lines.append(f"{self.captions} training captions; {several} several "
+                         "(one line of the caption file is drawn per sample).")
         if len(self.datasets) > 1 or any(d.get("type") == "conditioning" for d in self.datasets.values()):
             for ds, info in self.datasets.items():
                 buckets = ", ".join(f"{b}: {n}" for b, n in info["buckets"].items())
+                weight = info.get("probability", 1.0)
                 lines.append(
                     f"dataset {ds} ({info['type']}): {info['found']} found, {info['used']} used, "
-                    f"{len(info['skipped'])} skipped; x{info['copies']} per epoch; buckets {buckets or 'none'}; "
-                    f"{info['latent_bytes_per_image']:.0f} latent bytes per image"
+                    f"{len(info['skipped'])} skipped; x{info['copies']} per epoch; "
+                    + (f"probability {weight:g}; " if weight != 1.0 else "")
+                    + f"buckets {buckets or 'none'}; {info['latent_bytes_per_image']:.0f} latent bytes per image"
                 )
         lines.append(
             f"cache hit rate {self.cache_hit_rate:.0%}; {self.latent_bytes_per_image:.0f} latent bytes per image, "
@@ -555,12 +585,14 @@ def build_dataset(
     vae_batch_size: int = 4,
     text_batch_size: int = 4,
     encoders: Any = None,
+    disable_multiline_split: bool = False,
 ) -> Path:
     """Scan one image folder, fill the latent and caption caches under out_dir, write manifest.json; return its path.
 
     repeats counts appearances per epoch (1 = once). The one-folder form of build_datasets (see there for the
     cache and encoder rules): latents go to out_dir/latents, embeddings to out_dir/text, center crops to the
-    nearest bucket of about resolution^2 pixels.
+    nearest bucket of about resolution^2 pixels. Each non-empty line of a textfile caption is a caption of its
+    own unless disable_multiline_split is set.
     """
     _check_build_args(resolution=resolution, repeats=repeats, bucket_step=bucket_step, extra_prompts=extra_prompts,
                       vae_batch_size=vae_batch_size, text_batch_size=text_batch_size)
@@ -573,7 +605,8 @@ def build_dataset(
             "(a subfolder of the image folder works: it is left out of the scan)."
         )
     spec = ImageDatasetSpec(id="default", instance_data_dir=images_path, caption_strategy=caption_strategy,
-                            instance_prompt=instance_prompt, resolution=resolution, repeats=repeats - 1)
+                            instance_prompt=instance_prompt, resolution=resolution, repeats=repeats - 1,
+                            disable_multiline_split=disable_multiline_split)
     config = BackendConfig(path=None, datasets=(spec,), conditioning={},
                            text_embeds=(TextEmbedsSpec(id="text", write_batch_size=text_batch_size, default=True),))
     return build_datasets(config, model=model, out_dir=out_dir, vae_precision=vae_precision,
@@ -605,8 +638,12 @@ def _size_reason(image: ScannedImage, spec: Any) -> str | None:
 def _plan_for(image: ScannedImage, spec: Any, *, step: int) -> CropPlan:
     from .buckets import choose_bucket, plan_crop_styled
 
+    # crop_aspect random draws from the dataset id and the image's content: a rebuild gets the same aspect,
+    # hence the same latent cache key; the same file in two datasets may get different aspects.
     bucket = choose_bucket(image.width, image.height, resolution=spec.resolution,
-                           resolution_type=spec.resolution_type, crop=spec.crop, crop_aspect=spec.crop_aspect, step=step)
+                           resolution_type=spec.resolution_type, crop=spec.crop, crop_aspect=spec.crop_aspect,
+                           crop_aspect_buckets=spec.crop_aspect_buckets, random_key=f"{spec.id}/{image.sha256}",
+                           step=step)
     style = spec.crop_style if spec.crop else "center"
     return plan_crop_styled(image.width, image.height, bucket=bucket, crop_style=style, random_key=image.sha256)
 
@@ -616,9 +653,10 @@ def _stem_key(relpath: str) -> str:
     return relpath.rsplit(".", 1)[0] if "." in relpath.rsplit("/", 1)[-1] else relpath
 
 
-def _dataset_entry(kind: str, folder: Path, copies: int) -> dict[str, Any]:
+def _dataset_entry(kind: str, folder: Path, copies: int, *, probability: float = 1.0) -> dict[str, Any]:
     return {"type": kind, "folder": str(folder), "found": 0, "used": 0, "skipped": [], "buckets": {},
-            "copies": copies, "caption_words": {}, "latents_encoded": 0, "latents_reused": 0,
+            "copies": copies, "probability": probability, "caption_words": {}, "captions": 0,
+            "images_with_several_captions": 0, "latents_encoded": 0, "latents_reused": 0,
             "latent_bytes_per_image": 0.0}
 
 
@@ -661,6 +699,13 @@ def build_datasets(
             )
     out = check_writable_dir(Path(out_dir), what="dataset output folder (out_dir)")
     specs = list(config.datasets)
+    for spec in specs:
+        if not (math.isfinite(spec.probability) and spec.probability >= 0):
+            raise ValueError(f"dataset {spec.id!r}: probability is {spec.probability!r}; give a finite weight >= 0 "
+                             "(1 is the default, 0 leaves the dataset out of training).")
+    if all(spec.probability == 0 for spec in specs):
+        raise ValueError(f"every image dataset has probability 0 ({', '.join(s.id for s in specs)}), so nothing would "
+                         "be trained on; give at least one a probability above 0 (the default is 1).")
     used_cond = [config.conditioning[c] for c in dict.fromkeys(c for d in specs for c in d.conditioning_data)]
     latent_dirs: dict[str, Path] = {}
     for spec in specs + used_cond:
@@ -680,6 +725,8 @@ def build_datasets(
     first_folder = specs[0].instance_data_dir.expanduser().resolve()
     report = BuildReport(image_dir=str(first_folder), out_dir=str(out), warnings=list(config.warnings),
                          disabled_datasets=list(config.disabled))
+    report.warnings += [f"dataset {s.id!r} has probability 0: it is built but never sampled (left out of training)"
+                        for s in specs if s.probability == 0]
     ids = encoder_identities(model)
 
     def scan(spec) -> ScanResult:
@@ -688,13 +735,14 @@ def build_datasets(
             result = scan_image_folder(
                 spec.instance_data_dir, caption_strategy="filename" if conditioning else spec.caption_strategy,
                 instance_prompt=None if conditioning else spec.instance_prompt, min_side_px=min_side_px,
-                exclude=excluded,
+                exclude=excluded, disable_multiline_split=spec.disable_multiline_split,
             )
         except ValueError as exc:
             if _strict_folder_errors:
                 raise
             raise ValueError(f"dataset {spec.id!r} (instance_data_dir): {exc}") from None
-        entry = report.datasets.setdefault(spec.id, _dataset_entry(spec.dataset_type, result.folder, spec.copies))
+        entry = report.datasets.setdefault(spec.id, _dataset_entry(spec.dataset_type, result.folder, spec.copies,
+                                                                   probability=spec.probability))
         entry["found"] = len(result.images) + sum(1 for s in result.skipped if s.path.suffix.lower() in IMAGE_EXTENSIONS)
         for s in result.skipped:
             entry["skipped"].append({"path": str(s.path), "reason": s.reason})
@@ -802,7 +850,7 @@ def build_datasets(
                 f"({len(skipped)} skipped: {'; '.join(Path(s['path']).name + ': ' + s['reason'] for s in skipped[:5])})."
             )
         usable.append((spec, keep_rows))
-        text_jobs[config.text_spec_for(spec).id].extend(t.image.caption for t, _ in keep_rows)
+        text_jobs[config.text_spec_for(spec).id].extend(c for t, _ in keep_rows for c in t.image.captions)
     text_jobs[default_text.id].extend(["", *extra_prompts])
     batch_sizes = {t.id: t.write_batch_size for t in (config.text_embeds or (default_text,))}
     text_paths = _fill_text_cache(
@@ -821,6 +869,9 @@ def build_datasets(
         tid = config.text_spec_for(spec).id
         for target, refs in rows:
             image = target.image
+            # caption/text hold the first caption; captions/texts (all of them) only when there are several.
+            several = {"captions": list(image.captions),
+                       "texts": [stored(text_paths[tid][c]) for c in image.captions]} if len(image.captions) > 1 else {}
             manifest_items.append({
                 "image": image.relpath,
                 "source": spec.id,
@@ -840,7 +891,7 @@ def build_datasets(
                      "resized": list(r.plan.resized), "crop": list(r.plan.crop), "latent": stored(r.latent_path)}
                     for r in refs
                 ],
-            })
+            } | several)
             for p in [target, *refs]:
                 ds_entry = report.datasets[p.dataset]
                 if p.latent_key in encoded_keys:
@@ -853,9 +904,13 @@ def build_datasets(
                 ds_entry["buckets"][key] = ds_entry["buckets"].get(key, 0) + 1
             key = f"{target.plan.bucket[0]}x{target.plan.bucket[1]}"
             report.buckets[key] = report.buckets.get(key, 0) + 1
-        words = [len(t.image.caption.split()) for t, _ in rows]
+        words = [len(c.split()) for t, _ in rows for c in t.image.captions]  # every caption, not just the first
         entry["caption_words"] = {"min": min(words), "mean": round(sum(words) / len(words), 2), "max": max(words),
                                   "empty": sum(1 for w in words if w == 0)}
+        entry["captions"] = len(words)
+        entry["images_with_several_captions"] = sum(1 for t, _ in rows if len(t.image.captions) > 1)
+        report.captions += entry["captions"]
+        report.multi_caption_images += entry["images_with_several_captions"]
     for ds, sizes in latent_sizes.items():
         report.datasets[ds]["latent_bytes_per_image"] = sum(sizes) / len(sizes)
         report.datasets[ds]["buckets"] = dict(sorted(report.datasets[ds]["buckets"].items()))
@@ -871,13 +926,15 @@ def build_datasets(
     default_paths = text_paths[default_text.id]
     text_cache: dict[str, str] = {c: stored(p) for c, p in default_paths.items()}
     for item in manifest_items:
-        text_cache.setdefault(item["caption"], item["text"])
+        for caption, text in zip(item.get("captions", [item["caption"]]), item.get("texts", [item["text"]])):
+            text_cache.setdefault(caption, text)
     sources = [_source_record(s) for s in specs + used_cond]
     first = specs[0]
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
-        "fingerprint": dataset_fingerprint(manifest_items, model_identity=ids["model"]),
+        "fingerprint": dataset_fingerprint(manifest_items, model_identity=ids["model"],
+                                           probabilities={s["id"]: s["probability"] for s in sources}),
         "model_identity": ids["model"],
         "vae_identity": ids["vae"],
         "text_identity": ids["text"],
@@ -911,9 +968,12 @@ def _source_record(spec: Any) -> dict[str, Any]:
         "resolution_type": spec.resolution_type,
         "crop": spec.crop,
         "crop_aspect": spec.crop_aspect,
+        "crop_aspect_buckets": [list(pair) for pair in spec.crop_aspect_buckets],
         "crop_style": spec.crop_style,
         "bucket_step": 16,
         "repeats": spec.copies,
+        "probability": spec.probability,
+        "disable_multiline_split": spec.disable_multiline_split,
         "conditioning_data": list(spec.conditioning_data),
         "conditioning_multidataset_sampling": spec.conditioning_multidataset_sampling,
         "conditioning_type": spec.conditioning_type,
@@ -929,19 +989,33 @@ def _write_report(report: BuildReport, out: Path) -> None:
     atomic_write_bytes(out / REPORT_FILE, json.dumps(data, indent=1, ensure_ascii=False).encode("utf-8"))
 
 
-def dataset_fingerprint(items: Sequence[dict[str, Any]], *, model_identity: str) -> str:
+def dataset_fingerprint(items: Sequence[dict[str, Any]], *, model_identity: str,
+                        probabilities: dict[str, float] | None = None) -> str:
     """The dataset's identity for caching training runs: what the trainer sees, independent of file names.
 
-    sha256 over the sorted (image sha256, caption, bucket, crop, repeats[, references]) of every item, the
-    encoders' identity (other encoders mean other latents) and the preprocessing version.
+    sha256 over the sorted (image sha256, caption, bucket, crop, repeats[, references][, {all captions,
+    probability}]) of every item, the encoders' identity (other encoders mean other latents) and the
+    preprocessing version. The captions of an item with several and its dataset's probability (from
+    probabilities, by source id) enter only when they differ from a single caption and 1, so datasets
+    without either keep the fingerprint they had before those existed.
     """
     rows = []
     for it in items:
         row = [it["image_sha256"], it["caption"], list(it["bucket"]), list(it["crop"]), int(it["repeats"])]
         if it.get("references"):
             row.append([[r["image_sha256"], list(r["bucket"]), list(r["crop"])] for r in it["references"]])
+        extra: dict[str, Any] = {}
+        if len(it.get("captions", ())) > 1:
+            extra["captions"] = list(it["captions"])
+        weight = (probabilities or {}).get(it.get("source", ""), 1.0)
+        if weight != 1.0:
+            extra["probability"] = float(weight)
+        if extra:
+            row.append(extra)
         rows.append(row)
-    return hash_json({"preprocess": PREPROCESS_VERSION, "model": model_identity, "items": sorted(rows)})
+    # Ties on the plain fields (duplicate images) are broken by the JSON of the rest: dicts do not compare.
+    rows.sort(key=lambda r: (r[:5], json.dumps(r[5:], sort_keys=True)))
+    return hash_json({"preprocess": PREPROCESS_VERSION, "model": model_identity, "items": rows})
 
 
 def _fill_latent_cache(pending: list[_PendingItem], *, model: ModelFolder, precision: str, device: str,
@@ -1073,6 +1147,8 @@ class DataSource:
     conditioning_data: tuple[str, ...] = ()
     conditioning_multidataset_sampling: str = "combined"
     conditioning_type: str | None = None
+    probability: float = 1.0
+    """Relative weight of the dataset when an epoch's batches are ordered; 0 = never sampled (1 before version 3)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -1113,6 +1189,17 @@ class ManifestItem:
     """Appearances per epoch (SimpleTuner's repeats + 1)."""
     references: tuple[ReferenceItem, ...] = ()
     """One per conditioning dataset of its source, in conditioning_data order (edit LoRAs)."""
+    captions: tuple[str, ...] = ()
+    """Every caption of the item, the first being caption; () means (caption,). A sample trains with one."""
+    texts: tuple[str, ...] = ()
+    """The embedding cache file of each caption, in the same order; () means (text,)."""
+
+    def __post_init__(self) -> None:
+        # Items of version 1 and 2 manifests (and tests) give one caption: captions/texts mirror it.
+        if not self.captions:
+            object.__setattr__(self, "captions", (self.caption,))
+        if not self.texts:
+            object.__setattr__(self, "texts", (self.text,))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -1143,6 +1230,11 @@ class Manifest:
 
     def reference_latent_path(self, index: int, k: int) -> Path:
         return self.root / self.items[index].references[k].latent
+
+    def probability(self, source: str) -> float:
+        """The relative sampling weight of a dataset (1 for an unknown source, as in version 1 manifests)."""
+        known = self.sources.get(source)
+        return known.probability if known is not None else 1.0
 
     def sampling_mode(self, index: int) -> str:
         """combined or random: how the references of an item with several are used."""
@@ -1199,9 +1291,9 @@ def load_manifest(path: str | Path) -> Manifest:
         raise _manifest_error(path, f"not valid JSON ({exc})") from None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         raise _manifest_error(path, f"not a {MANIFEST_FORMAT} manifest")
-    if data.get("version") not in (1, MANIFEST_VERSION):
+    if data.get("version") not in (1, 2, MANIFEST_VERSION):
         raise _manifest_error(
-            path, f"version {data.get('version')!r}, this trainer reads versions 1 and {MANIFEST_VERSION}"
+            path, f"version {data.get('version')!r}, this trainer reads versions 1 to {MANIFEST_VERSION}"
         )
     root = path.parent
     try:
@@ -1219,6 +1311,7 @@ def load_manifest(path: str | Path) -> Manifest:
                 conditioning_data=tuple(str(c) for c in s.get("conditioning_data", ())),
                 conditioning_multidataset_sampling=str(s.get("conditioning_multidataset_sampling", "combined")),
                 conditioning_type=s.get("conditioning_type"),
+                probability=float(s.get("probability", 1.0)),
             )
             for s in data["sources"]
         }
@@ -1246,6 +1339,8 @@ def load_manifest(path: str | Path) -> Manifest:
                     )
                     for r in it.get("references", ())
                 ),
+                captions=tuple(str(c) for c in it.get("captions", ())),
+                texts=tuple(str(t) for t in it.get("texts", ())),
             )
             for it in data["items"]
         )
@@ -1274,8 +1369,11 @@ def load_manifest(path: str | Path) -> Manifest:
             raise _manifest_error(path, f"item {i} ({item.image}) names unknown source {item.source!r}")
         if item.repeats < 1 or item.bucket[0] % 16 or item.bucket[1] % 16:
             raise _manifest_error(path, f"item {i} ({item.image}) has repeats {item.repeats} / bucket {item.bucket}")
-        if item.caption not in text_cache:
-            raise _manifest_error(path, f"item {i} ({item.image}): its caption is not in text_cache")
+        if len(item.captions) != len(item.texts) or item.captions[0] != item.caption or item.texts[0] != item.text:
+            raise _manifest_error(path, f"item {i} ({item.image}) has {len(item.captions)} captions and "
+                                        f"{len(item.texts)} texts, or their first is not caption/text")
+        if any(c not in text_cache for c in item.captions):
+            raise _manifest_error(path, f"item {i} ({item.image}): a caption of it is not in text_cache")
         source = sources[item.source]
         if len(item.references) != len(source.conditioning_data):
             raise _manifest_error(path, f"item {i} ({item.image}) has {len(item.references)} references, its "
@@ -1283,7 +1381,11 @@ def load_manifest(path: str | Path) -> Manifest:
         for ref in item.references:
             if ref.source not in sources or ref.bucket[0] % 16 or ref.bucket[1] % 16:
                 raise _manifest_error(path, f"item {i} ({item.image}) reference {ref.image} is malformed")
-    files = [it.latent for it in items] + [it.text for it in items] + [r.latent for it in items for r in it.references]
+    for source in sources.values():
+        if not (math.isfinite(source.probability) and source.probability >= 0):
+            raise _manifest_error(path, f"source {source.id!r} has probability {source.probability!r} (need >= 0)")
+    files = ([it.latent for it in items] + [t for it in items for t in it.texts]
+             + [r.latent for it in items for r in it.references])
     for rel in files + list(text_cache.values()):
         if not _inside(root, rel, path=path, what="cache file").is_file():
             missing.append(rel)
@@ -1291,7 +1393,7 @@ def load_manifest(path: str | Path) -> Manifest:
         raise _manifest_error(path, "the empty caption (for caption dropout) is not in text_cache")
     if missing:
         raise _manifest_error(
-            path, f"{len(missing)} cache files are missing (first: {', '.join(sorted(set(missing))[:3])})"
+            path, f"{len(set(missing))} cache files are missing (first: {', '.join(sorted(set(missing))[:3])})"
         )
     return manifest
 
@@ -1310,6 +1412,12 @@ class BatchRef:
     references: tuple[tuple[int, ...], ...] = ()
     """Per sample, which of its item's references it trains with (all, or one under random sampling);
     empty for a plain text-to-image batch. Every sample of a batch has references of the same shapes."""
+    captions: tuple[int, ...] = ()
+    """Per sample, which of its item's captions it trains with (index into ManifestItem.captions)."""
+
+
+_Sample = tuple[int, tuple[int, ...], int]
+"""(item index, reference choice, caption choice) of one sample in a planned batch."""
 
 
 def _derived_seed(*parts: object) -> int:
@@ -1322,6 +1430,11 @@ class BucketBatchSampler:
     Each epoch, for every rank alike: items expanded by their repeats, shuffled by (seed, epoch), split per
     group (dataset, bucket and, for edit items, the buckets of the references used) into *global* batches of batch_size x world_size items, the list of global batches shuffled by
     (seed, epoch); at each step rank r takes slice [r * batch_size, (r + 1) * batch_size) of the global batch.
+    With several datasets the epoch is then filled SimpleTuner's way: the next batch comes from a dataset
+    drawn among those with batches left, weighted by its probability (a random.Random seeded by seed and
+    epoch), in that dataset's shuffled order; every batch still comes once per epoch. Items of datasets with
+    probability 0 are left out. One dataset keeps the shuffled order as it is. An item with several captions
+    trains each sample with one, drawn from (seed, epoch, item, copy) like the references.
     So all ranks step together on one bucket, and a run on 1 process with batch 2 sees exactly the samples a
     run on 2 processes with batch 1 sees (the trainer's noise is keyed by the sample's place in the global
     batch, so their losses agree too).
@@ -1335,7 +1448,8 @@ class BucketBatchSampler:
     iter_batches() iterator at a time; it advances the state as it yields.
     """
 
-    STATE_VERSION = 2
+    STATE_VERSION = 3
+    """3: batches of several datasets ordered by probability; a version 2 state resumes on one dataset only."""
 
     def __init__(self, manifest: Manifest, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  drop_last: bool = False) -> None:
@@ -1351,10 +1465,17 @@ class BucketBatchSampler:
         self.drop_last = drop_last
         self.epoch = 0
         self.position = 0
-        self._plan_cache: tuple[int, list[list[tuple[int, tuple[int, ...]]]]] | None = None
+        self._plan_cache: tuple[int, list[list[_Sample]]] | None = None
+        if not any(manifest.probability(item.source) > 0 for item in manifest.items):
+            raise ValueError(
+                f"dataset {manifest.path}: every dataset with items has probability 0 "
+                f"({', '.join(sorted({it.source for it in manifest.items}))}), so nothing would be trained on; give "
+                "at least one a probability above 0 in its data_backend_config and rebuild."
+            )
         counts: dict[tuple[Any, ...], int] = {}
         for item in manifest.items:
-            counts[(item.source, item.bucket)] = counts.get((item.source, item.bucket), 0) + item.repeats
+            if manifest.probability(item.source) > 0:
+                counts[(item.source, item.bucket)] = counts.get((item.source, item.bucket), 0) + item.repeats
         # Under random reference sampling the groups (and so the count) can change by epoch: len() is epoch 0's.
         self.batches_per_epoch = len(self._epoch_samples(0))
         if self.batches_per_epoch == 0:
@@ -1382,20 +1503,29 @@ class BucketBatchSampler:
         rng = random.Random(_derived_seed(self.seed, epoch, "reference", index, copy))
         return (rng.randrange(len(item.references)),)
 
+    def _caption_choice(self, index: int, *, epoch: int, copy: int) -> int:
+        """Which caption of an item a sample trains with: drawn per (seed, epoch, item, copy), never per rank."""
+        count = len(self.manifest.items[index].captions)
+        if count == 1:
+            return 0
+        return random.Random(_derived_seed(self.seed, epoch, "caption", index, copy)).randrange(count)
+
     def _group(self, index: int, choice: tuple[int, ...]) -> tuple[Any, ...]:
         # A batch shares the dataset, the target bucket and every chosen reference's bucket (tensor shapes).
         item = self.manifest.items[index]
         return (item.source, item.bucket, tuple(item.references[k].bucket for k in choice))
 
-    def _epoch_samples(self, epoch: int) -> list[list[tuple[int, tuple[int, ...]]]]:
-        """The global batches of an epoch as (item index, reference choice) pairs."""
-        order = [(i, c) for i, item in enumerate(self.manifest.items) for c in range(item.repeats)]
+    def _epoch_samples(self, epoch: int) -> list[list[_Sample]]:
+        """The global batches of an epoch as (item index, reference choice, caption choice) samples."""
+        order = [(i, c) for i, item in enumerate(self.manifest.items) for c in range(item.repeats)
+                 if self.manifest.probability(item.source) > 0]
         rng = random.Random(_derived_seed(self.seed, epoch, "items"))
         rng.shuffle(order)
-        by_group: dict[tuple[Any, ...], list[tuple[int, tuple[int, ...]]]] = {}
+        by_group: dict[tuple[Any, ...], list[_Sample]] = {}
         for i, copy in order:
             choice = self._choice(i, epoch=epoch, copy=copy)
-            by_group.setdefault(self._group(i, choice), []).append((i, choice))
+            caption = self._caption_choice(i, epoch=epoch, copy=copy)
+            by_group.setdefault(self._group(i, choice), []).append((i, choice, caption))
         size = self.global_batch_size
         batches = []
         for samples in by_group.values():
@@ -1408,13 +1538,33 @@ class BucketBatchSampler:
                         batch = batch + [samples[k % len(samples)] for k in range(size - len(batch))]
                 batches.append(batch)
         random.Random(_derived_seed(self.seed, epoch, "batches")).shuffle(batches)
-        return batches
+        return self._order_by_probability(batches, epoch=epoch)
+
+    def _order_by_probability(self, batches: list[list[_Sample]], *, epoch: int) -> list[list[_Sample]]:
+        """SimpleTuner's dataset draw, planned for the epoch: until every dataset is exhausted, draw a dataset
+        among those with batches left, weighted by probability, and take its next batch."""
+        queues: dict[str, list[list[_Sample]]] = {}
+        for batch in batches:  # a batch holds one dataset; each queue keeps the shuffled order
+            queues.setdefault(self.manifest.items[batch[0][0]].source, []).append(batch)
+        if len(queues) < 2:
+            return batches
+        rng = random.Random(_derived_seed(self.seed, epoch, "datasets"))
+        left = sorted(queues)
+        taken = dict.fromkeys(left, 0)
+        ordered = []
+        while left:
+            name = rng.choices(left, weights=[self.manifest.probability(n) for n in left])[0]
+            ordered.append(queues[name][taken[name]])
+            taken[name] += 1
+            if taken[name] == len(queues[name]):
+                left.remove(name)
+        return ordered
 
     def epoch_plan(self, epoch: int) -> list[tuple[int, ...]]:
         """The global batches of an epoch (item indices), in order (length batches_per_epoch)."""
-        return [tuple(i for i, _ in b) for b in self._epoch_samples(epoch)]
+        return [tuple(s[0] for s in b) for b in self._epoch_samples(epoch)]
 
-    def _rank_samples(self, epoch: int) -> list[list[tuple[int, tuple[int, ...]]]]:
+    def _rank_samples(self, epoch: int) -> list[list[_Sample]]:
         if self._plan_cache is None or self._plan_cache[0] != epoch:
             lo = self.rank * self.batch_size
             self._plan_cache = (epoch, [b[lo : lo + self.batch_size] for b in self._epoch_samples(epoch)])
@@ -1422,7 +1572,7 @@ class BucketBatchSampler:
 
     def rank_batches(self, epoch: int) -> list[tuple[int, ...]]:
         """This rank's batches of an epoch (item indices), in order (length len(self))."""
-        return [tuple(i for i, _ in b) for b in self._rank_samples(epoch)]
+        return [tuple(s[0] for s in b) for b in self._rank_samples(epoch)]
 
     def iter_batches(self) -> Iterator[BatchRef]:
         """Batches forever, from the current state on; the state advances as each batch is handed out."""
@@ -1433,10 +1583,11 @@ class BucketBatchSampler:
                 self.position = 0
                 continue
             samples = batches[self.position]
-            indices = tuple(i for i, _ in samples)
-            choices = tuple(c for _, c in samples)
+            indices = tuple(s[0] for s in samples)
+            choices = tuple(s[1] for s in samples)
             ref = BatchRef(indices=indices, bucket=self.manifest.items[indices[0]].bucket, epoch=self.epoch,
-                           position=self.position, references=choices if any(choices) else ())
+                           position=self.position, references=choices if any(choices) else (),
+                           captions=tuple(s[2] for s in samples))
             self.position += 1
             yield ref
 
@@ -1456,7 +1607,17 @@ class BucketBatchSampler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where state_dict() was taken. The dataset, seed, batch size, world size and drop_last must
         match: each of them changes the batch plan, so resuming across a change would repeat or skip data."""
-        if state.get("version") != self.STATE_VERSION:
+        if state.get("version") == 2:
+            # Version 2 shuffled the batches of all datasets together: the same plan only for one dataset.
+            sampled = {it.source for it in self.manifest.items if self.manifest.probability(it.source) > 0}
+            if len(sampled) > 1:
+                raise ValueError(
+                    f"cannot resume: the checkpoint's sampler state (version 2) comes from a trainer that ordered "
+                    f"the batches of several datasets ({', '.join(sorted(sampled))}) differently; resuming would "
+                    "repeat or skip data in this epoch. Finish the run with the trainer that started it, or start a "
+                    "new run."
+                )
+        elif state.get("version") != self.STATE_VERSION:
             raise ValueError(f"sampler state version {state.get('version')!r} is not {self.STATE_VERSION}.")
         mine = self.state_dict()
         for key in ("fingerprint", "seed", "batch_size", "world_size", "drop_last"):
@@ -1506,6 +1667,7 @@ def load_batch(
     indices: Sequence[int],
     *,
     references: Sequence[Sequence[int]] | None = None,
+    captions: Sequence[int] | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     verify: bool = False,
@@ -1513,7 +1675,9 @@ def load_batch(
     """Latents, caption embeddings and reference latents of items that share one bucket, in the order given.
 
     references: per sample, which of its item's references to load (BatchRef.references); None loads all of
-    them. verify=True also re-hashes every byte (the structural checks always run; build-dataset verifies fully).
+    them. captions: per sample, which of its item's captions to train with (BatchRef.captions); None (or an
+    empty tuple) takes each item's first caption. verify=True also re-hashes every byte (the structural checks
+    always run; build-dataset verifies fully).
     """
     if not indices:
         raise ValueError("load_batch needs at least one item index.")
@@ -1532,11 +1696,17 @@ def load_batch(
                 f"{bucket[0]}x{bucket[1]} needs {expected}; rebuild the dataset."
             )
         latents.append(latent)
-    texts: dict[str, torch.Tensor] = {}
-    for item in items:
-        if item.caption not in texts:
-            texts[item.caption] = _read_cached(
-                manifest, manifest.root / item.text, kind="text", name=TEXT_TENSOR, verify=verify
+    picks = tuple(captions) if captions else (0,) * len(items)
+    if len(picks) != len(items):
+        raise ValueError(f"load_batch got {len(picks)} caption choices for {len(items)} items.")
+    for i, item, pick in zip(indices, items, picks):
+        if not 0 <= pick < len(item.captions):
+            raise ValueError(f"item {i} has {len(item.captions)} captions; caption choice {pick} is out of range.")
+    texts: dict[str, torch.Tensor] = {}  # by cache file: one read per distinct caption
+    for item, pick in zip(items, picks):
+        if item.texts[pick] not in texts:
+            texts[item.texts[pick]] = _read_cached(
+                manifest, manifest.root / item.texts[pick], kind="text", name=TEXT_TENSOR, verify=verify
             )
     choices = [tuple(range(len(it.references))) for it in items] if references is None else [tuple(c) for c in references]
     if len(choices) != len(items):
@@ -1563,8 +1733,8 @@ def load_batch(
     return Batch(
         reference_latents=reference_latents,
         latents=torch.stack(latents).to(device=device, dtype=dtype),
-        prompt_embeds=torch.stack([texts[it.caption] for it in items]).to(device=device, dtype=dtype),
-        captions=[it.caption for it in items],
+        prompt_embeds=torch.stack([texts[it.texts[p]] for it, p in zip(items, picks)]).to(device=device, dtype=dtype),
+        captions=[it.captions[p] for it, p in zip(items, picks)],
         image_paths=[manifest.image_path(i) for i in indices],
         indices=tuple(indices),
         bucket=bucket,
@@ -1632,9 +1802,14 @@ def merge_manifests(paths: Sequence[Path], *, out_dir: Path) -> Path:
             renamed[record["id"]] = new_id
         for record in data["sources"]:
             sources.append(record | {"id": renamed[record["id"]],
-                                     "conditioning_data": [renamed[c] for c in record.get("conditioning_data", ())]})
+                                     "conditioning_data": [renamed[c] for c in record.get("conditioning_data", ())],
+                                     "probability": m.sources[record["id"]].probability})
         for i, record in enumerate(data["items"]):
             item = m.items[i]
+            # Several captions: every one of their cache files, made absolute like the rest.
+            several = {"captions": list(item.captions),
+                       "texts": [str(_inside(m.root, t, path=m.path, what="cache file")) for t in item.texts]
+                       } if len(item.captions) > 1 else {}
             items.append(record | {
                 "source": renamed[item.source],
                 "latent": str(m.latent_path(i)),
@@ -1643,7 +1818,7 @@ def merge_manifests(paths: Sequence[Path], *, out_dir: Path) -> Path:
                     ref | {"source": renamed[ref["source"]], "latent": str(m.reference_latent_path(i, k))}
                     for k, ref in enumerate(record.get("references", ()))
                 ],
-            })
+            } | several)
         for caption, rel in m.text_cache.items():
             text_cache.setdefault(caption, str(_inside(m.root, rel, path=m.path, what="cache file")))
     merged = {
@@ -1699,6 +1874,8 @@ def _merged_report(manifests: Sequence[Manifest], *, out_dir: Path, renamed_sour
         merged.text_encoder_loaded |= r.text_encoder_loaded
         merged.datasets |= {own_ids.get(ds, ds): info for ds, info in r.datasets.items()}
         merged.disabled_datasets += r.disabled_datasets
+        merged.captions += r.captions
+        merged.multi_caption_images += r.multi_caption_images
         weighted_latent += r.latent_bytes_per_image * r.usable_images
         weighted_text += r.text_bytes_per_caption
     merged.buckets = dict(sorted(merged.buckets.items()))

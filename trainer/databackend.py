@@ -16,7 +16,19 @@ Differences from SimpleTuner, each deliberate:
   first: this trainer always resizes an image to cover its bucket before cropping, so a downsample step
   would change nothing; target_downsample_size is therefore refused.
 - crop_style "random" draws one offset per image (from its content hash), so its latent can be cached.
-- textfile captions are the whole file (SimpleTuner splits lines into alternative captions).
+- crop_aspect "random" draws one aspect per image from crop_aspect_buckets, keyed by the dataset id and the
+  image's content hash instead of a stored random draw: a rebuild picks the same aspect and hits the cache.
+  Aspects may be ints or floats; weighted entries use only the keys "aspect" and "weight".
+- crop_aspect "closest" without crop_aspect_buckets picks the nearest of this trainer's own bucket list
+  (SimpleTuner requires the list); with it, the nearest listed aspect, as SimpleTuner does, measured in log
+  space (SimpleTuner compares plain differences).
+- Each non-empty line of a textfile caption is its own caption, as in SimpleTuner (disable_multiline_split
+  keeps the whole file as one), but the one a sample trains with is drawn from a hash of (seed, epoch, item,
+  copy) instead of a global random.choice, so runs are reproducible and resumable.
+- probability orders an epoch's batches rather than drawing forever: each epoch still holds every batch of
+  every dataset once (SimpleTuner also runs each dataset to exhaustion per epoch); the next batch comes from
+  a dataset drawn among those with batches left, weighted by probability (seeded by seed and epoch).
+  probability 0 leaves the dataset out of training.
 
 Unknown keys, SimpleTuner options this trainer does not implement and bad values raise ValueError naming the
 dataset id and the key. This module imports only the standard library (ComfyUI imports it at start-up).
@@ -36,9 +48,11 @@ CONDITIONING_TYPES: tuple[str, ...] = ("reference_strict", "reference_loose")
 CONDITIONING_SAMPLING: tuple[str, ...] = ("combined", "random")
 CAPTION_STRATEGIES: tuple[str, ...] = ("textfile", "filename", "instanceprompt")
 RESOLUTION_TYPES: tuple[str, ...] = ("pixel_area", "area", "pixel")
-CROP_ASPECTS: tuple[str, ...] = ("square", "preserve", "closest")
+CROP_ASPECTS: tuple[str, ...] = ("square", "preserve", "closest", "random")
 CROP_STYLES: tuple[str, ...] = ("center", "random", "corner")
 DEFAULT_WRITE_BATCH_SIZE = 128
+CROP_ASPECT_LIMITS: tuple[float, float] = (0.25, 4.0)
+"""Smallest and largest aspect (width / height) a crop_aspect_buckets entry may ask for: the bucket limits."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -58,7 +72,12 @@ class ImageDatasetSpec:
     crop: bool = True
     """Crop to the bucket; false keeps the image's own aspect (only rounding to 16 pixels is trimmed)."""
     crop_aspect: str = "closest"
-    """square: one square bucket; closest: the nearest bucket of a fixed list; preserve: the own aspect."""
+    """square: one square bucket; closest: the nearest bucket of a fixed list (or the nearest aspect of
+    crop_aspect_buckets when given); preserve: the own aspect; random: an aspect drawn from crop_aspect_buckets
+    once per image (fixed by the dataset id and the image's content hash)."""
+    crop_aspect_buckets: tuple[tuple[float, float], ...] = ()
+    """(aspect, weight) pairs for crop_aspect random or closest; aspect = width / height. A plain list of
+    aspects gives each the weight 1 / n; weights sum to 1 and only steer random."""
     crop_style: str = "center"
     """Where the crop sits: center, corner (top-left) or random (one fixed offset per image)."""
     resolution: float = 1024
@@ -75,6 +94,12 @@ class ImageDatasetSpec:
     """Skip images whose width / height is above this."""
     repeats: int = 0
     """Extra passes per epoch, SimpleTuner's way: 0 = each image once, 9 = ten times."""
+    probability: float = 1.0
+    """Relative weight for which dataset the next batch comes from (image datasets only); the heavier
+    dataset's batches come earlier in the epoch. 0 leaves the dataset out of training."""
+    disable_multiline_split: bool = False
+    """textfile captions: true keeps the whole file as one caption; false (default) makes each non-empty line
+    a caption of its own, one of which is drawn per sample."""
     cache_dir_vae: Path | None = None
     """Folder of this dataset's latent cache; None = latents/ next to the built manifest."""
     text_embeds: str | None = None
@@ -90,6 +115,21 @@ class ImageDatasetSpec:
     is skipped with the reason)."""
     source_dataset_id: str | None = None
     """For conditioning datasets: the image dataset they belong to (optional; checked when given)."""
+
+    def __post_init__(self) -> None:
+        if self.crop_aspect == "random" and not self.crop:
+            raise _err(self.id, "crop", "is false, but crop_aspect random crops every image to an aspect drawn "
+                       "from crop_aspect_buckets; set crop true, or use crop_aspect preserve to keep each aspect.")
+        if self.crop_aspect == "random" and not self.crop_aspect_buckets:
+            raise _err(self.id, "crop_aspect_buckets", "is required with crop_aspect random: give the aspect "
+                       "ratios (width / height) to draw from, e.g. [0.75, 1.0, 1.5], or weighted entries "
+                       '[{"aspect": 1.0, "weight": 0.7}, {"aspect": 1.5, "weight": 0.3}] (weights sum to 1).')
+        if self.crop_aspect_buckets and self.crop_aspect not in ("random", "closest"):
+            raise _err(self.id, "crop_aspect_buckets", f"is only used by crop_aspect random or closest, but "
+                       f"crop_aspect is {self.crop_aspect!r}; remove crop_aspect_buckets or change crop_aspect.")
+        if self.crop_aspect_buckets and not self.crop:
+            raise _err(self.id, "crop", f"is false, but crop_aspect {self.crop_aspect} with crop_aspect_buckets "
+                       "crops each image to a listed aspect; set crop true or remove crop_aspect_buckets.")
 
     @property
     def copies(self) -> int:
@@ -150,12 +190,14 @@ class BackendConfig:
 
 _COMMON = {"id", "type", "dataset_type", "disabled", "disable"}
 _IMAGE_KEYS = _COMMON | {
-    "instance_data_dir", "caption_strategy", "instance_prompt", "crop", "crop_aspect", "crop_style", "resolution",
+    "instance_data_dir", "caption_strategy", "instance_prompt", "crop", "crop_aspect", "crop_aspect_buckets",
+    "crop_style", "resolution",
     "resolution_type", "minimum_image_size", "maximum_image_size", "minimum_aspect_ratio", "maximum_aspect_ratio",
     "repeats", "cache_dir_vae", "metadata_backend", "text_embeds", "conditioning_data",
-    "conditioning_multidataset_sampling",
+    "conditioning_multidataset_sampling", "probability", "disable_multiline_split",
 }
-_CONDITIONING_KEYS = (_IMAGE_KEYS - {"conditioning_data", "conditioning_multidataset_sampling", "text_embeds"}) | {
+_CONDITIONING_KEYS = (_IMAGE_KEYS - {"conditioning_data", "conditioning_multidataset_sampling", "text_embeds",
+                                     "probability"}) | {
     "conditioning_type", "source_dataset_id",
 }
 _TEXT_KEYS = _COMMON | {"default", "cache_dir", "write_batch_size"}
@@ -165,12 +207,9 @@ _HINT_DOWNSAMPLE = ("this trainer always resizes an image to cover its bucket be
 _UNSUPPORTED: dict[str, str] = {
     "target_downsample_size": _HINT_DOWNSAMPLE,
     "max_upscale_threshold": "upscaled images are reported as warnings; use minimum_image_size to skip small ones",
-    "crop_aspect_buckets": "crop_aspect 'random' is not implemented; use closest, square or preserve",
     "prepend_instance_prompt": "use caption_strategy instanceprompt, or write the trigger word into the captions",
     "only_instance_prompt": "use caption_strategy instanceprompt",
-    "disable_multiline_split": "textfile captions are always the whole file (no multi-caption split)",
     "caption_shuffle": "caption shuffling is not implemented",
-    "probability": "every dataset is sampled in proportion to its images x (repeats + 1)",
     "vae_cache_clear_each_epoch": "latents are cached once per image and crop",
     "vae_cache_ondemand": "latents are always cached before training",
     "vae_cache_disable": "latents are always cached before training",
@@ -197,6 +236,9 @@ def _err(ds: str, key: str, problem: str) -> ValueError:
 
 
 def _check_keys(raw: dict[str, Any], *, ds: str, allowed: set[str], kind: str) -> None:
+    if "probability" in raw and "probability" not in allowed:
+        raise _err(ds, "probability", f"applies to image datasets only; remove it from this {kind} dataset "
+                   "(references follow their image dataset; text_embeds datasets are never sampled).")
     for key in raw:
         if key in allowed:
             continue
@@ -256,7 +298,74 @@ def _path(raw: dict[str, Any], key: str, *, ds: str, base: Path, required: bool)
     return path if path.is_absolute() else (base / path)
 
 
-def _parse_image(raw: dict[str, Any], *, ds: str, base: Path, conditioning: bool) -> ImageDatasetSpec:
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _aspect_buckets(raw: dict[str, Any], *, ds: str, crop_aspect: str,
+                    warnings: list[str]) -> tuple[tuple[float, float], ...]:
+    """crop_aspect_buckets as (aspect, weight) pairs: a list of aspects (equal weights) or of
+    {"aspect": a, "weight": w} objects (weights > 0 summing to 1); whether it fits crop_aspect is checked by
+    ImageDatasetSpec."""
+    key = "crop_aspect_buckets"
+    value = raw.get(key)
+    if value is None:
+        return ()
+    example = ('e.g. [0.75, 1.0, 1.5] or [{"aspect": 1.0, "weight": 0.7}, {"aspect": 1.5, "weight": 0.3}]')
+    if not isinstance(value, list) or not value:
+        raise _err(ds, key, f"is {value!r}; give a non-empty list of aspect ratios (width / height), {example}.")
+    lo, hi = CROP_ASPECT_LIMITS
+    weighted = isinstance(value[0], dict)
+    pairs: list[tuple[float, float]] = []
+    for index, entry in enumerate(value):
+        where = f"{key}[{index}]"
+        if isinstance(entry, dict) != weighted:
+            raise _err(ds, where, f"is {entry!r}, but {key}[0] is {'an object' if weighted else 'a number'}; "
+                       f"use only numbers or only {{\"aspect\", \"weight\"}} objects, {example}.")
+        if weighted:
+            unknown = sorted(set(entry) - {"aspect", "weight"})
+            if unknown:
+                raise _err(ds, f"{where}.{unknown[0]}", f"is not a key of a {key} entry; the keys are aspect and "
+                           "weight (SimpleTuner's aspect_ratio / aspect_bucket spellings are not read).")
+            if "aspect" not in entry:
+                raise _err(ds, f"{where}.aspect", f"is missing in {entry!r}; give the aspect ratio (width / height).")
+            aspect = entry["aspect"]
+            if "weight" not in entry:
+                if crop_aspect == "random":
+                    raise _err(ds, f"{where}.weight", f"is missing in {entry!r}; give each entry a weight > 0, "
+                               "all summing to 1 (or use a plain list of aspects for equal odds).")
+                weight: Any = 1.0
+            else:
+                weight = entry["weight"]
+            if not _is_number(weight) or not math.isfinite(weight) or weight <= 0:
+                raise _err(ds, f"{where}.weight", f"is {weight!r}; give a number > 0 (how often the aspect is drawn).")
+            aspect_key = f"{where}.aspect"
+        else:
+            aspect, weight, aspect_key = entry, 1.0, where
+        if not _is_number(aspect) or not math.isfinite(aspect) or aspect <= 0:
+            raise _err(ds, aspect_key, f"is {aspect!r}; give an aspect ratio (width / height) as a finite number "
+                       "> 0, e.g. 1.5 for 3:2 landscape or 0.75 for 3:4 portrait.")
+        if not lo <= aspect <= hi:
+            raise _err(ds, aspect_key, f"is {aspect!r}; aspect ratios must lie in [{lo:g}, {hi:g}] (the bucket "
+                       "limits; width / height, so 4 is 4:1 landscape and 0.25 is 1:4 portrait).")
+        if any(float(aspect) == a for a, _ in pairs):
+            raise _err(ds, aspect_key, f"repeats aspect {aspect!r}; list each aspect once (use weights to favour one).")
+        pairs.append((float(aspect), float(weight)))
+    if weighted and crop_aspect == "random":
+        total = math.fsum(w for _, w in pairs)
+        if abs(total - 1.0) > 1e-6:
+            raise _err(ds, key, f"weights sum to {total:.9g}; they must sum to 1 (within 1e-6), as SimpleTuner "
+                       "requires, e.g. 0.7 and 0.3.")
+    elif weighted and any("weight" in e for e in value):
+        warnings.append(f"dataset {ds!r}: {key} weights are not used by crop_aspect {crop_aspect} (only random "
+                        "draws by weight)")
+    if not weighted:  # equal odds, stored as weights summing to 1
+        pairs = [(a, 1.0 / len(pairs)) for a, _ in pairs]
+    return tuple(pairs)
+
+
+def _parse_image(raw: dict[str, Any], *, ds: str, base: Path, conditioning: bool,
+                 warnings: list[str]) -> ImageDatasetSpec:
     _check_keys(raw, ds=ds, allowed=_CONDITIONING_KEYS if conditioning else _IMAGE_KEYS,
                 kind="conditioning" if conditioning else "image")
     folder = _path(raw, "instance_data_dir", ds=ds, base=base, required=True)
@@ -307,6 +416,11 @@ def _parse_image(raw: dict[str, Any], *, ds: str, base: Path, conditioning: bool
         if "conditioning_type" not in raw:
             raise _err(ds, "conditioning_type", f"is required for a conditioning dataset: {' or '.join(CONDITIONING_TYPES)}.")
         conditioning_type = _choice(raw, "conditioning_type", CONDITIONING_TYPES, None, ds=ds)
+    crop_aspect = str(_choice(raw, "crop_aspect", CROP_ASPECTS, "closest", ds=ds))
+    crop_aspect_buckets = _aspect_buckets(raw, ds=ds, crop_aspect=crop_aspect, warnings=warnings)
+    if conditioning_type == "reference_strict" and crop_aspect_buckets:
+        warnings.append(f"dataset {ds!r}: crop_aspect_buckets is not used by a reference_strict dataset (each "
+                        "reference takes its edit image's bucket and crop)")
     return ImageDatasetSpec(
         id=ds,
         dataset_type="conditioning" if conditioning else "image",
@@ -314,7 +428,8 @@ def _parse_image(raw: dict[str, Any], *, ds: str, base: Path, conditioning: bool
         caption_strategy=str(caption_strategy),
         instance_prompt=instance_prompt,
         crop=_bool(raw, "crop", True, ds=ds),
-        crop_aspect=str(_choice(raw, "crop_aspect", CROP_ASPECTS, "closest", ds=ds)),
+        crop_aspect=crop_aspect,
+        crop_aspect_buckets=crop_aspect_buckets,
         crop_style=str(_choice(raw, "crop_style", CROP_STYLES, "center", ds=ds)),
         resolution=float(resolution) if resolution_type == "area" else int(resolution),
         resolution_type=str(resolution_type),
@@ -323,6 +438,8 @@ def _parse_image(raw: dict[str, Any], *, ds: str, base: Path, conditioning: bool
         minimum_aspect_ratio=min_ar,
         maximum_aspect_ratio=max_ar,
         repeats=int(_number(raw, "repeats", 0, ds=ds, integer=True)),
+        probability=1.0 if conditioning else float(_number(raw, "probability", 1.0, ds=ds)),
+        disable_multiline_split=_bool(raw, "disable_multiline_split", False, ds=ds),
         cache_dir_vae=_path(raw, "cache_dir_vae", ds=ds, base=base, required=False),
         text_embeds=text_embeds,
         conditioning_data=tuple(conditioning_data),
@@ -355,6 +472,7 @@ def parse_backend_config(data: Any, *, base_dir: str | Path, path: Path | None =
     conditioning: dict[str, ImageDatasetSpec] = {}
     texts: list[TextEmbedsSpec] = []
     disabled: list[str] = []
+    notes: list[str] = []
     seen: set[str] = set()
     for index, raw in enumerate(data):
         if not isinstance(raw, dict):
@@ -380,11 +498,14 @@ def parse_backend_config(data: Any, *, base_dir: str | Path, path: Path | None =
         if kind == "text_embeds":
             texts.append(_parse_text(raw, ds=ds, base=base))
         elif kind == "conditioning":
-            conditioning[ds] = _parse_image(raw, ds=ds, base=base, conditioning=True)
+            conditioning[ds] = _parse_image(raw, ds=ds, base=base, conditioning=True, warnings=notes)
         else:
-            images.append(_parse_image(raw, ds=ds, base=base, conditioning=False))
+            images.append(_parse_image(raw, ds=ds, base=base, conditioning=False, warnings=notes))
     if not images:
         raise ValueError(f"{where} has no enabled image dataset; add one with instance_data_dir (and disabled false).")
+    if all(d.probability == 0 for d in images):
+        raise ValueError(f"{where}: every image dataset has probability 0 ({', '.join(d.id for d in images)}), so "
+                         "nothing would be trained on; give at least one a probability above 0 (the default is 1).")
     if sum(t.default for t in texts) > 1:
         raise ValueError(f"{where}: text_embeds datasets {[t.id for t in texts if t.default]} are all default; mark one.")
     if len(texts) > 1 and not any(t.default for t in texts):
@@ -403,8 +524,9 @@ def parse_backend_config(data: Any, *, base_dir: str | Path, path: Path | None =
     for c in conditioning.values():
         if c.source_dataset_id is not None and c.source_dataset_id not in image_ids:
             raise _err(c.id, "source_dataset_id", f"names {c.source_dataset_id!r}, which is not an enabled image dataset.")
-    warnings = tuple(f"conditioning dataset {c!r} is named by no image dataset's conditioning_data; it is not used"
-                     for c in conditioning if c not in used)
+    warnings = tuple(notes) + tuple(
+        f"conditioning dataset {c!r} is named by no image dataset's conditioning_data; it is not used"
+        for c in conditioning if c not in used)
     return BackendConfig(path=path, datasets=tuple(images), conditioning=conditioning, text_embeds=tuple(texts),
                          disabled=tuple(disabled), warnings=warnings)
 

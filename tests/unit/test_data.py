@@ -562,7 +562,7 @@ def test_manifest_checks(built, tmp_path):
     content = json.loads(manifest_path.read_text(encoding="utf-8"))
     bad = tmp_path / "manifest.json"
     bad.write_text(json.dumps(content | {"version": 99}), encoding="utf-8")
-    with pytest.raises(ValueError, match="version 99, this trainer reads versions 1 and 2"):
+    with pytest.raises(ValueError, match="version 99, this trainer reads versions 1 to 3"):
         data.load_manifest(bad)
     escaped = content | {"text_cache": content["text_cache"] | {"x": "../../etc/passwd"}}
     bad.write_text(json.dumps(escaped), encoding="utf-8")
