@@ -98,6 +98,8 @@ def _add_build_dataset(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--caption-strategy", default="textfile", choices=("textfile", "filename", "instanceprompt"),
                    help="textfile: same-name .txt; filename: the file name; instanceprompt: --instance-prompt for all")
     p.add_argument("--instance-prompt", default=None, help="the caption of every image with --caption-strategy instanceprompt")
+    p.add_argument("--disable-multiline-split", action="store_true",
+                   help="a .txt caption file is one caption (default: each non-empty line is a caption of its own)")
     p.add_argument("--prompt", action="append", default=[], dest="prompts",
                    help="validation prompt to cache as well (repeatable), so training never loads the text encoder")
     p.add_argument("--vae-precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="VAE dtype (fp32 default)")
@@ -132,6 +134,7 @@ def _add_build_dataset(sub: argparse._SubParsersAction) -> None:
             instance_prompt=args.instance_prompt, vae_precision=args.vae_precision,
             text_precision=args.text_precision, device=args.device, extra_prompts=args.prompts,
             vae_batch_size=args.vae_batch_size, encoders=_encoder_settings(args),
+            disable_multiline_split=args.disable_multiline_split,
         )
         print(load_build_report(manifest.parent).summary())
         print(f"manifest: {manifest}")

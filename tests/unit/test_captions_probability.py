@@ -439,3 +439,17 @@ def test_all_weights_checked_finite_at_build(built, model, tmp_path):
     zero = dataclasses.replace(config, datasets=tuple(dataclasses.replace(d, probability=0.0) for d in config.datasets))
     with pytest.raises(ValueError, match=r"every image dataset has probability 0 \(multi, whole, off\)"):
         data.build_datasets(zero, model=model, out_dir=tmp_path / "out")
+
+
+def test_cli_build_dataset_can_keep_whole_caption_files(tmp_path, tiny_model_dir, capsys):
+    from trainer.__main__ import main
+
+    _png(tmp_path / "imgs" / "a.png", (64, 64), seed=1, caption="first line\nsecond line")
+    out = {}
+    for flag in ([], ["--disable-multiline-split"]):
+        dest = tmp_path / ("whole" if flag else "split")
+        assert main(["build-dataset", "--images", str(tmp_path / "imgs"), "--model", str(tiny_model_dir), "--out",
+                     str(dest), "--resolution", "64", "--text-precision", "fp32", *flag]) == 0
+        out[bool(flag)] = data.load_manifest(dest).items[0].captions
+    capsys.readouterr()
+    assert out == {False: ("first line", "second line"), True: ("first line\nsecond line",)}
