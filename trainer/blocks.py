@@ -6,7 +6,9 @@ proj_out), calling the model's own submodules: PEFT LoRA layers, FSDP2-sharded b
 them all apply. Owning the block loop is what lets it add:
 
 - gradient checkpointing of every N-th block (torch.utils.checkpoint, non-reentrant);
-- TREAD (trainer/tread.py): routed image tokens skip windows of blocks, each sample with its own RoPE rows.
+- TREAD (trainer/tread.py): routed image tokens skip windows of blocks, each sample with its own RoPE rows;
+- reference_timestep "zero": reference-image tokens (the image tokens after num_target_tokens) modulated as at
+  timestep 0, SimpleTuner's FLUX.2 training (diffusers does it only in its KV-cache "extract" mode).
 
 `apply_block_forward` makes a transformer's own forward run `block_forward`, the way FSDP2's fully_shard
 changes a module's class: the module stays the same object (same state-dict keys, same `inner`), so
@@ -16,8 +18,9 @@ before FSDP2/DDP and hooks.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -120,21 +123,60 @@ class RoutedParallelSelfAttnProcessor:
 # -------------------------------------------------------------------------------------- the forward
 
 
-def _run_block(block: torch.nn.Module, *args: Any, use_checkpoint: bool) -> Any:
+def _run_block(block: Any, *args: Any, use_checkpoint: bool) -> Any:
     if use_checkpoint:
         return checkpoint(block, *args, use_reentrant=False)
     return block(*args)
 
 
+ReferenceTimestep = Literal["shared", "zero"]
+REFERENCE_TIMESTEPS: tuple[str, ...] = ("shared", "zero")
+
+
+def check_reference_timestep(value: str) -> None:
+    if value not in REFERENCE_TIMESTEPS:
+        raise ValueError(f"reference_timestep {value!r} must be one of {list(REFERENCE_TIMESTEPS)}: 'shared' gives "
+                         "reference tokens the sample's timestep, 'zero' modulates them as at timestep 0.")
+
+
+def per_token_modulation(mod: Tensor, ref_mod: Tensor, *, length: int, num_refs: int) -> Tensor:
+    """(B, C) modulations -> (B, length, C): `mod` for the first length - num_refs tokens, `ref_mod` for the rest.
+
+    diffusers' blocks apply one (B, C) or (B, S, C) modulation to their whole stream, so a per-token split has
+    to be materialised: block_forward builds it inside each checkpointed block, and once per stream length
+    for the blocks that are not checkpointed.
+    """
+    batch = mod.shape[0]
+    return torch.cat([mod.unsqueeze(1).expand(batch, length - num_refs, -1),
+                      ref_mod.unsqueeze(1).expand(batch, num_refs, -1)], dim=1)
+
+
+def _with_reference_modulation(block: torch.nn.Module, hidden: Tensor, encoder: Tensor | None, mod: Tensor,
+                               ref_mod: Tensor, *rest: Any, num_refs: int) -> Any:
+    """block(hidden, encoder, per-token modulation, *rest) with the per-token tensor built inside the call."""
+    return block(hidden, encoder, per_token_modulation(mod, ref_mod, length=hidden.shape[1], num_refs=num_refs), *rest)
+
+
 def block_forward(transformer: torch.nn.Module, *, hidden_states: Tensor, encoder_hidden_states: Tensor,
                   timestep: Tensor, img_ids: Tensor, txt_ids: Tensor, guidance: Tensor | None = None,
-                  checkpoint_every: int | None = None, routing: tread.Routing | None = None) -> Tensor:
+                  checkpoint_every: int | None = None, routing: tread.Routing | None = None,
+                  num_target_tokens: int | None = None, reference_timestep: ReferenceTimestep = "shared") -> Tensor:
     """Flux2Transformer2DModel.forward's output (B, N, out_channels), computed block by block.
 
     checkpoint_every: None, or N >= 1 to recompute in backward every block whose index (double blocks
     first, then single blocks) is a multiple of N (1: every block). Only while gradients are enabled.
     routing: TREAD routes with each sample's kept image tokens (tread.draw_routing), or None.
+    num_target_tokens: image tokens before the reference tokens (None: no references).
+    reference_timestep: "shared" (diffusers' forward: every token gets the sample's timestep) or "zero": the
+    reference tokens' image-stream modulation (double blocks) and single-stream modulation use the embedding
+    of timestep 0 with the same guidance; text and target tokens keep timestep t. Their outputs, cut before
+    the loss, still go through norm_out with t.
     """
+    check_reference_timestep(reference_timestep)
+    num_image = hidden_states.shape[1]
+    if num_target_tokens is not None and not 1 <= num_target_tokens <= num_image:
+        raise ValueError(f"num_target_tokens {num_target_tokens} must be in [1, {num_image}] (the image tokens).")
+    num_refs = 0 if num_target_tokens is None else num_image - num_target_tokens
     t = transformer
     num_text = encoder_hidden_states.shape[1]
     timestep = timestep.to(hidden_states.dtype) * 1000
@@ -144,6 +186,33 @@ def block_forward(transformer: torch.nn.Module, *, hidden_states: Tensor, encode
     mod_img = t.double_stream_modulation_img(temb)
     mod_txt = t.double_stream_modulation_txt(temb)
     mod_single = t.single_stream_modulation(temb)
+    # Reference tokens at timestep 0: the double blocks' image-stream and the single-stream modulation of
+    # temb(0, same guidance). The text stream (mod_txt) has no reference tokens.
+    ref_mods: dict[str, Tensor] = {}
+    if reference_timestep == "zero" and num_refs:
+        temb_ref = t.time_guidance_embed(torch.zeros_like(timestep), guidance)
+        ref_mods = {"img": t.double_stream_modulation_img(temb_ref), "single": t.single_stream_modulation(temb_ref)}
+    per_token: dict[tuple[str, int], Tensor] = {}
+
+    def run(block: torch.nn.Module, hidden: Tensor, encoder: Tensor | None, stream: str, *rest: Any,
+            use_checkpoint: bool) -> Any:
+        """block(hidden, encoder, modulation, *rest), the modulation per token when references are at t = 0."""
+        shared = mod_img if stream == "img" else mod_single
+        if not ref_mods:
+            return _run_block(block, hidden, encoder, shared, *rest, use_checkpoint=use_checkpoint)
+        if use_checkpoint:
+            # Built inside the checkpoint: only the (B, C) modulations are kept for backward, and the
+            # (B, S, C) tensor lives for one block (rebuilt in its recompute).
+            call = functools.partial(_with_reference_modulation, block, num_refs=num_refs)
+            return _run_block(call, hidden, encoder, shared, ref_mods[stream], *rest, use_checkpoint=True)
+        # Blocks that keep their activations keep views of their modulation until backward: share one tensor
+        # per stream length (full; kept inside a TREAD route, where references stay last).
+        length = hidden.shape[1]
+        if (stream, length) not in per_token:
+            per_token[stream, length] = per_token_modulation(shared, ref_mods[stream], length=length,
+                                                             num_refs=num_refs)
+        return block(hidden, encoder, per_token[stream, length], *rest)
+
     img = t.x_embedder(hidden_states)
     txt = t.context_embedder(encoder_hidden_states)
     full_rotary = rotary_table(t, img_ids=img_ids, txt_ids=txt_ids)
@@ -170,9 +239,9 @@ def block_forward(transformer: torch.nn.Module, *, hidden_states: Tensor, encode
             rotary = tuple(tread.gather_rotary_rows(table, index, num_text=num_text) for table in full_rotary)
         use_checkpoint = checkpointing and i % checkpoint_every == 0
         if joint is None:
-            txt, img = _run_block(block, img, txt, mod_img, mod_txt, rotary, None, use_checkpoint=use_checkpoint)
+            txt, img = run(block, img, txt, "img", mod_txt, rotary, None, use_checkpoint=use_checkpoint)
         else:
-            joint = _run_block(block, joint, None, mod_single, rotary, None, use_checkpoint=use_checkpoint)
+            joint = run(block, joint, None, "single", rotary, None, use_checkpoint=use_checkpoint)
         if routing is not None and routing.route_ending_at(i) is not None:
             if joint is None:
                 img = tread.scatter_tokens(before_route, img, index)
@@ -202,12 +271,13 @@ class _BlockForward:
                 guidance: Tensor | None = None, joint_attention_kwargs: dict[str, Any] | None = None,
                 return_dict: bool = True, kv_cache: Any = None, kv_cache_mode: str | None = None,
                 num_ref_tokens: int = 0, ref_fixed_timestep: float = 0.0, *,
-                tread_generators: list[torch.Generator] | None = None, num_target_tokens: int | None = None):
-        """diffusers' signature (without KV caching), plus what a TREAD training step needs.
+                tread_generators: list[torch.Generator] | None = None, num_target_tokens: int | None = None,
+                reference_timestep: ReferenceTimestep = "shared"):
+        """diffusers' signature (without KV caching), plus what a TREAD training step and references need.
 
         tread_generators: one per sample (objective.sample_generators, after prepare_batch); required in
         training mode when routes are set. num_target_tokens: the image tokens that may be routed around
-        (the rest are reference tokens); default all.
+        (the rest are reference tokens); default all. reference_timestep: "shared" or "zero" (block_forward).
         """
         settings: BlockForwardSettings = self._block_forward_settings
         if kv_cache is not None or kv_cache_mode is not None or num_ref_tokens or ref_fixed_timestep:
@@ -227,12 +297,23 @@ class _BlockForward:
             )
         output = block_forward(self, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
                                timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance,
-                               checkpoint_every=settings.checkpoint_every, routing=routing)
+                               checkpoint_every=settings.checkpoint_every, routing=routing,
+                               num_target_tokens=num_target_tokens, reference_timestep=reference_timestep)
         if not return_dict:
             return (output,)
         from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModelOutput
 
         return Flux2Transformer2DModelOutput(sample=output)
+
+
+def supports_reference_timestep(module: torch.nn.Module) -> bool:
+    """Whether module runs block_forward (and so takes reference_timestep): the transformer after
+    apply_block_forward (FSDP2 keeps its class), or a wrapper holding it as .module (DDP) or .inner (the
+    loop's validation wrapper)."""
+    for candidate in (module, getattr(module, "module", None), getattr(module, "inner", None)):
+        if isinstance(candidate, _BlockForward):
+            return True
+    return False
 
 
 _CLASSES: dict[type, type] = {}

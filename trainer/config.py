@@ -256,6 +256,8 @@ class ObjectiveSettings:
     auto_shift: bool
     guidance: GuidanceSettings
     caption_dropout_probability: float
+    reference_timestep: str
+    """"shared" or "zero": the timestep that modulates reference-image tokens."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -434,6 +436,12 @@ class TrainConfig:
     flow_schedule_auto_shift: bool = False
     """Use a resolution-dependent shift computed from each batch's image-token count instead of
     flow_schedule_shift (the empirical mu of FLUX.2's sampler)."""
+    reference_timestep: Literal["shared", "zero"] = "shared"
+    """Edit/reference LoRAs (not a SimpleTuner key): the timestep that modulates the reference-image tokens.
+    "shared" gives them the sample's timestep, as Flux2Pipeline and ComfyUI do when they sample FLUX.2-dev
+    with reference images, so the LoRA trains under the conditions it is used in; the default. "zero"
+    modulates them as at timestep 0 (clean images; the guidance embedding unchanged), as SimpleTuner trains
+    FLUX.2; validation images then use it too. Has no effect on a dataset without references."""
 
     # -- memory ------------------------------------------------------------------------------------
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
@@ -789,7 +797,8 @@ class TrainConfig:
     @property
     def objective(self) -> ObjectiveSettings:
         return ObjectiveSettings(shift=self.flow_schedule_shift, auto_shift=self.flow_schedule_auto_shift,
-                                 guidance=self.guidance, caption_dropout_probability=self.caption_dropout_probability)
+                                 guidance=self.guidance, caption_dropout_probability=self.caption_dropout_probability,
+                                 reference_timestep=self.reference_timestep)
 
     @property
     def checkpoint(self) -> CheckpointSettings:

@@ -18,7 +18,8 @@ import torch
 
 from . import __version__, checkpoint, failures, faults, parallelize, preflight, runlock
 from .events import EventWriter, append_event
-from .objective import GuidanceSpec, ObjectiveSpec, flow_matching_loss, prepare_batch, sample_generators
+from .objective import (GuidanceSpec, ObjectiveSpec, flow_matching_loss, prepare_batch, sample_generators,
+                        warn_unused_reference_timestep)
 
 log = logging.getLogger(__name__)
 
@@ -284,8 +285,11 @@ class _Unwrapped(torch.nn.Module):
 
 
 def run_validation(model: Model, vae, *, prompts: list[tuple[str, str, torch.Tensor]], settings, step: int,
-                   out_dir: Path, env: parallelize.DistEnv) -> list[dict[str, Any]]:
-    """Render every validation prompt with the current LoRA; all ranks run the forward (FSDP2 needs it)."""
+                   out_dir: Path, env: parallelize.DistEnv, reference_timestep: str = "shared") -> list[dict[str, Any]]:
+    """Render every validation prompt with the current LoRA; all ranks run the forward (FSDP2 needs it).
+
+    reference_timestep: the training objective's, so images rendered with reference latents see them as training did.
+    """
     from PIL import Image
 
     from .sampling import generate_images
@@ -299,7 +303,7 @@ def run_validation(model: Model, vae, *, prompts: list[tuple[str, str, torch.Ten
                 images = generate_images(
                     _Unwrapped(model), vae, prompt_embeds=embeds.unsqueeze(0).to(env.device, model.compute_dtype),
                     width=settings.width, height=settings.height, num_steps=settings.num_inference_steps,
-                    guidance=settings.guidance, seed=settings.seed,
+                    guidance=settings.guidance, seed=settings.seed, reference_timestep=reference_timestep,
                 )
                 if env.is_main:
                     rel = Path("validation") / f"step{step:06d}_{_slug(name)}.png"
@@ -341,7 +345,8 @@ def _micro_batches(batches, count: int, *, manifest, dtype) -> list[Any]:
     from .data import load_batch
 
     refs = [next(batches) for _ in range(count)]
-    return [load_batch(manifest, r.indices, references=r.references or None, dtype=dtype) for r in refs]
+    return [load_batch(manifest, r.indices, references=r.references or None, captions=r.captions or None,
+                       dtype=dtype) for r in refs]
 
 
 def train(config, *, env: parallelize.DistEnv) -> Path | None:
@@ -396,7 +401,10 @@ def train(config, *, env: parallelize.DistEnv) -> Path | None:
             caption_dropout_probability=config.objective.caption_dropout_probability,
             guidance=GuidanceSpec(mode=config.guidance.mode, value=config.guidance.value,
                                   minimum=config.guidance.minimum, maximum=config.guidance.maximum),
+            reference_timestep=config.objective.reference_timestep,
         )
+        if env.is_main:
+            warn_unused_reference_timestep(objective, has_references=any(it.references for it in manifest.items))
         events.emit("start", world_size=env.world_size, device=str(env.device), start_step=start_step,
                     max_train_steps=total, num_images=len(manifest.items), resumed_from=str(resume) if resume else None,
                     lora_rank=config.lora.rank, lora_alpha=config.lora.alpha, flux_lora_target=config.lora.target,
@@ -437,7 +445,7 @@ def train(config, *, env: parallelize.DistEnv) -> Path | None:
                 faults.fault_point("validation", number=number)  # test-only
                 with onloaded(vae, device=env.device, encoders=encoders):  # offload_during_startup
                     images = run_validation(model, vae, prompts=prompts, settings=config.validation, step=number,
-                                            out_dir=out_dir, env=env)
+                                            out_dir=out_dir, env=env, reference_timestep=objective.reference_timestep)
                 events.emit("validation", step=number, images=images)
         where["phase"] = "saving the LoRA"
         lora_path = save_final_lora(model, config=config, out_dir=out_dir, step=total, env=env,

@@ -2,17 +2,23 @@
 
 x_t = (1 - s) x0 + s e, target e - x0, MSE over the target image tokens. s ~ sigmoid(N(0, 1)) with a
 shift. The model gets timestep s (it scales by 1000 inside) and the guidance value through its
-guidance embedding: constant, or uniform in [min, max] per sample.
+guidance embedding: constant, or uniform in [min, max] per sample. Reference-image tokens (edit LoRAs)
+follow the target tokens and get timestep s too ("shared") or are modulated as at timestep 0 ("zero",
+blocks.block_forward).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from . import flux2
+from .blocks import ReferenceTimestep, check_reference_timestep
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -40,6 +46,19 @@ class ObjectiveSpec:
     """Use the resolution-dependent shift for the batch's token count instead (flow_schedule_auto_shift)."""
     guidance: GuidanceSpec = GuidanceSpec()
     caption_dropout_probability: float = 0.0
+    reference_timestep: ReferenceTimestep = "shared"
+    """Timestep of the reference tokens' modulation: "shared" (the sample's) or "zero" (reference_timestep)."""
+
+    def __post_init__(self) -> None:
+        check_reference_timestep(self.reference_timestep)
+
+
+def warn_unused_reference_timestep(spec: ObjectiveSpec, *, has_references: bool) -> None:
+    """Warn (STYLE §4: harmless but probably not meant) when reference_timestep is set for a dataset without
+    references; only the manifest knows, so the loop calls this at run start."""
+    if spec.reference_timestep != "shared" and not has_references:
+        log.warning("config: reference_timestep=%r has no effect because the dataset has no reference images.",
+                    spec.reference_timestep)
 
 
 def sample_generators(*, seed: int, step: int, first_index: int, count: int) -> list[torch.Generator]:
@@ -67,6 +86,8 @@ class PreparedBatch:
     """Packed flow target of the target image tokens only (B, N_img, 128)."""
     num_target_tokens: int
     sigmas: torch.Tensor
+    reference_timestep: ReferenceTimestep = "shared"
+    """How the model modulates the reference tokens (ObjectiveSpec.reference_timestep)."""
 
 
 def prepare_batch(
@@ -114,6 +135,7 @@ def prepare_batch(
         target=target,
         num_target_tokens=h * w,
         sigmas=sigmas,
+        reference_timestep=spec.reference_timestep,
     )
 
 
@@ -122,10 +144,14 @@ def flow_matching_loss(model: torch.nn.Module, prepared: PreparedBatch, *, devic
     """MSE between the model's prediction on the target tokens and e - x0 (reference outputs cut).
 
     tread_generators: the batch's per-sample generators, for a model with TREAD routes (blocks.apply_block_forward);
-    it draws the routed tokens from them. None for any other model.
+    it draws the routed tokens from them. None for any other model. A batch with references and
+    reference_timestep "zero" also needs the trainer's forward (blocks.apply_block_forward); with "shared"
+    the model gets diffusers' arguments only.
     """
-    extra = {} if tread_generators is None else {
+    extra: dict = {} if tread_generators is None else {
         "tread_generators": tread_generators, "num_target_tokens": prepared.num_target_tokens}
+    if prepared.reference_timestep != "shared" and prepared.hidden_states.shape[1] > prepared.num_target_tokens:
+        extra.update(reference_timestep=prepared.reference_timestep, num_target_tokens=prepared.num_target_tokens)
     pred = model(
         hidden_states=prepared.hidden_states.to(device=device, dtype=dtype),
         encoder_hidden_states=prepared.encoder_hidden_states.to(device=device, dtype=dtype),

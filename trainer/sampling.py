@@ -12,6 +12,11 @@ import torch
 from torch import Tensor
 
 from . import flux2
+from .blocks import (
+    ReferenceTimestep,
+    check_reference_timestep,
+    supports_reference_timestep,
+)
 
 
 def check_size(*, width: int, height: int) -> None:
@@ -64,6 +69,7 @@ def denoise(
     num_steps: int,
     guidance: float,
     reference_latents: list[Tensor] | None = None,
+    reference_timestep: ReferenceTimestep = "shared",
     callback: Callable[[int, int], None] | None = None,
 ) -> Tensor:
     """Euler-integrate from noise latents (B, 128, h, w) to clean latents (B, 128, h, w), float32.
@@ -71,9 +77,13 @@ def denoise(
     Runs on prompt_embeds' device. The model gets timestep = sigma (it scales by 1000 inside) and the guidance
     value per sample. Reference latents, each (B or 1, 128, h_k, w_k) and normalised like encode_images
     returns them, are appended after the target tokens with reference_position_ids and their outputs dropped.
+    reference_timestep: "shared" (Flux2Pipeline and ComfyUI: references get sigma too) or "zero" (references
+    modulated as at timestep 0, as a LoRA trained with reference_timestep "zero" saw them; needs the
+    trainer's forward, blocks.apply_block_forward).
     callback(step_index, num_steps) runs after each step (0-based); raising in it stops sampling.
     """
     check_steps(num_steps)
+    check_reference_timestep(reference_timestep)
     batch, channels, height, width = latents.shape
     if channels != flux2.PATCHIFIED_CHANNELS:
         raise ValueError(f"latents must be (B, {flux2.PATCHIFIED_CHANNELS}, h, w), got {tuple(latents.shape)}.")
@@ -103,6 +113,14 @@ def denoise(
     encoder_hidden_states = prompt_embeds.to(model_dtype)
     guidance_vec = torch.full((batch,), float(guidance), device=device, dtype=torch.float32)
 
+    extra = {}
+    if reference_timestep != "shared" and ref_tokens is not None:
+        if not supports_reference_timestep(transformer):
+            raise ValueError(f"reference_timestep {reference_timestep!r} needs the trainer's forward "
+                             "(blocks.apply_block_forward); diffusers' Flux2Transformer2DModel.forward gives reference "
+                             "tokens the shared timestep. Use reference_timestep 'shared' with this transformer.")
+        extra = {"reference_timestep": reference_timestep, "num_target_tokens": num_target}
+
     sigmas = flux2.sampling_sigmas(num_steps, image_seq_len=num_target).to(device)
     for i in range(num_steps):
         hidden = x.to(model_dtype)
@@ -116,6 +134,7 @@ def denoise(
             txt_ids=txt_ids,
             guidance=guidance_vec,
             return_dict=False,
+            **extra,
         )[0]
         pred = pred[:, :num_target].float()
         x = x + (sigmas[i + 1] - sigmas[i]) * pred
@@ -135,11 +154,14 @@ def generate_images(
     num_steps: int,
     guidance: float,
     seed: int,
+    reference_latents: list[Tensor] | None = None,
+    reference_timestep: ReferenceTimestep = "shared",
     callback: Callable[[int, int], None] | None = None,
 ) -> Tensor:
     """Images (B, height, width, 3) float32 on the CPU in [0, 1] (ComfyUI's IMAGE layout), one per prompt.
 
     Noise from initial_noise(seed) for the whole batch, denoise on prompt_embeds' device, decode with the VAE.
+    reference_latents and reference_timestep: as denoise takes them.
     """
     check_size(width=width, height=height)
     check_steps(num_steps)
@@ -152,6 +174,8 @@ def generate_images(
         latents=noise,
         num_steps=num_steps,
         guidance=guidance,
+        reference_latents=reference_latents,
+        reference_timestep=reference_timestep,
         callback=callback,
     )
     images = flux2.decode_latents(vae, latents)

@@ -151,6 +151,7 @@ VIEWS: dict[str, Callable[[TrainConfig], Any]] = {
     "base_model_default_dtype": lambda c: c.quantization.base_model_default_dtype,
     "quantize_via": lambda c: c.quantization.quantize_via,
     "group_offload_type": lambda c: c.offload.offload_type,
+    "reference_timestep": lambda c: c.objective.reference_timestep,
 }
 # What a choice needs beside it to be valid (quantized weights cannot be FSDP2-sharded).
 COMPANIONS: dict[tuple[str, str], dict[str, Any]] = {
