@@ -168,7 +168,7 @@ class Flux2Sample:
         from ..trainer.sampling import check_size, check_steps
 
         check_size(width=width, height=height)
-        check_steps(steps)
+        check_steps(steps, name="steps")
         embeds = conditioning_tensor(positive, input_name="positive")
         progress = comfy_bridge.Progress(steps, label="FLUX.2 Sample")
         images = sample_images(

@@ -29,9 +29,10 @@ def check_size(*, width: int, height: int) -> None:
             )
 
 
-def check_steps(num_steps: int) -> None:
+def check_steps(num_steps: int, *, name: str = "num_steps") -> None:
+    """name: what the caller calls the setting (the Sample node's input is "steps")."""
     if num_steps < 1:
-        raise ValueError(f"num_steps {num_steps} must be >= 1; FLUX.2-dev usually samples with 28-50 steps.")
+        raise ValueError(f"{name} {num_steps} must be >= 1; FLUX.2-dev usually samples with 28-50 steps.")
 
 
 def initial_noise(

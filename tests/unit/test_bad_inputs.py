@@ -309,6 +309,8 @@ CASES = [
          lambda w: lambda: w.mod("nodes.model_nodes").Flux2LoadModel().load("x", "fp32", folder_path=str(w.root))),
     Case("widget-sample-width", "width", "multiple of 16",
          lambda w: lambda: w.mod("nodes.model_nodes").Flux2Sample().sample(w.model_spec(), None, 100, 64, 4, 4.0, 0)),
+    Case("widget-sample-steps", "steps", r"^steps 0 must be >= 1",  # the node's input name, not num_steps
+         lambda w: lambda: w.mod("nodes.model_nodes").Flux2Sample().sample(w.model_spec(), None, 64, 64, 0, 4.0, 0)),
     # dataset files
     Case("dataset-caption-not-utf8", "a.txt", "not UTF-8", _non_utf8_caption),
     Case("dataset-truncated-image", "a.png", "corrupt or truncated", _truncated_image),
