@@ -11,6 +11,9 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+# Shared test helpers (block_tools, image_tools) import as top-level modules, also from fixtures.
+if str(REPO_ROOT / "tests") not in sys.path:
+    sys.path.insert(1, str(REPO_ROOT / "tests"))
 
 # Two busy cores: more threads made tiny steps 20x slower here.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

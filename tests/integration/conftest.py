@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -12,6 +13,20 @@ from typing import Any
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def nodes(pack, comfy_root):
+    """The pack's training nodes module, imported as ComfyUI imports the pack (output into comfy_root)."""
+    return importlib.import_module(f"{pack.__name__}.nodes.train_nodes")
+
+
+@pytest.fixture
+def model_spec(pack, tiny_model_dir):
+    """A FLUX2_MODEL of the tiny weights in fp32, as Load FLUX.2 returns it."""
+    inference = importlib.import_module(f"{pack.__name__}.trainer.inference")
+    model_files = importlib.import_module(f"{pack.__name__}.trainer.model_files")
+    return inference.Flux2ModelSpec(folder=model_files.inspect_model_folder(tiny_model_dir), precision="fp32")
 
 
 @pytest.fixture(scope="session")
@@ -31,18 +46,14 @@ def square_dataset(tiny_model_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def wide_dataset(tiny_model_dir, tmp_path_factory) -> Path:
     """Manifest of 3 cached 96x64 images (bucket 80x48), captions unlike square_dataset's."""
-    import numpy as np
-    from PIL import Image
+    from image_tools import noise_png
 
     from trainer.data import build_dataset
     from trainer.model_files import inspect_model_folder
 
     root = tmp_path_factory.mktemp("wide")
-    (root / "images").mkdir()
     for n in range(3):
-        pixels = np.random.default_rng(n).integers(0, 256, (64, 96, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / "images" / f"w{n}.png")
-        (root / "images" / f"w{n}.txt").write_text(f"a wide noise picture {n}", encoding="utf-8")
+        noise_png(root / "images" / f"w{n}.png", (96, 64), seed=n, caption=f"a wide noise picture {n}")
     return build_dataset(image_dir=root / "images", model=inspect_model_folder(tiny_model_dir),
                          out_dir=root / "built", resolution=64, text_precision="fp32")
 

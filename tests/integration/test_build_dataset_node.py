@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
+import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-from PIL import Image
-
-
-@pytest.fixture
-def nodes(pack, comfy_root):
-    return importlib.import_module(f"{pack.__name__}.nodes.train_nodes")
-
-
-@pytest.fixture
-def model_spec(pack, tiny_model_dir):
-    inference = importlib.import_module(f"{pack.__name__}.trainer.inference")
-    model_files = importlib.import_module(f"{pack.__name__}.trainer.model_files")
-    return inference.Flux2ModelSpec(folder=model_files.inspect_model_folder(tiny_model_dir), precision="fp32")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from image_tools import noise_png  # noqa: E402
 
 
 def _folder(root: Path) -> str:
-    folder = root / "input" / "captions"
-    folder.mkdir(parents=True)
     for n, caption in enumerate(["a red cube\r\na cube, red\n\n", "a blue ball"]):
-        Image.fromarray(np.random.default_rng(n).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{n}.png")
-        (folder / f"{n}.txt").write_text(caption, encoding="utf-8")
+        noise_png(root / "input" / "captions" / f"{n}.png", (64, 64), seed=n, caption=caption)
     return "captions"
 
 

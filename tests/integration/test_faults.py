@@ -372,7 +372,7 @@ def test_nan_gradient_with_a_finite_loss_is_caught_before_the_optimizer_step(
         assert isinstance(err, TrainingFailed)
         [report] = errors(events)
         assert (report["kind"], report["step"], report["last_checkpoint"]) == ("non_finite_loss", 3, "checkpoint-2")
-        assert re.match(r"gradient norm is nan at step 3 with a finite loss \d+\.\d{5} \(rank 0's batch: ",
+        assert re.match(r"gradient norm is nan with a finite loss \d+\.\d{5} at step 3 \(rank 0's batch: ",
                         report["message"])
         assert sorted(steps) == [1, 2] and not (out / "lora.safetensors").exists()
         return

@@ -6,25 +6,18 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-
-def _png(path: Path, size: tuple[int, int], *, seed: int, caption: str | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-    if caption is not None:
-        path.with_suffix(".txt").write_text(caption, encoding="utf-8")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from image_tools import noise_png  # noqa: E402
 
 
 def test_run_trains_on_a_data_backend_config_with_references(tiny_model_dir, tmp_path, runs):
     for i in range(3):
-        _png(tmp_path / "edits" / f"e{i}.png", (64, 64), seed=i, caption=f"edit {i}")
-        _png(tmp_path / "refs" / f"e{i}.png", (64, 64), seed=10 + i)
-    _png(tmp_path / "plain" / "p0.png", (96, 64), seed=20, caption="a plain image")
+        noise_png(tmp_path / "edits" / f"e{i}.png", (64, 64), seed=i, caption=f"edit {i}")
+        noise_png(tmp_path / "refs" / f"e{i}.png", (64, 64), seed=10 + i)
+    noise_png(tmp_path / "plain" / "p0.png", (96, 64), seed=20, caption="a plain image")
     backend = tmp_path / "multidatabackend.json"
     backend.write_text(json.dumps([
         {"id": "edits", "type": "local", "instance_data_dir": "edits", "resolution": 64, "conditioning_data": ["refs"]},

@@ -12,18 +12,6 @@ import pytest
 
 
 @pytest.fixture
-def nodes(pack, comfy_root):
-    return importlib.import_module(f"{pack.__name__}.nodes.train_nodes")
-
-
-@pytest.fixture
-def model_spec(pack, tiny_model_dir):
-    inference = importlib.import_module(f"{pack.__name__}.trainer.inference")
-    model_files = importlib.import_module(f"{pack.__name__}.trainer.model_files")
-    return inference.Flux2ModelSpec(folder=model_files.inspect_model_folder(tiny_model_dir), precision="fp32")
-
-
-@pytest.fixture
 def dataset(nodes, square_dataset):
     manifest = json.loads(Path(square_dataset).read_text())
     return nodes.DatasetHandle(manifest=str(square_dataset), fingerprint=manifest["fingerprint"], num_images=8)

@@ -16,36 +16,28 @@ import dataclasses
 import json
 import math
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 from torch.testing import assert_close
 
 from trainer import data
 from trainer.databackend import load_backend_config, parse_backend_config
 from trainer.model_files import inspect_model_folder
 
-
-def _png(path: Path, size: tuple[int, int], *, seed: int, caption: str | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-    if caption is not None:
-        path.with_suffix(".txt").write_bytes(caption.encode("utf-8"))
-    return path
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from image_tools import noise_png  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ scanning
 
 
 def test_caption_files_split_into_lines(tmp_path):
-    _png(tmp_path / "a.png", (32, 32), seed=1, caption="\ufeffa red cube\r\n\r\n   a cube, red  \r\nsks cube\r\n")
-    _png(tmp_path / "b.png", (32, 32), seed=2, caption="a blue sphere\n")
-    _png(tmp_path / "c.png", (32, 32), seed=3, caption=" \n\t\n")
-    _png(tmp_path / "d.png", (32, 32), seed=4, caption="old\rmac line ends")
+    noise_png(tmp_path / "a.png", (32, 32), seed=1, caption="\ufeffa red cube\r\n\r\n   a cube, red  \r\nsks cube\r\n")
+    noise_png(tmp_path / "b.png", (32, 32), seed=2, caption="a blue sphere\n")
+    noise_png(tmp_path / "c.png", (32, 32), seed=3, caption=" \n\t\n")
+    noise_png(tmp_path / "d.png", (32, 32), seed=4, caption="old\rmac line ends")
     split = data.scan_image_folder(tmp_path)
     assert [(im.relpath, im.captions) for im in split.images] == [
         ("a.png", ("a red cube", "a cube, red", "sks cube")),
@@ -142,10 +134,10 @@ def model(tiny_model_dir):
 def built(tmp_path_factory, model):
     root = tmp_path_factory.mktemp("captions")
     for seed, (name, (size, text, _)) in enumerate(MULTI.items()):
-        _png(root / "multi" / name, size, seed=seed, caption=text)
-    _png(root / "whole" / "e.png", (64, 64), seed=10, caption="line one\nline two\n")
-    _png(root / "inst" / "f.png", (64, 64), seed=11)
-    _png(root / "inst" / "g.png", (64, 64), seed=12)
+        noise_png(root / "multi" / name, size, seed=seed, caption=text)
+    noise_png(root / "whole" / "e.png", (64, 64), seed=10, caption="line one\nline two\n")
+    noise_png(root / "inst" / "f.png", (64, 64), seed=11)
+    noise_png(root / "inst" / "g.png", (64, 64), seed=12)
     config = load_backend_config(_write_config(root, [
         {"id": "multi", "instance_data_dir": "multi", "resolution": 64},
         {"id": "whole", "instance_data_dir": "whole", "resolution": 64, "disable_multiline_split": True,
@@ -444,7 +436,7 @@ def test_all_weights_checked_finite_at_build(built, model, tmp_path):
 def test_cli_build_dataset_can_keep_whole_caption_files(tmp_path, tiny_model_dir, capsys):
     from trainer.__main__ import main
 
-    _png(tmp_path / "imgs" / "a.png", (64, 64), seed=1, caption="first line\nsecond line")
+    noise_png(tmp_path / "imgs" / "a.png", (64, 64), seed=1, caption="first line\nsecond line")
     out = {}
     for flag in ([], ["--disable-multiline-split"]):
         dest = tmp_path / ("whole" if flag else "split")

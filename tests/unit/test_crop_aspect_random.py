@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 from safetensors import safe_open
 from torch.testing import assert_close
 
@@ -25,18 +24,13 @@ from trainer.buckets import choose_bucket, select_crop_aspect
 from trainer.databackend import load_backend_config, parse_backend_config
 from trainer.model_files import inspect_model_folder
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from image_tools import noise_png  # noqa: E402
+
 WEIGHTED = ((0.75, 0.2), (1.0, 0.3), (1.5, 0.5))
 EQUAL = ((0.5, 1 / 3), (1.0, 1 / 3), (2.0, 1 / 3))
 SHAS = [hashlib.sha256(f"image {i}".encode()).hexdigest() for i in range(8)]
 
-
-def _png(path: Path, size: tuple[int, int], *, seed: int, caption: str | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-    if caption is not None:
-        path.with_suffix(".txt").write_text(caption, encoding="utf-8")
-    return path
 
 
 def _write_config(root: Path, entries: list[dict]) -> Path:
@@ -226,8 +220,8 @@ ASPECT_BUCKETS_64 = {0.5: (48, 96), 1.0: (64, 64), 2.0: (96, 48)}
 def random_build(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("random_aspect")
     for i, size in enumerate([(64, 64), (96, 64), (64, 96), (80, 80), (72, 64)]):
-        _png(root / "imgs" / f"i{i}.png", size, seed=i, caption=f"photo {i}")
-        _png(root / "loose" / f"i{i}.png", size[::-1], seed=40 + i)
+        noise_png(root / "imgs" / f"i{i}.png", size, seed=i, caption=f"photo {i}")
+        noise_png(root / "loose" / f"i{i}.png", size[::-1], seed=40 + i)
     path = _write_config(root, [
         {"id": "rand", "instance_data_dir": "imgs", "resolution": 64, "crop_aspect": "random", "crop_style": "random",
          "crop_aspect_buckets": [{"aspect": 0.5, "weight": 0.25}, {"aspect": 1, "weight": 0.25},

@@ -9,29 +9,28 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.testing import assert_close
 
 from trainer import data, flux2, model_files
-from trainer.buckets import choose_bucket, image_size_measure, plan_crop_styled, plan_matching_crop, target_area
+from trainer.buckets import (
+    choose_bucket,
+    image_size_measure,
+    plan_crop_styled,
+    plan_matching_crop,
+    target_area,
+)
 from trainer.databackend import load_backend_config, parse_backend_config
 from trainer.model_files import inspect_model_folder
 
-
-def _png(path: Path, size: tuple[int, int], *, seed: int, caption: str | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-    if caption is not None:
-        path.with_suffix(".txt").write_text(caption, encoding="utf-8")
-    return path
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from image_tools import noise_png  # noqa: E402
 
 # ------------------------------------------------------------------------------------------- geometry
 
@@ -187,19 +186,19 @@ def model(tiny_model_dir):
 
 def _edit_project(root: Path) -> Path:
     """Two image datasets (one of edits with strict and loose references) and a text_embeds cache."""
-    _png(root / "edits" / "e1.png", (64, 64), seed=1, caption="make it red")
-    _png(root / "edits" / "e2.png", (96, 64), seed=2, caption="make it blue")
-    _png(root / "edits" / "sub" / "e3.png", (64, 64), seed=3, caption="make it red")
-    _png(root / "strict" / "e1.jpg", (128, 128), seed=11)  # same scene at twice the size, another format
-    _png(root / "strict" / "e2.png", (96, 64), seed=12)
-    _png(root / "strict" / "sub" / "e3.png", (64, 64), seed=13)
-    _png(root / "loose" / "e1.png", (64, 96), seed=21)
-    _png(root / "loose" / "e2.png", (64, 64), seed=22)
-    _png(root / "loose" / "sub" / "e3.png", (64, 96), seed=23)
-    _png(root / "styles" / "s1.png", (64, 64), seed=31, caption="a style")
-    _png(root / "styles" / "s2.png", (64, 64), seed=32, caption="a style")
+    noise_png(root / "edits" / "e1.png", (64, 64), seed=1, caption="make it red")
+    noise_png(root / "edits" / "e2.png", (96, 64), seed=2, caption="make it blue")
+    noise_png(root / "edits" / "sub" / "e3.png", (64, 64), seed=3, caption="make it red")
+    noise_png(root / "strict" / "e1.jpg", (128, 128), seed=11)  # same scene at twice the size, another format
+    noise_png(root / "strict" / "e2.png", (96, 64), seed=12)
+    noise_png(root / "strict" / "sub" / "e3.png", (64, 64), seed=13)
+    noise_png(root / "loose" / "e1.png", (64, 96), seed=21)
+    noise_png(root / "loose" / "e2.png", (64, 64), seed=22)
+    noise_png(root / "loose" / "sub" / "e3.png", (64, 96), seed=23)
+    noise_png(root / "styles" / "s1.png", (64, 64), seed=31, caption="a style")
+    noise_png(root / "styles" / "s2.png", (64, 64), seed=32, caption="a style")
     (root / "styles" / "tiny.png").parent.mkdir(exist_ok=True)
-    _png(root / "styles" / "tiny.png", (32, 32), seed=33, caption="too small")
+    noise_png(root / "styles" / "tiny.png", (32, 32), seed=33, caption="too small")
     return _write_config(root, [
         {"id": "edits", "instance_data_dir": "edits", "resolution": 64, "repeats": 1,
          "conditioning_data": ["strict", "loose"], "conditioning_multidataset_sampling": "combined"},
@@ -328,7 +327,12 @@ def test_random_conditioning_sampling_picks_one_reference_per_sample(edit_build)
 
 def test_reference_tokens_get_time_ids_and_no_loss(edit_build):
     """Reference k's tokens carry t = 10 + 10k and are cut before the loss (objective.prepare_batch)."""
-    from trainer.objective import ObjectiveSpec, flow_matching_loss, prepare_batch, sample_generators
+    from trainer.objective import (
+        ObjectiveSpec,
+        flow_matching_loss,
+        prepare_batch,
+        sample_generators,
+    )
 
     _, _, manifest_path = edit_build
     manifest = data.load_manifest(manifest_path)
@@ -352,10 +356,10 @@ def test_reference_tokens_get_time_ids_and_no_loss(edit_build):
 
 
 def test_strict_missing_reference_is_an_error_loose_is_a_skip(tmp_path, model):
-    _png(tmp_path / "edits" / "a.png", (64, 64), seed=1, caption="x")
-    _png(tmp_path / "edits" / "b.png", (64, 64), seed=2, caption="y")
-    _png(tmp_path / "refs" / "a.png", (64, 64), seed=3)
-    _png(tmp_path / "refs" / "c.png", (64, 64), seed=4)
+    noise_png(tmp_path / "edits" / "a.png", (64, 64), seed=1, caption="x")
+    noise_png(tmp_path / "edits" / "b.png", (64, 64), seed=2, caption="y")
+    noise_png(tmp_path / "refs" / "a.png", (64, 64), seed=3)
+    noise_png(tmp_path / "refs" / "c.png", (64, 64), seed=4)
     entries = [{"id": "edits", "instance_data_dir": "edits", "resolution": 64, "conditioning_data": ["refs"]},
                {"id": "refs", "dataset_type": "conditioning", "conditioning_type": "reference_strict",
                 "instance_data_dir": "refs", "resolution": 64}]
@@ -380,7 +384,7 @@ def test_bad_dataset_folders_and_cache_dirs(tmp_path, model):
     config = load_backend_config(_write_config(tmp_path, [{"id": "e", "instance_data_dir": "empty"}]))
     with pytest.raises(ValueError, match=r"dataset 'e' \(instance_data_dir\): image folder .* has no usable images"):
         data.build_datasets(config, model=model, out_dir=tmp_path / "out")
-    _png(tmp_path / "imgs" / "a.png", (64, 64), seed=1, caption="x")
+    noise_png(tmp_path / "imgs" / "a.png", (64, 64), seed=1, caption="x")
     blocker = tmp_path / "a-file"
     blocker.write_text("x", encoding="utf-8")
     config = load_backend_config(_write_config(tmp_path, [

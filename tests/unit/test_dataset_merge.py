@@ -8,26 +8,20 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from trainer import data
 from trainer.config import TrainConfig
 from trainer.databackend import load_backend_config
 from trainer.model_files import inspect_model_folder
 
-
-def _png(path: Path, size: tuple[int, int], *, seed: int, caption: str | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-    if caption is not None:
-        path.with_suffix(".txt").write_text(caption, encoding="utf-8")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from image_tools import noise_png  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +34,12 @@ def two_datasets(tmp_path_factory, model) -> tuple[Path, Path]:
     """A plain dataset of 3 squares (repeats 2) and an edit dataset of 2 wide images with strict references."""
     root = tmp_path_factory.mktemp("merge")
     for n in range(3):
-        _png(root / "plain" / f"p{n}.png", (64, 64), seed=n, caption=f"plain {n}")
+        noise_png(root / "plain" / f"p{n}.png", (64, 64), seed=n, caption=f"plain {n}")
     plain = data.build_dataset(image_dir=root / "plain", model=model, out_dir=root / "plain_built", resolution=64,
                                repeats=2, text_precision="fp32", extra_prompts=["a validation prompt"])
     for n in range(2):
-        _png(root / "edits" / f"e{n}.png", (96, 64), seed=10 + n, caption=f"edit {n}")
-        _png(root / "refs" / f"e{n}.png", (96, 64), seed=20 + n)
+        noise_png(root / "edits" / f"e{n}.png", (96, 64), seed=10 + n, caption=f"edit {n}")
+        noise_png(root / "refs" / f"e{n}.png", (96, 64), seed=20 + n)
     (root / "edit.json").write_text(json.dumps([
         # "default" is also the plain dataset's id: the merge must rename one of them.
         {"id": "default", "instance_data_dir": "edits", "resolution": 64, "conditioning_data": ["refs"]},
