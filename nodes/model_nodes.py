@@ -160,10 +160,14 @@ class Flux2Sample:
                 "steps": ("INT", {"default": 28, "min": 1, "max": 200, "step": 1, "tooltip": "Denoising steps; 28-50 for FLUX.2-dev."}),
                 "guidance": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 20.0, "step": 0.1, "round": 0.01, "tooltip": "Distilled guidance value fed to the guidance embedding; 3-5 is typical for FLUX.2-dev."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "step": 1, "control_after_generate": True, "tooltip": "Noise seed; the same seed gives the same image on any device."}),
-            }
+            },
+            "optional": {
+                "reference_images": ("IMAGE", {"tooltip": "Reference images for edit LoRAs and FLUX.2 multi-reference editing: each image of the batch becomes one reference, resized as FLUX.2's pipeline does (shrunk to about 1024x1024 pixels when larger, then centre-cropped to multiples of 16). Unconnected: plain text-to-image."}),
+            },
         }
 
-    def sample(self, model, positive, width: int, height: int, steps: int, guidance: float, seed: int):
+    def sample(self, model, positive, width: int, height: int, steps: int, guidance: float, seed: int,
+               reference_images=None):
         from ..trainer.inference import sample_images
         from ..trainer.sampling import check_size, check_steps
 
@@ -180,6 +184,7 @@ class Flux2Sample:
             guidance=guidance,
             seed=seed,
             device=str(comfy_bridge.torch_device()),
+            reference_images=reference_images,
             callback=lambda i, total: progress.update_absolute(i + 1),
         )
         return (images.float().cpu(),)

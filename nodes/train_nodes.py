@@ -426,14 +426,26 @@ def check_extra_paths(extra: dict[str, Any]) -> None:
         if key in _NODE_SET_KEYS:
             raise ValueError(f"extra_config_json key {raw_key!r} cannot be set here: {_NODE_SET_KEYS[key]}. Remove it.")
         if key == "user_prompt_library" and isinstance(value, str) and value.strip():
-            path = Path(value.strip()).expanduser()
-            path = path if path.is_absolute() else comfy_bridge.input_directory() / path
-            extra[raw_key] = str(check_inside(path, roots=dataset_roots(), env_name=DATASET_ROOTS_ENV,
-                                              input_name="extra_config_json user_prompt_library"))
+            extra[raw_key] = _input_file(value, input_name="extra_config_json user_prompt_library")
+        if key == "validation_reference_images":
+            # One path or a list, as the trainer takes it; anything else is left for TrainConfig to refuse by name.
+            name = "extra_config_json validation_reference_images"
+            if isinstance(value, str) and value.strip():
+                extra[raw_key] = _input_file(value, input_name=name)
+            elif isinstance(value, list):
+                extra[raw_key] = [_input_file(v, input_name=name) if isinstance(v, str) and v.strip() else v
+                                  for v in value]
         if key == "resume_from_checkpoint" and isinstance(value, str) and value.strip() and value != "latest" \
                 and not re.fullmatch(r"checkpoint-\d+", value):
             raise ValueError(f"extra_config_json resume_from_checkpoint {value!r}: give 'latest' or a checkpoint-<step> "
                              "name of this run's folder.")
+
+
+def _input_file(value: str, *, input_name: str) -> str:
+    """A file path from extra_config_json, absolute and inside the dataset roots; relative = in ComfyUI's input."""
+    path = Path(value.strip()).expanduser()
+    path = path if path.is_absolute() else comfy_bridge.input_directory() / path
+    return str(check_inside(path, roots=dataset_roots(), env_name=DATASET_ROOTS_ENV, input_name=input_name))
 
 
 def _parse_extra(text: str) -> dict[str, Any]:

@@ -283,6 +283,8 @@ class ValidationSettings:
     guidance: float
     seed: int
     """Resolved: validation_seed, or the training seed when it is null."""
+    reference_images: tuple[Path, ...] = ()
+    """Reference images every validation prompt is rendered with; empty for none."""
 
     @property
     def enabled(self) -> bool:
@@ -482,6 +484,11 @@ class TrainConfig:
     """Guidance value (FLUX.2-dev's guidance embedding, not CFG) for validation images. > 0."""
     validation_seed: int | None = None
     """Seed for validation noise (the same images every time); null uses seed. In [0, 2**31 - 1]."""
+    validation_reference_images: str | tuple[str, ...] | None = None
+    """Edit/reference LoRAs (not a SimpleTuner key): an image file, or a list of them, given to every validation
+    prompt as FLUX.2 reference images (image k at time position 10 + 10k), prepared as Flux2Pipeline prepares
+    `image=` (shrunk to about 1024x1024 pixels when larger, centre-cropped to multiples of 16), encoded once at
+    run start and modulated with reference_timestep. null: validation renders without references."""
 
     # -- ours: processes and failures --------------------------------------------------------------
     distributed: Literal["fsdp2", "ddp", "none"] = "fsdp2"
@@ -548,6 +555,8 @@ class TrainConfig:
             _check_file("dataset_manifest", manifest, what="the manifest written by Build Dataset")
         _check_file("data_backend_config", self.data_backend_config, what="a multidatabackend.json file")
         _check_file("user_prompt_library", self.user_prompt_library, what="a JSON file of {name: prompt}")
+        for image in _as_paths(self.validation_reference_images):
+            _check_reference_image("validation_reference_images", image)
 
         for key in ("vae_batch_size", "train_batch_size", "gradient_accumulation_steps", "lora_rank",
                     "max_train_steps", "checkpointing_steps", "validation_num_inference_steps",
@@ -669,6 +678,9 @@ class TrainConfig:
             SUBJECT_PLACEHOLDER in p for p in self._raw_prompts().values()
         ):
             unused.append(("validation_subject", f"no validation prompt contains {SUBJECT_PLACEHOLDER}"))
+        if self.validation_reference_images is not None and self.validation_prompt is None \
+                and self.user_prompt_library is None:
+            unused.append(("validation_reference_images", "there is no validation prompt"))
         for key, why in unused:
             log.warning("config: %s=%r has no effect because %s.", key, getattr(self, key), why)
 
@@ -813,6 +825,7 @@ class TrainConfig:
             subject=self.validation_subject, every_steps=self.validation_steps, width=width, height=height,
             num_inference_steps=self.validation_num_inference_steps, guidance=self.validation_guidance,
             seed=self.seed if self.validation_seed is None else self.validation_seed,
+            reference_images=tuple(Path(p).expanduser() for p in _as_paths(self.validation_reference_images)),
         )
 
     @property
@@ -1074,7 +1087,8 @@ def _convert_paths(key: str, value: Any) -> str | tuple[str, ...] | None:
         return value
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v.strip() for v in value):
         if len(set(value)) != len(value):
-            raise ValueError(f"{key} lists a path twice ({list(value)}); give each dataset once (repeats weights it).")
+            fix = "give each dataset once (repeats weights it)" if key == "dataset_manifest" else "give each file once"
+            raise ValueError(f"{key} lists a path twice ({list(value)}); {fix}.")
         return tuple(value)
     raise ValueError(f"{key} must be a path or a non-empty list of paths, got {value!r}.")
 
@@ -1130,6 +1144,29 @@ def _check_file(key: str, value: str | None, *, what: str, suffix: str | None = 
         raise ValueError(f"{key} {value!r} {state}; give {what}.")
     if suffix is not None and path.suffix.lower() != suffix:
         raise ValueError(f"{key} {value!r} is not a {suffix} file; give {what}.")
+
+
+def _check_reference_image(key: str, value: str) -> None:
+    """An existing image file PIL can decode, usable as a FLUX.2 reference (flux2.prepare_reference_pixels)."""
+    if not value.strip():
+        raise ValueError(f"{key} holds a blank path; give image files, or null for none.")
+    _check_file(key, value, what="an image file (PNG, JPEG, WebP)")
+    # Lazy: this module imports only the standard library (ComfyUI imports it at start-up).
+    from PIL import Image, UnidentifiedImageError
+
+    from .flux2 import prepare_reference_pixels
+
+    try:
+        with Image.open(Path(value).expanduser()) as image:
+            image.load()  # decodes every pixel: a truncated file fails here, not at the first validation
+            prepare_reference_pixels([image], input_name=f"{key} {value!r}")
+    except UnidentifiedImageError:
+        raise ValueError(f"{key} {value!r} is not an image file PIL can read; {_IMAGE_FIX}.") from None
+    except (OSError, SyntaxError) as exc:
+        raise ValueError(f"{key} {value!r} cannot be read as an image ({exc}); {_IMAGE_FIX}.") from None
+
+
+_IMAGE_FIX = "give a PNG, JPEG or WebP image"
 
 
 def _read_prompt_library(path: Path) -> dict[str, str]:

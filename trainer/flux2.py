@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 MAX_TEXT_TOKENS = 512
 TEXT_HIDDEN_LAYERS = (10, 20, 30)
@@ -271,6 +275,70 @@ def encode_images(vae, images: Tensor) -> Tensor:
     images = images.to(device=_module_device(vae), dtype=vae.dtype)
     latents = vae.encode(images).latent_dist.mode()
     return normalize_latents(patchify_latents(latents), vae=vae)
+
+
+REFERENCE_MAX_AREA = 1024 * 1024
+"""Flux2Pipeline shrinks a reference image above this many pixels to about this area (Lanczos)."""
+
+
+def prepare_reference_pixels(
+    images: Tensor | list[PIL.Image.Image], *, input_name: str = "reference_images"
+) -> list[Tensor]:
+    """Reference images -> one (1, 3, h, w) float32 tensor in [-1, 1] each, as Flux2Pipeline prepares `image=`.
+
+    images: a ComfyUI IMAGE (B, H, W, 3) float in [0, 1], each of its B images one reference; or a list of PIL
+    images. A tensor image is first made the uint8 PIL image diffusers' numpy_to_pil would make (x * 255,
+    rounded), so a PNG loaded by ComfyUI (uint8 / 255) comes back exactly. Then, per image, as the pipeline does:
+    above 1024 * 1024 pixels it is resized (PIL Lanczos) to about that area keeping its aspect ratio; both sides
+    are floored to multiples of 16 (one token); the excess is cropped around the centre; RGB, / 255, * 2 - 1.
+    Encode each result with encode_images; the k-th gets reference_position_ids' t = 10 + 10k.
+    Unlike the pipeline (its check_image_input), sides under 64 px and aspect ratios above 8 are allowed;
+    a side under 16 px after flooring is refused (ValueError naming input_name).
+    """
+    import numpy as np
+    import PIL.Image
+
+    if isinstance(images, Tensor):
+        if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] < 1:
+            raise ValueError(
+                f"{input_name} must be an IMAGE batch (B, H, W, 3) with values in [0, 1], got shape "
+                f"{tuple(images.shape)}; convert it to RGB first."
+            )
+        arrays = (images.detach().float().cpu().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).numpy()
+        pil_images = [PIL.Image.fromarray(a) for a in arrays]
+    elif isinstance(images, (list, tuple)) and images and all(isinstance(im, PIL.Image.Image) for im in images):
+        pil_images = list(images)
+    else:
+        raise ValueError(
+            f"{input_name} must be an IMAGE tensor (B, H, W, 3) or a non-empty list of PIL images, got "
+            f"{type(images).__name__}."
+        )
+
+    prepared = []
+    for k, image in enumerate(pil_images):
+        width, height = image.size
+        if width * height > REFERENCE_MAX_AREA:
+            # The pipeline's _resize_to_target_area: int() of each scaled side, so the area ends at or below 1024^2.
+            scale = math.sqrt(REFERENCE_MAX_AREA / (width * height))
+            image = image.resize((int(width * scale), int(height * scale)), PIL.Image.Resampling.LANCZOS)
+        new_width = image.width // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN
+        new_height = image.height // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN
+        if new_width < PIXELS_PER_TOKEN or new_height < PIXELS_PER_TOKEN:
+            which = f" image {k}" if len(pil_images) > 1 else ""
+            raise ValueError(
+                f"{input_name}{which} is {width}x{height} (WxH), which leaves {new_width}x{new_height} after "
+                f"flooring to multiples of {PIXELS_PER_TOKEN} px; give a reference at least {PIXELS_PER_TOKEN} px "
+                "on each side (FLUX.2 works best with about 1024x1024)."
+            )
+        # Centre crop to the floored size, then RGB: the order of Flux2ImageProcessor.preprocess(resize_mode="crop").
+        left = (image.width - new_width) // 2
+        top = (image.height - new_height) // 2
+        image = image.crop((left, top, left + new_width, top + new_height)).convert("RGB")
+        # (1, H, W, 3) viewed as (1, 3, H, W): diffusers' memory layout (channels-last), which picks the same
+        # convolution kernels in the VAE, so the latents match the pipeline's bit for bit.
+        pixels = torch.from_numpy((np.array(image).astype(np.float32) / 255.0)[None].transpose(0, 3, 1, 2))
+        prepared.append(2.0 * pixels - 1.0)
+    return prepared
 
 
 def decode_latents(vae, latents: Tensor) -> Tensor:

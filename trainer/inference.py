@@ -15,9 +15,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .model_files import ModelFolder, load_text_encoder, load_tokenizer, load_transformer, load_vae
+
+if TYPE_CHECKING:
+    import PIL.Image
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -217,17 +221,31 @@ def sample_images(
     guidance: float,
     seed: int,
     device: str = "cpu",
+    reference_images: torch.Tensor | list[PIL.Image.Image] | None = None,
     callback: Callable[[int, int], None] | None = None,
 ):
-    """Images (B, H, W, 3) in [0, 1] from prompt embeddings, with the spec's LoRAs active."""
+    """Images (B, H, W, 3) in [0, 1] from prompt embeddings, with the spec's LoRAs active.
+
+    reference_images: None, or FLUX.2 reference images (edit LoRAs, multi-reference editing) as
+    flux2.prepare_reference_pixels takes them (a ComfyUI IMAGE batch, one reference per image, or a list of PIL
+    images); each is prepared as Flux2Pipeline prepares `image=`, VAE-encoded and shared by every prompt.
+    """
+    from . import flux2
     from .lora_adapters import attached_loras
     from .sampling import check_size, check_steps, generate_images
 
-    # Refuse a bad size or step count before gigabytes of weights load.
+    # Refuse a bad size, step count or reference image before gigabytes of weights load.
     check_size(width=width, height=height)
     check_steps(num_steps)
+    pixels = None if reference_images is None else flux2.prepare_reference_pixels(reference_images)
     transformer, vae = _loaded_image_models(spec, device)
     with _lock, attached_loras(transformer, loras=spec.loras):
+        reference_latents = None
+        if pixels is not None:
+            import torch
+
+            with torch.no_grad():
+                reference_latents = [flux2.encode_images(vae, p) for p in pixels]
         return generate_images(
             transformer,
             vae,
@@ -237,5 +255,6 @@ def sample_images(
             num_steps=num_steps,
             guidance=guidance,
             seed=seed,
+            reference_latents=reference_latents,
             callback=callback,
         )

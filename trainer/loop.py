@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from . import __version__, checkpoint, failures, faults, parallelize, preflight,
 from .events import EventWriter, append_event
 from .objective import (GuidanceSpec, ObjectiveSpec, flow_matching_loss, prepare_batch, sample_generators,
                         warn_unused_reference_timestep)
+
+if TYPE_CHECKING:
+    from .offload import EncoderSettings
 
 log = logging.getLogger(__name__)
 
@@ -172,27 +175,25 @@ def train_step(model: Model, optimizer: torch.optim.Optimizer, *, micro_batches:
         total += float(loss.detach())
     faults.fault_point("step", number=step + 1)  # test-only: a crashing, hung or killed rank mid-step
     mean_loss = float(parallelize.all_reduce_mean(torch.tensor(total / accum), env))
+    files = ", ".join(str(p) for batch in micro_batches for p in batch.image_paths)
+    problem = None
     if not math.isfinite(mean_loss):
+        problem = f"loss is {mean_loss}"
+        advice = "Check those images, lower learning_rate, or set nan_policy 'skip_batch' to skip such batches."
+    else:
+        # A finite loss can still give inf/NaN gradients (an overflow in backward); one such step ruins the
+        # LoRA. Every rank sees the same norm (DDP and FSDP2 reduce it), so every rank takes the same branch.
+        grad_norm = _gradient_norm(model, max_norm=max_grad_norm)
+        if not math.isfinite(grad_norm):
+            problem = f"gradient norm is {grad_norm} with a finite loss {mean_loss:.5f}"
+            advice = "Lower learning_rate, use mixed_precision bf16 rather than fp16, or set nan_policy 'skip_batch'."
+    if problem is not None:
         if nan_policy == "skip_batch":
             optimizer.zero_grad(set_to_none=True)
             return mean_loss, False
-        files = ", ".join(str(p) for batch in micro_batches for p in batch.image_paths)
         raise NonFiniteLossError(
-            f"loss is {mean_loss} at step {step + 1} (rank {env.rank}'s batch: {files}); nan_policy 'stop' ended the "
-            "run before the optimizer step, so the LoRA holds no NaN. Check those images, lower learning_rate, or "
-            "set nan_policy 'skip_batch' to skip such batches.")
-    # A finite loss can still give inf/NaN gradients (an overflow in backward); one such step ruins the LoRA.
-    # Every rank sees the same norm (DDP and FSDP2 reduce it), so every rank takes the same branch.
-    grad_norm = _gradient_norm(model, max_norm=max_grad_norm)
-    if not math.isfinite(grad_norm):
-        if nan_policy == "skip_batch":
-            optimizer.zero_grad(set_to_none=True)
-            return mean_loss, False
-        files = ", ".join(str(p) for batch in micro_batches for p in batch.image_paths)
-        raise NonFiniteLossError(
-            f"gradient norm is {grad_norm} at step {step + 1} with a finite loss {mean_loss:.5f} (rank {env.rank}'s "
-            f"batch: {files}); nan_policy 'stop' ended the run before the optimizer step, so the LoRA holds no NaN. "
-            "Lower learning_rate, use mixed_precision bf16 rather than fp16, or set nan_policy 'skip_batch'.")
+            f"{problem} at step {step + 1} (rank {env.rank}'s batch: {files}); nan_policy 'stop' ended the run before "
+            f"the optimizer step, so the LoRA holds no NaN. {advice}")
     optimizer.step()
     return mean_loss, True
 
@@ -284,11 +285,39 @@ class _Unwrapped(torch.nn.Module):
         return self.wrapped(**kwargs)
 
 
+def validation_reference_latents(paths: tuple[Path, ...], *, vae, device: torch.device,
+                                 encoders: EncoderSettings | None = None) -> list[torch.Tensor] | None:
+    """validation_reference_images encoded once by the validation VAE: (1, 128, h, w) each, or None for none.
+
+    Prepared as Flux2Pipeline prepares `image=` (flux2.prepare_reference_pixels). Every rank encodes its own copy
+    (posterior mode: no randomness), so no tensor crosses processes.
+    """
+    if not paths:
+        return None
+    from PIL import Image
+
+    from . import flux2
+    from .offload import onloaded
+
+    images = []
+    for path in paths:
+        with Image.open(path) as image:
+            image.load()
+            images.append(image)
+    pixels = flux2.prepare_reference_pixels(images, input_name="validation_reference_images")
+    log.info("validation renders with %d reference image(s) of %s px (WxH, after FLUX.2's resize and crop)",
+             len(pixels), ", ".join(f"{p.shape[-1]}x{p.shape[-2]}" for p in pixels))
+    with torch.no_grad(), onloaded(vae, device=device, encoders=encoders):  # offload_during_startup
+        return [flux2.encode_images(vae, p) for p in pixels]
+
+
 def run_validation(model: Model, vae, *, prompts: list[tuple[str, str, torch.Tensor]], settings, step: int,
-                   out_dir: Path, env: parallelize.DistEnv, reference_timestep: str = "shared") -> list[dict[str, Any]]:
+                   out_dir: Path, env: parallelize.DistEnv, reference_timestep: str = "shared",
+                   reference_latents: list[torch.Tensor] | None = None) -> list[dict[str, Any]]:
     """Render every validation prompt with the current LoRA; all ranks run the forward (FSDP2 needs it).
 
     reference_timestep: the training objective's, so images rendered with reference latents see them as training did.
+    reference_latents: validation_reference_latents' result, given to every prompt; None renders without references.
     """
     from PIL import Image
 
@@ -304,6 +333,7 @@ def run_validation(model: Model, vae, *, prompts: list[tuple[str, str, torch.Ten
                     _Unwrapped(model), vae, prompt_embeds=embeds.unsqueeze(0).to(env.device, model.compute_dtype),
                     width=settings.width, height=settings.height, num_steps=settings.num_inference_steps,
                     guidance=settings.guidance, seed=settings.seed, reference_timestep=reference_timestep,
+                    reference_latents=reference_latents,
                 )
                 if env.is_main:
                     rel = Path("validation") / f"step{step:06d}_{_slug(name)}.png"
@@ -384,6 +414,8 @@ def train(config, *, env: parallelize.DistEnv) -> Path | None:
                             tread=config.tread, distributed=config.distributed, seed=config.seed, env=env,
                             quantization=config.quantization, offload=config.offload)
         vae = load_validation_vae(folder, precision="fp32", device=str(env.device), encoders=encoders) if prompts else None
+        references = validation_reference_latents(config.validation.reference_images, vae=vae, device=env.device,
+                                                  encoders=encoders) if prompts else None
         optimizer = build_optimizer(model, optim=config.optim)
         schedule = config.schedule
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
@@ -404,7 +436,11 @@ def train(config, *, env: parallelize.DistEnv) -> Path | None:
             reference_timestep=config.objective.reference_timestep,
         )
         if env.is_main:
-            warn_unused_reference_timestep(objective, has_references=any(it.references for it in manifest.items))
+            has_references = any(it.references for it in manifest.items)
+            warn_unused_reference_timestep(objective, has_references=has_references)
+            if references and not has_references:
+                log.warning("config: validation_reference_images is set but the dataset has no reference images: "
+                            "validation renders with references a LoRA never trained on.")
         events.emit("start", world_size=env.world_size, device=str(env.device), start_step=start_step,
                     max_train_steps=total, num_images=len(manifest.items), resumed_from=str(resume) if resume else None,
                     lora_rank=config.lora.rank, lora_alpha=config.lora.alpha, flux_lora_target=config.lora.target,
@@ -445,7 +481,8 @@ def train(config, *, env: parallelize.DistEnv) -> Path | None:
                 faults.fault_point("validation", number=number)  # test-only
                 with onloaded(vae, device=env.device, encoders=encoders):  # offload_during_startup
                     images = run_validation(model, vae, prompts=prompts, settings=config.validation, step=number,
-                                            out_dir=out_dir, env=env, reference_timestep=objective.reference_timestep)
+                                            out_dir=out_dir, env=env, reference_timestep=objective.reference_timestep,
+                                            reference_latents=references)
                 events.emit("validation", step=number, images=images)
         where["phase"] = "saving the LoRA"
         lora_path = save_final_lora(model, config=config, out_dir=out_dir, step=total, env=env,
