@@ -1,8 +1,8 @@
 """Run an API-format workflow of this pack without a ComfyUI server.
 
 The README's main job and a few tests use it: the same node classes ComfyUI runs, executed in
-dependency order. ComfyUI's own SaveImage/PreviewImage (a PNG writer) and ImageBatch (a concatenation)
-are stood in for, since that is all they do for these graphs; any other foreign node is refused by name.
+dependency order. ComfyUI's own SaveImage/PreviewImage are stood in for by a PNG writer, since that is all
+they do for these graphs; any other foreign node is refused by name.
 """
 
 from __future__ import annotations
@@ -44,16 +44,7 @@ class _SaveImage:
         return {"ui": {"images": paths}, "result": ()}
 
 
-class _ImageBatch:
-    def run(self, image1, image2):
-        if image1.shape[1:] != image2.shape[1:]:
-            raise ValueError(f"ImageBatch: images differ in size {tuple(image1.shape)} vs {tuple(image2.shape)}.")
-        import torch
-
-        return (torch.cat([image1, image2], dim=0),)
-
-
-STAND_INS = {"SaveImage": _SaveImage, "PreviewImage": _SaveImage, "ImageBatch": _ImageBatch}
+STAND_INS = {"SaveImage": _SaveImage, "PreviewImage": _SaveImage}
 
 
 def _order(graph: Mapping[str, Any]) -> list[str]:

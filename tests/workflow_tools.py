@@ -21,9 +21,8 @@ UI_ONLY = {"Note", "MarkdownNote"}
 BUILTIN_INPUTS: dict[str, dict[str, Any]] = {
     "SaveImage": {"required": {"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})}},
     "PreviewImage": {"required": {"images": ("IMAGE",)}},
-    "ImageBatch": {"required": {"image1": ("IMAGE",), "image2": ("IMAGE",)}},
 }
-BUILTIN_OUTPUTS: dict[str, tuple[str, ...]] = {"SaveImage": (), "PreviewImage": (), "ImageBatch": ("IMAGE",)}
+BUILTIN_OUTPUTS: dict[str, tuple[str, ...]] = {"SaveImage": (), "PreviewImage": ()}
 BUILTIN_OUTPUT_NAMES: dict[str, tuple[str, ...]] = {}
 HANDWRITTEN_BUILTINS = frozenset(BUILTIN_INPUTS)
 

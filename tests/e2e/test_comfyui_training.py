@@ -33,7 +33,7 @@ pytestmark = pytest.mark.e2e
 WORKFLOW = REPO_ROOT / "workflows" / "api" / "flux2_lora_train_and_validate.json"
 PACK_EVENT = "flux2lora.train"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TRAIN_ID, COMPARE_SAVE_ID, LOSS_SAVE_ID, LORA_SAVE_ID = "3", "9", "11", "12"
+TRAIN_ID, WITHOUT_SAVE_ID, WITH_SAVE_ID, LOSS_SAVE_ID, LORA_SAVE_ID = "3", "8", "9", "11", "12"
 RUN_TIMEOUT_S = 300.0
 INTERRUPT_DEADLINE_S = 10.0
 """How long Cancel may take to end the prompt: the node stops the group (SIGTERM, SIGKILL after 10 s)."""
@@ -46,8 +46,8 @@ def train_prompt(comfyui_server: ComfyServer, tiny_model_dir: Path) -> dict[str,
     install_sample_dataset(comfyui_server.base_dir)
     prompt = load_api_workflow(WORKFLOW)
     assert prompt[TRAIN_ID]["class_type"] == "Flux2LoraTrain"
-    assert [prompt[i]["class_type"] for i in (COMPARE_SAVE_ID, LOSS_SAVE_ID, LORA_SAVE_ID)] == [
-        "SaveImage", "SaveImage", "Flux2LoraSave"]
+    assert [prompt[i]["class_type"] for i in (WITHOUT_SAVE_ID, WITH_SAVE_ID, LOSS_SAVE_ID, LORA_SAVE_ID)] == [
+        "SaveImage", "SaveImage", "SaveImage", "Flux2LoraSave"]
     return prompt
 
 
@@ -106,9 +106,10 @@ def test_train_workflow_runs_streams_and_is_cached(comfy: ComfyClient, comfyui_s
     assert downstream(train_prompt, TRAIN_ID) | {TRAIN_ID} <= result.ran
 
     # Images come back through /history and /view: without and with the LoRA, and the loss plot.
-    compare = result.outputs[COMPARE_SAVE_ID]["images"]
     sampler = train_prompt["6"]["inputs"]
-    assert [png_size(comfy, image) for image in compare] == [(sampler["width"], sampler["height"])] * 2
+    for save_id in (WITHOUT_SAVE_ID, WITH_SAVE_ID):  # one image each, without and with the LoRA
+        assert [png_size(comfy, image) for image in result.outputs[save_id]["images"]] == [
+            (sampler["width"], sampler["height"])]
     plot = train_prompt["10"]["inputs"]
     assert [png_size(comfy, image) for image in result.outputs[LOSS_SAVE_ID]["images"]] == [(plot["width"], plot["height"])]
 
