@@ -97,6 +97,24 @@ def resolve_backend_config(data_backend_config: str) -> Path:
     return check_inside(path, roots=dataset_roots(), input_name="data_backend_config", env_name=DATASET_ROOTS_ENV)
 
 
+class BuildProgressBar:
+    """trainer.data.BuildProgress for the node: one progress bar per phase (latents, then captions), and Cancel
+    honoured between batches (and between files while scanning). Cache entries written before a Cancel are
+    kept; the next Run reuses them."""
+
+    def __init__(self) -> None:
+        self._phase: str | None = None
+        self._bar: comfy_bridge.Progress | None = None
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        comfy_bridge.check_interrupted()
+        if total <= 0:  # scanning: the count is not known yet
+            return
+        if phase != self._phase:
+            self._phase, self._bar = phase, comfy_bridge.Progress(total, label=f"Build Dataset: {phase}")
+        self._bar.update_absolute(done)
+
+
 class Flux2BuildDataset:
     TITLE = "Build Dataset (FLUX.2)"
     DESCRIPTION = (
@@ -180,7 +198,8 @@ class Flux2BuildDataset:
             key = hashlib.sha256(json.dumps([str(config.path), str(model.folder.root)]).encode()).hexdigest()[:12]
             out_dir = comfy_bridge.output_directory() / DATASETS_SUBDIR / f"{sanitize_name(config.path.stem, input_name='data_backend_config')}-{key}"
             manifest_path = build_datasets(config, model=model.folder, out_dir=out_dir, text_precision=model.precision,
-                                           device=str(comfy_bridge.torch_device()), vae_batch_size=vae_batch_size)
+                                           device=str(comfy_bridge.torch_device()), vae_batch_size=vae_batch_size,
+                                           progress=BuildProgressBar())
             return self._result(manifest_path)
         if (crop_aspect, crop_style, minimum_image_size, split_caption_lines) != ("closest", "center", 0, True):
             from ..trainer.databackend import BackendConfig, ImageDatasetSpec, TextEmbedsSpec
@@ -203,7 +222,8 @@ class Flux2BuildDataset:
                                             ).encode()).hexdigest()[:12]
             out_dir = comfy_bridge.output_directory() / DATASETS_SUBDIR / f"{sanitize_name(folder.name, input_name='image_folder')}-{key}"
             manifest_path = build_datasets(config, model=model.folder, out_dir=out_dir, text_precision=model.precision,
-                                           device=str(comfy_bridge.torch_device()), vae_batch_size=vae_batch_size)
+                                           device=str(comfy_bridge.torch_device()), vae_batch_size=vae_batch_size,
+                                           progress=BuildProgressBar())
             return self._result(manifest_path)
 
         folder = resolve_image_folder(image_folder).resolve()
@@ -223,6 +243,7 @@ class Flux2BuildDataset:
             text_precision=model.precision,
             device=str(comfy_bridge.torch_device()),
             vae_batch_size=vae_batch_size,
+            progress=BuildProgressBar(),
         )
         return self._result(manifest_path)
 

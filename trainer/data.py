@@ -52,6 +52,11 @@ MANIFEST_VERSION = 3
 probability per source; 2 added references (edit LoRAs), several sources and cache paths outside the
 manifest's folder. Versions 1 and 2 are read too."""
 MANIFEST_FILE = "manifest.json"
+
+BuildProgress = Callable[[str, int, int], None]
+"""progress(phase, done, total) during a build: phase "scan" (total 0: not known yet), "latents" or "captions".
+Called before each phase's encoder loads and after every batch; it may raise to cancel the build (the cache
+entries written so far stay valid and the next build reuses them; no manifest is written)."""
 REPORT_FILE = "report.json"
 LATENT_DIR = "latents"
 TEXT_DIR = "text"
@@ -252,6 +257,7 @@ def scan_image_folder(
     max_pixels: int = MAX_IMAGE_PIXELS,
     exclude: Sequence[str | Path] = (),
     disable_multiline_split: bool = False,
+    progress: BuildProgress | None = None,
 ) -> ScanResult:
     """Every usable image under folder (recursively, sorted by relative path) with its captions.
 
@@ -275,7 +281,9 @@ def scan_image_folder(
     result = ScanResult(folder=root, warnings=_check_caption_args(caption_strategy, instance_prompt))
     excluded = {Path(p).expanduser().resolve() for p in exclude}
     seen_content: dict[str, str] = {}
-    for path in _walk(root, exclude=excluded):
+    for count, path in enumerate(_walk(root, exclude=excluded)):
+        if progress is not None:
+            progress("scan", count, 0)
         rel = path.relative_to(root).as_posix()
         suffix = path.suffix.lower()
         if suffix == ".txt":
@@ -585,6 +593,7 @@ def build_dataset(
     vae_batch_size: int = 4,
     text_batch_size: int = 4,
     encoders: Any = None,
+    progress: BuildProgress | None = None,
     disable_multiline_split: bool = False,
 ) -> Path:
     """Scan one image folder, fill the latent and caption caches under out_dir, write manifest.json; return its path.
@@ -612,7 +621,7 @@ def build_dataset(
     return build_datasets(config, model=model, out_dir=out_dir, vae_precision=vae_precision,
                           text_precision=text_precision, device=device, extra_prompts=extra_prompts,
                           bucket_step=bucket_step, min_side_px=min_side_px, vae_batch_size=vae_batch_size,
-                          encoders=encoders, _strict_folder_errors=True)
+                          encoders=encoders, progress=progress, _strict_folder_errors=True)
 
 
 def _size_reason(image: ScannedImage, spec: Any) -> str | None:
@@ -673,6 +682,7 @@ def build_datasets(
     min_side_px: int = 16,
     vae_batch_size: int = 4,
     encoders: Any = None,
+    progress: BuildProgress | None = None,
     _strict_folder_errors: bool = False,
 ) -> Path:
     """Build every dataset of a BackendConfig (databackend.py) into one manifest under out_dir; return its path.
@@ -687,6 +697,7 @@ def build_datasets(
     before the text encoder loads (at most once, for every caption of every text_embeds cache); a second
     build with the same inputs loads neither. The text cache always holds "" (caption dropout) and
     extra_prompts (validation), so training never needs the text encoder. report.json records everything.
+    progress: see BuildProgress (a node's progress bar and its Cancel).
     """
     _check_common_args(extra_prompts=extra_prompts, vae_batch_size=vae_batch_size, text_batch_size=None)
     if encoders is not None:  # offload.EncoderSettings: quantization / group offload of the encoders
@@ -735,7 +746,7 @@ def build_datasets(
             result = scan_image_folder(
                 spec.instance_data_dir, caption_strategy="filename" if conditioning else spec.caption_strategy,
                 instance_prompt=None if conditioning else spec.instance_prompt, min_side_px=min_side_px,
-                exclude=excluded, disable_multiline_split=spec.disable_multiline_split,
+                exclude=excluded, disable_multiline_split=spec.disable_multiline_split, progress=progress,
             )
         except ValueError as exc:
             if _strict_folder_errors:
@@ -826,7 +837,8 @@ def build_datasets(
 
     everything = [p for _, rows in planned for target, refs in rows for p in [target, *refs]]
     encoded_keys, failed = _fill_latent_cache(everything, model=model, precision=vae_precision, device=device,
-                                              batch_size=vae_batch_size, report=report, encoders=encoders)
+                                              batch_size=vae_batch_size, report=report, encoders=encoders,
+                                              progress=progress)
 
     # Captions per text cache; "" and the validation prompts go to the default one.
     default_text = config.default_text_embeds()
@@ -856,7 +868,7 @@ def build_datasets(
     text_paths = _fill_text_cache(
         {t: sorted(set(c)) for t, c in text_jobs.items() if c}, text_dirs=text_dirs, batch_sizes=batch_sizes,
         model=model, text_identity=ids["text"], precision=text_precision, device=device, report=report,
-        encoders=encoders,
+        encoders=encoders, progress=progress,
     )
 
     def stored(path: Path) -> str:
@@ -1019,7 +1031,8 @@ def dataset_fingerprint(items: Sequence[dict[str, Any]], *, model_identity: str,
 
 
 def _fill_latent_cache(pending: list[_PendingItem], *, model: ModelFolder, precision: str, device: str,
-                       batch_size: int, report: BuildReport, encoders: Any = None) -> tuple[set[str], dict[str, str]]:
+                       batch_size: int, report: BuildReport, encoders: Any = None,
+                       progress: BuildProgress | None = None) -> tuple[set[str], dict[str, str]]:
     """Encode every missing latent; return (keys encoded now, {latent key: reason} for images that failed)."""
     misses: dict[str, _PendingItem] = {}
     seen: set[tuple[str, Path]] = set()
@@ -1039,9 +1052,13 @@ def _fill_latent_cache(pending: list[_PendingItem], *, model: ModelFolder, preci
         by_bucket.setdefault(p.plan.bucket, []).append(p)
     from . import offload
 
+    total = len(misses)
+    if progress is not None:
+        progress("latents", 0, total)  # a Cancel pressed during the scan stops before the VAE loads
     vae = offload.load_vae(model, precision=precision, device=device, encoders=encoders)
     report.vae_loaded = True
     encoded: set[str] = set()
+    done = 0
     try:
         for bucket in sorted(by_bucket):
             group = by_bucket[bucket]
@@ -1053,7 +1070,10 @@ def _fill_latent_cache(pending: list[_PendingItem], *, model: ModelFolder, preci
                         chunk.append(p)
                     except (OSError, ValueError, SyntaxError) as exc:
                         failed[p.latent_key] = f"failed to decode ({type(exc).__name__}: {exc})"
+                done += len(group[start : start + batch_size])
                 if not chunk:
+                    if progress is not None:
+                        progress("latents", done, total)
                     continue
                 with torch.no_grad():
                     latents = flux2.encode_images(vae, torch.stack(pixels)).cpu()
@@ -1067,6 +1087,8 @@ def _fill_latent_cache(pending: list[_PendingItem], *, model: ModelFolder, preci
                     )
                     encoded.add(p.latent_key)
                 report.vae_images_encoded += len(chunk)
+                if progress is not None:
+                    progress("latents", done, total)
     finally:
         # Free the VAE before the text encoder loads: on a GPU the two need not fit together.
         del vae
@@ -1076,7 +1098,8 @@ def _fill_latent_cache(pending: list[_PendingItem], *, model: ModelFolder, preci
 
 def _fill_text_cache(jobs: dict[str, list[str]], *, text_dirs: dict[str, Path], batch_sizes: dict[str, int],
                      model: ModelFolder, text_identity: str, precision: str, device: str,
-                     report: BuildReport, encoders: Any = None) -> dict[str, dict[str, Path]]:
+                     report: BuildReport, encoders: Any = None,
+                     progress: BuildProgress | None = None) -> dict[str, dict[str, Path]]:
     """Encode every missing caption of every text cache with one encoder load; {cache id: {caption: path}}."""
     paths: dict[str, dict[str, Path]] = {}
     misses: dict[str, list[tuple[str, str]]] = {}
@@ -1096,6 +1119,9 @@ def _fill_text_cache(jobs: dict[str, list[str]], *, text_dirs: dict[str, Path], 
             if meta.get("truncated") == "1":
                 truncated.append(caption)
     if misses:
+        total, done = sum(len(todo) for todo in misses.values()), 0
+        if progress is not None:
+            progress("captions", 0, total)
         tokenizer = model_files.load_tokenizer(model)
         from . import offload
 
@@ -1115,6 +1141,9 @@ def _fill_text_cache(jobs: dict[str, list[str]], *, text_dirs: dict[str, Path], 
                         if cut:
                             truncated.append(caption)
                     report.prompts_encoded += len(chunk)
+                    done += len(chunk)
+                    if progress is not None:
+                        progress("captions", done, total)
         finally:
             del text_encoder
             _free_memory(device)
