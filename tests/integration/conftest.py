@@ -29,6 +29,13 @@ def model_spec(pack, tiny_model_dir):
     return inference.Flux2ModelSpec(folder=model_files.inspect_model_folder(tiny_model_dir), precision="fp32")
 
 
+@pytest.fixture
+def dataset(nodes, square_dataset):
+    """square_dataset as Build Dataset hands it to Train LoRA (FLUX2_DATASET)."""
+    manifest = json.loads(Path(square_dataset).read_text())
+    return nodes.DatasetHandle(manifest=str(square_dataset), fingerprint=manifest["fingerprint"], num_images=8)
+
+
 @pytest.fixture(scope="session")
 def square_dataset(tiny_model_dir, tmp_path_factory) -> Path:
     """Manifest of 8 cached 64x64 images (one bucket) on the tiny model."""

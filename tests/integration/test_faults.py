@@ -528,13 +528,7 @@ def test_the_trainer_refuses_an_output_folder_another_run_holds(runs, tiny_model
 
 
 @pytest.fixture
-def node_env(pack, comfy_root, tiny_model_dir, square_dataset):
-    nodes = importlib.import_module(f"{pack.__name__}.nodes.train_nodes")
-    inference = importlib.import_module(f"{pack.__name__}.trainer.inference")
-    model_files = importlib.import_module(f"{pack.__name__}.trainer.model_files")
-    spec = inference.Flux2ModelSpec(folder=model_files.inspect_model_folder(tiny_model_dir), precision="fp32")
-    manifest = json.loads(Path(square_dataset).read_text())
-    dataset = nodes.DatasetHandle(manifest=str(square_dataset), fingerprint=manifest["fingerprint"], num_images=8)
+def node_env(nodes, model_spec, dataset, comfy_root):
     widgets = dict(
         output_name="faults", max_train_steps=4, learning_rate=1e-3, lora_rank=4, lora_alpha=2.0,
         flux_lora_target="all", train_batch_size=1, gradient_accumulation_steps=1, mixed_precision="no",
@@ -544,7 +538,7 @@ def node_env(pack, comfy_root, tiny_model_dir, square_dataset):
         extra_config_json='{"validation_resolution": "64", "validation_num_inference_steps": 2}')
 
     def train(**overrides):
-        return nodes.Flux2TrainLora().train(spec, dataset, **{**widgets, **overrides})
+        return nodes.Flux2TrainLora().train(model_spec, dataset, **{**widgets, **overrides})
 
     return nodes, train, comfy_root / "output" / "flux2_lora" / "runs"
 

@@ -5,26 +5,17 @@ One process, 1-2 steps, 32 px validation images on the tiny model."""
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
+from image_tools import noise_png
 from PIL import Image
 
 from trainer.events import read_events
 
 WARNING = "validation_reference_images is set but the dataset has no reference images"
 
-
-def _png(path: Path, size: tuple[int, int], *, seed: int, caption: str | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-    if caption is not None:
-        path.with_suffix(".txt").write_text(caption, encoding="utf-8")
-    return path
 
 
 def _validation(**overrides) -> dict:
@@ -34,11 +25,11 @@ def _validation(**overrides) -> dict:
 
 def test_validation_renders_an_edit_lora_with_its_reference_images(tiny_model_dir, tmp_path, runs):
     for i in range(2):
-        _png(tmp_path / "edits" / f"e{i}.png", (64, 64), seed=i, caption=f"edit {i}")
-        _png(tmp_path / "refs" / f"e{i}.png", (64, 64), seed=10 + i)
+        noise_png(tmp_path / "edits" / f"e{i}.png", (64, 64), seed=i, caption=f"edit {i}")
+        noise_png(tmp_path / "refs" / f"e{i}.png", (64, 64), seed=10 + i)
     # Two validation references of other sizes: 80x48 as is, 100x70 floored and cropped to 96x64.
-    references = [_png(tmp_path / "val" / "a.png", (80, 48), seed=20),
-                  _png(tmp_path / "val" / "b.jpg", (100, 70), seed=21)]
+    references = [noise_png(tmp_path / "val" / "a.png", (80, 48), seed=20),
+                  noise_png(tmp_path / "val" / "b.jpg", (100, 70), seed=21)]
     backend = tmp_path / "multidatabackend.json"
     backend.write_text(json.dumps([
         {"id": "edits", "type": "local", "instance_data_dir": "edits", "resolution": 64, "conditioning_data": ["refs"]},
@@ -64,7 +55,7 @@ def test_validation_renders_an_edit_lora_with_its_reference_images(tiny_model_di
 
 
 def test_references_for_a_dataset_without_references_warn(tiny_model_dir, square_dataset, tmp_path, runs):
-    reference = _png(tmp_path / "val.png", (48, 48), seed=1)
+    reference = noise_png(tmp_path / "val.png", (48, 48), seed=1)
     out = tmp_path / "run"
     proc = runs.launch(runs.run_config(tiny_model_dir, square_dataset, out, validation_reference_images=str(reference),
                                        **_validation(max_train_steps=1)))
@@ -73,15 +64,8 @@ def test_references_for_a_dataset_without_references_warn(tiny_model_dir, square
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step000001_validation_prompt.png"]
 
 
-def test_the_train_node_resolves_reference_images_in_comfyuis_input_folder(pack, comfy_root, tiny_model_dir,
-                                                                            square_dataset):
-    nodes = importlib.import_module(f"{pack.__name__}.nodes.train_nodes")
-    inference = importlib.import_module(f"{pack.__name__}.trainer.inference")
-    model_files = importlib.import_module(f"{pack.__name__}.trainer.model_files")
-    model = inference.Flux2ModelSpec(folder=model_files.inspect_model_folder(tiny_model_dir), precision="fp32")
-    manifest = json.loads(Path(square_dataset).read_text())
-    dataset = nodes.DatasetHandle(manifest=str(square_dataset), fingerprint=manifest["fingerprint"], num_images=8)
-    reference = _png(comfy_root / "input" / "edit" / "before.png", (64, 48), seed=2)
+def test_the_train_node_resolves_reference_images_in_comfyuis_input_folder(nodes, model_spec, dataset, comfy_root):
+    reference = noise_png(comfy_root / "input" / "edit" / "before.png", (64, 48), seed=2)
     widgets = dict(max_train_steps=2, learning_rate=1e-3, lora_rank=4, lora_alpha=2.0, flux_lora_target="all",
                    train_batch_size=1, gradient_accumulation_steps=1, mixed_precision="no",
                    gradient_checkpointing=False, flux_guidance_value=1.0, caption_dropout_probability=0.0, seed=3,
@@ -90,7 +74,7 @@ def test_the_train_node_resolves_reference_images_in_comfyuis_input_folder(pack,
 
     def train(references) -> dict:
         extra = json.dumps({"validation_reference_images": references})
-        return nodes.Flux2TrainLora().train(model, dataset, extra_config_json=extra, **widgets)
+        return nodes.Flux2TrainLora().train(model_spec, dataset, extra_config_json=extra, **widgets)
 
     train(["edit/before.png"])  # export: validated and written, nothing launched
     [run_json] = (comfy_root / "output" / "flux2_lora" / "runs").glob("*/run.json")

@@ -10,13 +10,6 @@ from pathlib import Path
 
 import pytest
 
-
-@pytest.fixture
-def dataset(nodes, square_dataset):
-    manifest = json.loads(Path(square_dataset).read_text())
-    return nodes.DatasetHandle(manifest=str(square_dataset), fingerprint=manifest["fingerprint"], num_images=8)
-
-
 WIDGETS = dict(
     max_train_steps=3, learning_rate=1e-3, lora_rank=4, lora_alpha=2.0, flux_lora_target="all", train_batch_size=1,
     gradient_accumulation_steps=1, mixed_precision="no", gradient_checkpointing=False, flux_guidance_value=1.0,
