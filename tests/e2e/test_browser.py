@@ -50,7 +50,7 @@ OVERRIDES = {
                     "checkpointing_steps": MAX_STEPS},
     "12": {"filename": f"flux2/{RUN_NAME}"},
 }
-PREVIEWS = {9: [(64, 64)] * 2, 11: [(768, 384)]}
+PREVIEWS = {8: [(64, 64)], 9: [(64, 64)], 11: [(768, 384)]}
 """Save Image nodes and the previews they show: without and with the LoRA (64 px), the loss plot."""
 
 
