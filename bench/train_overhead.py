@@ -202,10 +202,11 @@ def run(args: argparse.Namespace, *, work: Path) -> dict[str, Any]:
     import peft
     import torch
 
-    from trainer.data import BucketBatchSampler, load_batch, load_manifest
     from trainer.events import EventWriter
     from trainer.loop import lr_lambda, train_step
+    from trainer.manifest import load_batch, load_manifest
     from trainer.objective import ObjectiveSpec
+    from trainer.sampler import BucketBatchSampler
     from trainer.tiny import make_tiny
 
     torch.set_num_threads(args.threads)

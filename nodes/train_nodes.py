@@ -188,7 +188,7 @@ class Flux2BuildDataset:
               instance_prompt: str = "", crop_aspect: str = "closest", crop_style: str = "center",
               minimum_image_size: int = 0, data_backend_config: str = "", vae_batch_size: int = 4,
               split_caption_lines: bool = True):
-        from ..trainer.data import build_dataset, build_datasets, load_build_report, load_manifest
+        from ..trainer.data import build_dataset, build_datasets
 
         if data_backend_config.strip():
             from ..trainer.databackend import load_backend_config
@@ -249,7 +249,8 @@ class Flux2BuildDataset:
 
     @staticmethod
     def _result(manifest_path):
-        from ..trainer.data import load_build_report, load_manifest
+        from ..trainer.data import load_build_report
+        from ..trainer.manifest import load_manifest
 
         manifest = load_manifest(manifest_path)
         report = load_build_report(Path(manifest_path).parent).summary()

@@ -5,7 +5,6 @@ Each subcommand is a thin wrapper over a function the ComfyUI nodes call too.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 

@@ -1,10 +1,11 @@
-"""The training dataset: scan a folder, cache VAE latents and caption embeddings, sample bucketed batches.
+"""Building the training dataset: scan folders, cache VAE latents and caption embeddings, write the manifest.
 
 Build (once per content, on the machine with the encoders):
   scan_image_folder -> per image: bucket + crop (trainer/buckets.py) -> VAE latents cached by image content
   -> caption embeddings cached by caption text (plus "" for caption dropout and the validation prompts)
   -> out_dir/manifest.json + out_dir/report.json.
-Train (any number of processes, no encoder needed): load_manifest -> BucketBatchSampler -> load_batch.
+Train (any number of processes, no encoder needed): manifest.load_manifest -> sampler.BucketBatchSampler ->
+manifest.load_batch; resolve_training_manifest here gives a run its manifest (building or merging it first).
 
 The manifest lists data *sources* (today one image folder) and items that name their source, so several
 folders with their own settings (SimpleTuner's multidatabackend.json) slot in without changing the items.
@@ -16,12 +17,11 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import math
 import io
 import json
 import logging
+import math
 import os
-import random
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,8 +31,25 @@ from typing import Any, Literal
 import torch
 
 from . import flux2, model_files
-from .buckets import CropPlan, assign_bucket, plan_crop
-from .cache import CacheEntryError, atomic_write_bytes, check_writable_dir, hash_json, read_entry, write_entry
+from .buckets import CropPlan
+from .cache import (
+    CacheEntryError,
+    atomic_write_bytes,
+    check_writable_dir,
+    hash_json,
+    read_entry,
+    write_entry,
+)
+from .manifest import (
+    LATENT_TENSOR,
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    MANIFEST_VERSION,
+    TEXT_TENSOR,
+    Manifest,
+    cache_file_path,
+    load_manifest,
+)
 from .model_files import ModelFolder
 
 log = logging.getLogger(__name__)
@@ -46,12 +63,6 @@ MAX_IMAGE_PIXELS = 178_956_970
 """Larger images are skipped, never decoded: Pillow's own hard limit (2 x Image.MAX_IMAGE_PIXELS), kept
 here so the scan stays safe even where another node pack switched Pillow's guard off."""
 
-MANIFEST_FORMAT = "flux2-lora-dataset"
-MANIFEST_VERSION = 3
-"""3 added several captions per item (captions/texts, written when an item has more than one) and a
-probability per source; 2 added references (edit LoRAs), several sources and cache paths outside the
-manifest's folder. Versions 1 and 2 are read too."""
-MANIFEST_FILE = "manifest.json"
 
 BuildProgress = Callable[[str, int, int], None]
 """progress(phase, done, total) during a build: phase "scan" (total 0: not known yet), "latents" or "captions".
@@ -69,8 +80,6 @@ TEXT_CONVENTIONS = {
     "max_length": flux2.MAX_TEXT_TOKENS,
 }
 """Everything about how a caption becomes an embedding besides the weights; part of each text cache key."""
-LATENT_TENSOR = "latents"
-TEXT_TENSOR = "prompt_embeds"
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -1157,628 +1166,6 @@ def _fill_text_cache(jobs: dict[str, list[str]], *, text_dirs: dict[str, Path], 
     return paths
 
 
-# ---------------------------------------------------------------------------------------------- manifest
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class DataSource:
-    """One dataset (image folder) and the settings it was built with."""
-
-    id: str
-    image_dir: Path
-    caption_strategy: str
-    instance_prompt: str | None
-    resolution: float
-    bucket_step: int
-    repeats: int
-    dataset_type: str = "image"
-    resolution_type: str = "pixel_area"
-    conditioning_data: tuple[str, ...] = ()
-    conditioning_multidataset_sampling: str = "combined"
-    conditioning_type: str | None = None
-    probability: float = 1.0
-    """Relative weight of the dataset when an epoch's batches are ordered; 0 = never sampled (1 before version 3)."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ReferenceItem:
-    """A reference image of an edit item: its own cached latent, bucket and crop."""
-
-    source: str
-    """The conditioning dataset's id."""
-    image: str
-    """Path relative to the conditioning dataset's image_dir."""
-    image_sha256: str
-    width: int
-    height: int
-    bucket: tuple[int, int]
-    resized: tuple[int, int]
-    crop: tuple[int, int]
-    latent: str
-    """Latent cache file: relative to the manifest's folder, or absolute when cache_dir_vae is elsewhere."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ManifestItem:
-    image: str
-    """Path relative to its source's image_dir."""
-    source: str
-    caption: str
-    image_sha256: str
-    width: int
-    height: int
-    bucket: tuple[int, int]
-    resized: tuple[int, int]
-    crop: tuple[int, int]
-    latent: str
-    """Latent cache file: relative to the manifest's folder, or absolute when cache_dir_vae is elsewhere."""
-    text: str
-    """Caption embedding cache file, relative to the manifest's folder (or absolute)."""
-    repeats: int
-    """Appearances per epoch (SimpleTuner's repeats + 1)."""
-    references: tuple[ReferenceItem, ...] = ()
-    """One per conditioning dataset of its source, in conditioning_data order (edit LoRAs)."""
-    captions: tuple[str, ...] = ()
-    """Every caption of the item, the first being caption; () means (caption,). A sample trains with one."""
-    texts: tuple[str, ...] = ()
-    """The embedding cache file of each caption, in the same order; () means (text,)."""
-
-    def __post_init__(self) -> None:
-        # Items of version 1 and 2 manifests (and tests) give one caption: captions/texts mirror it.
-        if not self.captions:
-            object.__setattr__(self, "captions", (self.caption,))
-        if not self.texts:
-            object.__setattr__(self, "texts", (self.text,))
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Manifest:
-    path: Path
-    version: int
-    fingerprint: str
-    model_identity: str
-    vae_identity: str
-    text_identity: str
-    resolution: int
-    sources: dict[str, DataSource]
-    items: tuple[ManifestItem, ...]
-    text_cache: dict[str, str]
-    empty_caption: str
-    extra_prompts: tuple[str, ...]
-
-    @property
-    def root(self) -> Path:
-        return self.path.parent
-
-    def image_path(self, index: int) -> Path:
-        item = self.items[index]
-        return self.sources[item.source].image_dir / item.image
-
-    def latent_path(self, index: int) -> Path:
-        return self.root / self.items[index].latent
-
-    def reference_latent_path(self, index: int, k: int) -> Path:
-        return self.root / self.items[index].references[k].latent
-
-    def probability(self, source: str) -> float:
-        """The relative sampling weight of a dataset (1 for an unknown source, as in version 1 manifests)."""
-        known = self.sources.get(source)
-        return known.probability if known is not None else 1.0
-
-    def sampling_mode(self, index: int) -> str:
-        """combined or random: how the references of an item with several are used."""
-        source = self.sources.get(self.items[index].source)
-        return source.conditioning_multidataset_sampling if source is not None else "combined"
-
-    def text_path(self, caption: str) -> Path:
-        if caption not in self.text_cache:
-            raise ValueError(
-                f"caption {caption[:80]!r} is not in the text cache of dataset {self.path}; the cache holds the "
-                "dataset's captions, the empty caption and the prompts given with --prompt / extra_prompts when "
-                "it was built. Rebuild the dataset with this prompt added."
-            )
-        return self.root / self.text_cache[caption]
-
-    def buckets(self) -> dict[tuple[int, int], list[int]]:
-        """Item indices per bucket, buckets sorted."""
-        out: dict[tuple[int, int], list[int]] = {}
-        for i, item in enumerate(self.items):
-            out.setdefault(item.bucket, []).append(i)
-        return dict(sorted(out.items()))
-
-
-def _manifest_error(path: Path, problem: str) -> ValueError:
-    return ValueError(
-        f"dataset manifest {path}: {problem}. Rebuild it with `python -m trainer build-dataset` or the "
-        "Build Dataset node (unchanged images and captions are reused from the cache)."
-    )
-
-
-def _inside(root: Path, rel: str, *, path: Path, what: str) -> Path:
-    if Path(rel).is_absolute():
-        # Written by a build for a cache_dir_vae / text cache_dir outside the dataset folder.
-        return Path(rel)
-    target = (root / rel).resolve()
-    if not target.is_relative_to(root.resolve()):
-        raise _manifest_error(path, f"{what} {rel!r} points outside the dataset folder")
-    return target
-
-
-def load_manifest(path: str | Path) -> Manifest:
-    """Read and check a manifest: its format and version, every field, and that every cache file exists."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / MANIFEST_FILE
-    if not path.is_file():
-        raise ValueError(
-            f"dataset manifest {path} does not exist; build the dataset first (build-dataset / Build Dataset)."
-        )
-    path = path.resolve()
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _manifest_error(path, f"not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-        raise _manifest_error(path, f"not a {MANIFEST_FORMAT} manifest")
-    if data.get("version") not in (1, 2, MANIFEST_VERSION):
-        raise _manifest_error(
-            path, f"version {data.get('version')!r}, this trainer reads versions 1 to {MANIFEST_VERSION}"
-        )
-    root = path.parent
-    try:
-        sources = {
-            s["id"]: DataSource(
-                id=str(s["id"]),
-                image_dir=Path(s["image_dir"]),
-                caption_strategy=str(s["caption_strategy"]),
-                instance_prompt=s.get("instance_prompt"),
-                resolution=float(s["resolution"]),
-                bucket_step=int(s["bucket_step"]),
-                repeats=int(s["repeats"]),
-                dataset_type=str(s.get("dataset_type", "image")),
-                resolution_type=str(s.get("resolution_type", "pixel_area")),
-                conditioning_data=tuple(str(c) for c in s.get("conditioning_data", ())),
-                conditioning_multidataset_sampling=str(s.get("conditioning_multidataset_sampling", "combined")),
-                conditioning_type=s.get("conditioning_type"),
-                probability=float(s.get("probability", 1.0)),
-            )
-            for s in data["sources"]
-        }
-        items = tuple(
-            ManifestItem(
-                image=str(it["image"]),
-                source=str(it["source"]),
-                caption=str(it["caption"]),
-                image_sha256=str(it["image_sha256"]),
-                width=int(it["width"]),
-                height=int(it["height"]),
-                bucket=(int(it["bucket"][0]), int(it["bucket"][1])),
-                resized=(int(it["resized"][0]), int(it["resized"][1])),
-                crop=(int(it["crop"][0]), int(it["crop"][1])),
-                latent=str(it["latent"]),
-                text=str(it["text"]),
-                repeats=int(it["repeats"]),
-                references=tuple(
-                    ReferenceItem(
-                        source=str(r["source"]), image=str(r["image"]), image_sha256=str(r["image_sha256"]),
-                        width=int(r["width"]), height=int(r["height"]),
-                        bucket=(int(r["bucket"][0]), int(r["bucket"][1])),
-                        resized=(int(r["resized"][0]), int(r["resized"][1])),
-                        crop=(int(r["crop"][0]), int(r["crop"][1])), latent=str(r["latent"]),
-                    )
-                    for r in it.get("references", ())
-                ),
-                captions=tuple(str(c) for c in it.get("captions", ())),
-                texts=tuple(str(t) for t in it.get("texts", ())),
-            )
-            for it in data["items"]
-        )
-        text_cache = {str(k): str(v) for k, v in data["text_cache"].items()}
-        manifest = Manifest(
-            path=path,
-            version=int(data["version"]),
-            fingerprint=str(data["fingerprint"]),
-            model_identity=str(data["model_identity"]),
-            vae_identity=str(data["vae_identity"]),
-            text_identity=str(data["text_identity"]),
-            resolution=int(data["resolution"]),
-            sources=sources,
-            items=items,
-            text_cache=text_cache,
-            empty_caption=str(data["empty_caption"]),
-            extra_prompts=tuple(str(p) for p in data.get("extra_prompts", [])),
-        )
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-        raise _manifest_error(path, f"malformed ({type(exc).__name__}: {exc})") from None
-    if not items:
-        raise _manifest_error(path, "it lists no items")
-    missing: list[str] = []
-    for i, item in enumerate(items):
-        if item.source not in sources:
-            raise _manifest_error(path, f"item {i} ({item.image}) names unknown source {item.source!r}")
-        if item.repeats < 1 or item.bucket[0] % 16 or item.bucket[1] % 16:
-            raise _manifest_error(path, f"item {i} ({item.image}) has repeats {item.repeats} / bucket {item.bucket}")
-        if len(item.captions) != len(item.texts) or item.captions[0] != item.caption or item.texts[0] != item.text:
-            raise _manifest_error(path, f"item {i} ({item.image}) has {len(item.captions)} captions and "
-                                        f"{len(item.texts)} texts, or their first is not caption/text")
-        if any(c not in text_cache for c in item.captions):
-            raise _manifest_error(path, f"item {i} ({item.image}): a caption of it is not in text_cache")
-        source = sources[item.source]
-        if len(item.references) != len(source.conditioning_data):
-            raise _manifest_error(path, f"item {i} ({item.image}) has {len(item.references)} references, its "
-                                        f"source {item.source!r} names {len(source.conditioning_data)}")
-        for ref in item.references:
-            if ref.source not in sources or ref.bucket[0] % 16 or ref.bucket[1] % 16:
-                raise _manifest_error(path, f"item {i} ({item.image}) reference {ref.image} is malformed")
-    for source in sources.values():
-        if not (math.isfinite(source.probability) and source.probability >= 0):
-            raise _manifest_error(path, f"source {source.id!r} has probability {source.probability!r} (need >= 0)")
-    files = ([it.latent for it in items] + [t for it in items for t in it.texts]
-             + [r.latent for it in items for r in it.references])
-    for rel in files + list(text_cache.values()):
-        if not _inside(root, rel, path=path, what="cache file").is_file():
-            missing.append(rel)
-    if manifest.empty_caption not in text_cache:
-        raise _manifest_error(path, "the empty caption (for caption dropout) is not in text_cache")
-    if missing:
-        raise _manifest_error(
-            path, f"{len(set(missing))} cache files are missing (first: {', '.join(sorted(set(missing))[:3])})"
-        )
-    return manifest
-
-
-# ---------------------------------------------------------------------------------------------- sampling
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class BatchRef:
-    indices: tuple[int, ...]
-    """Manifest item indices, all from one bucket of one dataset."""
-    bucket: tuple[int, int]
-    epoch: int
-    position: int
-    """This rank's batch index within the epoch (0-based)."""
-    references: tuple[tuple[int, ...], ...] = ()
-    """Per sample, which of its item's references it trains with (all, or one under random sampling);
-    empty for a plain text-to-image batch. Every sample of a batch has references of the same shapes."""
-    captions: tuple[int, ...] = ()
-    """Per sample, which of its item's captions it trains with (index into ManifestItem.captions)."""
-
-
-_Sample = tuple[int, tuple[int, ...], int]
-"""(item index, reference choice, caption choice) of one sample in a planned batch."""
-
-
-def _derived_seed(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little")
-
-
-class BucketBatchSampler:
-    """Deterministic, resumable, rank-sharded single-bucket batches of manifest item indices.
-
-    Each epoch, for every rank alike: items expanded by their repeats, shuffled by (seed, epoch), split per
-    group (dataset, bucket and, for edit items, the buckets of the references used) into *global* batches of batch_size x world_size items, the list of global batches shuffled by
-    (seed, epoch); at each step rank r takes slice [r * batch_size, (r + 1) * batch_size) of the global batch.
-    With several datasets the epoch is then filled SimpleTuner's way: the next batch comes from a dataset
-    drawn among those with batches left, weighted by its probability (a random.Random seeded by seed and
-    epoch), in that dataset's shuffled order; every batch still comes once per epoch. Items of datasets with
-    probability 0 are left out. One dataset keeps the shuffled order as it is. An item with several captions
-    trains each sample with one, drawn from (seed, epoch, item, copy) like the references.
-    So all ranks step together on one bucket, and a run on 1 process with batch 2 sees exactly the samples a
-    run on 2 processes with batch 1 sees (the trainer's noise is keyed by the sample's place in the global
-    batch, so their losses agree too).
-
-    A bucket's last global batch may be short. With drop_last=False (default) it is kept: on one process as a
-    smaller batch (no image is left out, none repeated); on several processes it is filled up with the first
-    items of the same bucket, as torch's DistributedSampler pads, so every rank gets batch_size items. With
-    drop_last=True it is dropped. With repeats > 1 two copies of one image can share a batch.
-
-    state_dict() is (epoch, position): position counts the global batches handed out in that epoch. Use one
-    iter_batches() iterator at a time; it advances the state as it yields.
-    """
-
-    STATE_VERSION = 3
-    """3: batches of several datasets ordered by probability; a version 2 state resumes on one dataset only."""
-
-    def __init__(self, manifest: Manifest, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} / world_size {world_size}: need world_size >= 1 and 0 <= rank < world_size.")
-        self.manifest = manifest
-        self.batch_size = batch_size
-        self.seed = int(seed)
-        self.rank = rank
-        self.world_size = world_size
-        self.drop_last = drop_last
-        self.epoch = 0
-        self.position = 0
-        self._plan_cache: tuple[int, list[list[_Sample]]] | None = None
-        if not any(manifest.probability(item.source) > 0 for item in manifest.items):
-            raise ValueError(
-                f"dataset {manifest.path}: every dataset with items has probability 0 "
-                f"({', '.join(sorted({it.source for it in manifest.items}))}), so nothing would be trained on; give "
-                "at least one a probability above 0 in its data_backend_config and rebuild."
-            )
-        counts: dict[tuple[Any, ...], int] = {}
-        for item in manifest.items:
-            if manifest.probability(item.source) > 0:
-                counts[(item.source, item.bucket)] = counts.get((item.source, item.bucket), 0) + item.repeats
-        # Under random reference sampling the groups (and so the count) can change by epoch: len() is epoch 0's.
-        self.batches_per_epoch = len(self._epoch_samples(0))
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"dataset {manifest.path} gives no full batch per epoch (batch_size {batch_size} x {world_size} "
-                f"processes, {sum(counts.values())} item copies in {len(counts)} buckets, drop_last=True); lower "
-                "batch_size, raise repeats, add images or set drop_last off."
-            )
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.batch_size * self.world_size
-
-    def __len__(self) -> int:
-        """Steps per epoch (the same for every rank)."""
-        return self.batches_per_epoch
-
-    def _choice(self, index: int, *, epoch: int, copy: int) -> tuple[int, ...]:
-        """Which references of an item a sample uses: all (combined), or one drawn per (seed, epoch, copy)."""
-        item = self.manifest.items[index]
-        if not item.references:
-            return ()
-        if len(item.references) == 1 or self.manifest.sampling_mode(index) == "combined":
-            return tuple(range(len(item.references)))
-        rng = random.Random(_derived_seed(self.seed, epoch, "reference", index, copy))
-        return (rng.randrange(len(item.references)),)
-
-    def _caption_choice(self, index: int, *, epoch: int, copy: int) -> int:
-        """Which caption of an item a sample trains with: drawn per (seed, epoch, item, copy), never per rank."""
-        count = len(self.manifest.items[index].captions)
-        if count == 1:
-            return 0
-        return random.Random(_derived_seed(self.seed, epoch, "caption", index, copy)).randrange(count)
-
-    def _group(self, index: int, choice: tuple[int, ...]) -> tuple[Any, ...]:
-        # A batch shares the dataset, the target bucket and every chosen reference's bucket (tensor shapes).
-        item = self.manifest.items[index]
-        return (item.source, item.bucket, tuple(item.references[k].bucket for k in choice))
-
-    def _epoch_samples(self, epoch: int) -> list[list[_Sample]]:
-        """The global batches of an epoch as (item index, reference choice, caption choice) samples."""
-        order = [(i, c) for i, item in enumerate(self.manifest.items) for c in range(item.repeats)
-                 if self.manifest.probability(item.source) > 0]
-        rng = random.Random(_derived_seed(self.seed, epoch, "items"))
-        rng.shuffle(order)
-        by_group: dict[tuple[Any, ...], list[_Sample]] = {}
-        for i, copy in order:
-            choice = self._choice(i, epoch=epoch, copy=copy)
-            caption = self._caption_choice(i, epoch=epoch, copy=copy)
-            by_group.setdefault(self._group(i, choice), []).append((i, choice, caption))
-        size = self.global_batch_size
-        batches = []
-        for samples in by_group.values():
-            for start in range(0, len(samples), size):
-                batch = samples[start : start + size]
-                if len(batch) < size:
-                    if self.drop_last:
-                        continue
-                    if self.world_size > 1:  # pad like DistributedSampler so every rank gets a full batch
-                        batch = batch + [samples[k % len(samples)] for k in range(size - len(batch))]
-                batches.append(batch)
-        random.Random(_derived_seed(self.seed, epoch, "batches")).shuffle(batches)
-        return self._order_by_probability(batches, epoch=epoch)
-
-    def _order_by_probability(self, batches: list[list[_Sample]], *, epoch: int) -> list[list[_Sample]]:
-        """SimpleTuner's dataset draw, planned for the epoch: until every dataset is exhausted, draw a dataset
-        among those with batches left, weighted by probability, and take its next batch."""
-        queues: dict[str, list[list[_Sample]]] = {}
-        for batch in batches:  # a batch holds one dataset; each queue keeps the shuffled order
-            queues.setdefault(self.manifest.items[batch[0][0]].source, []).append(batch)
-        if len(queues) < 2:
-            return batches
-        rng = random.Random(_derived_seed(self.seed, epoch, "datasets"))
-        left = sorted(queues)
-        taken = dict.fromkeys(left, 0)
-        ordered = []
-        while left:
-            name = rng.choices(left, weights=[self.manifest.probability(n) for n in left])[0]
-            ordered.append(queues[name][taken[name]])
-            taken[name] += 1
-            if taken[name] == len(queues[name]):
-                left.remove(name)
-        return ordered
-
-    def epoch_plan(self, epoch: int) -> list[tuple[int, ...]]:
-        """The global batches of an epoch (item indices), in order (length batches_per_epoch)."""
-        return [tuple(s[0] for s in b) for b in self._epoch_samples(epoch)]
-
-    def _rank_samples(self, epoch: int) -> list[list[_Sample]]:
-        if self._plan_cache is None or self._plan_cache[0] != epoch:
-            lo = self.rank * self.batch_size
-            self._plan_cache = (epoch, [b[lo : lo + self.batch_size] for b in self._epoch_samples(epoch)])
-        return self._plan_cache[1]
-
-    def rank_batches(self, epoch: int) -> list[tuple[int, ...]]:
-        """This rank's batches of an epoch (item indices), in order (length len(self))."""
-        return [tuple(s[0] for s in b) for b in self._rank_samples(epoch)]
-
-    def iter_batches(self) -> Iterator[BatchRef]:
-        """Batches forever, from the current state on; the state advances as each batch is handed out."""
-        while True:
-            batches = self._rank_samples(self.epoch)
-            if self.position >= len(batches):
-                self.epoch += 1
-                self.position = 0
-                continue
-            samples = batches[self.position]
-            indices = tuple(s[0] for s in samples)
-            choices = tuple(s[1] for s in samples)
-            ref = BatchRef(indices=indices, bucket=self.manifest.items[indices[0]].bucket, epoch=self.epoch,
-                           position=self.position, references=choices if any(choices) else (),
-                           captions=tuple(s[2] for s in samples))
-            self.position += 1
-            yield ref
-
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable position, plus what must match on resume."""
-        return {
-            "version": self.STATE_VERSION,
-            "epoch": self.epoch,
-            "position": self.position,
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "world_size": self.world_size,
-            "drop_last": self.drop_last,
-            "fingerprint": self.manifest.fingerprint,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue where state_dict() was taken. The dataset, seed, batch size, world size and drop_last must
-        match: each of them changes the batch plan, so resuming across a change would repeat or skip data."""
-        if state.get("version") == 2:
-            # Version 2 shuffled the batches of all datasets together: the same plan only for one dataset.
-            sampled = {it.source for it in self.manifest.items if self.manifest.probability(it.source) > 0}
-            if len(sampled) > 1:
-                raise ValueError(
-                    f"cannot resume: the checkpoint's sampler state (version 2) comes from a trainer that ordered "
-                    f"the batches of several datasets ({', '.join(sorted(sampled))}) differently; resuming would "
-                    "repeat or skip data in this epoch. Finish the run with the trainer that started it, or start a "
-                    "new run."
-                )
-        elif state.get("version") != self.STATE_VERSION:
-            raise ValueError(f"sampler state version {state.get('version')!r} is not {self.STATE_VERSION}.")
-        mine = self.state_dict()
-        for key in ("fingerprint", "seed", "batch_size", "world_size", "drop_last"):
-            if state.get(key) != mine[key]:
-                raise ValueError(
-                    f"cannot resume: the checkpoint's data {key} is {state.get(key)!r} but this run has {mine[key]!r}; "
-                    f"resume with the same {key} (or start a new run)."
-                )
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or position < 0:
-            raise ValueError(f"sampler state epoch {epoch} / position {position} must be >= 0.")
-        self.epoch, self.position = epoch, position
-
-
-# ---------------------------------------------------------------------------------------------- loading
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Batch:
-    latents: torch.Tensor
-    """(B, 128, bucket_h / 16, bucket_w / 16) normalised, patchified VAE latents."""
-    prompt_embeds: torch.Tensor
-    """(B, 512, 3 * text hidden size) caption embeddings."""
-    captions: list[str]
-    image_paths: list[Path]
-    indices: tuple[int, ...]
-    bucket: tuple[int, int]
-    reference_latents: list[torch.Tensor] = field(default_factory=list)
-    """Reference k of every sample, (B, 128, h_k, w_k), for objective.prepare_batch; empty without references."""
-
-
-def _read_cached(manifest: Manifest, path: Path, *, kind: str, name: str, verify: bool) -> torch.Tensor:
-    try:
-        tensors, _ = read_entry(path, kind=kind, key=path.stem, verify_digest=verify)
-    except CacheEntryError as exc:
-        raise ValueError(
-            f"dataset {manifest.path}: {exc}. Rebuild the dataset (build-dataset / Build Dataset): damaged cache "
-            "files are detected and re-encoded, the rest is reused."
-        ) from None
-    if name not in tensors:
-        raise ValueError(f"dataset {manifest.path}: cache file {path} has no {name!r} tensor; rebuild the dataset.")
-    return tensors[name]
-
-
-def load_batch(
-    manifest: Manifest,
-    indices: Sequence[int],
-    *,
-    references: Sequence[Sequence[int]] | None = None,
-    captions: Sequence[int] | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-    verify: bool = False,
-) -> Batch:
-    """Latents, caption embeddings and reference latents of items that share one bucket, in the order given.
-
-    references: per sample, which of its item's references to load (BatchRef.references); None loads all of
-    them. captions: per sample, which of its item's captions to train with (BatchRef.captions); None (or an
-    empty tuple) takes each item's first caption. verify=True also re-hashes every byte (the structural checks
-    always run; build-dataset verifies fully).
-    """
-    if not indices:
-        raise ValueError("load_batch needs at least one item index.")
-    items = [manifest.items[i] for i in indices]
-    buckets = {it.bucket for it in items}
-    if len(buckets) != 1:
-        raise ValueError(f"items {list(indices)} span buckets {sorted(buckets)}; a batch must hold one bucket.")
-    bucket = items[0].bucket
-    expected = (flux2.PATCHIFIED_CHANNELS, bucket[1] // flux2.PIXELS_PER_TOKEN, bucket[0] // flux2.PIXELS_PER_TOKEN)
-    latents = []
-    for i, item in zip(indices, items):
-        latent = _read_cached(manifest, manifest.latent_path(i), kind="latent", name=LATENT_TENSOR, verify=verify)
-        if tuple(latent.shape) != expected:
-            raise ValueError(
-                f"dataset {manifest.path}: latent {item.latent} has shape {tuple(latent.shape)}, bucket "
-                f"{bucket[0]}x{bucket[1]} needs {expected}; rebuild the dataset."
-            )
-        latents.append(latent)
-    picks = tuple(captions) if captions else (0,) * len(items)
-    if len(picks) != len(items):
-        raise ValueError(f"load_batch got {len(picks)} caption choices for {len(items)} items.")
-    for i, item, pick in zip(indices, items, picks):
-        if not 0 <= pick < len(item.captions):
-            raise ValueError(f"item {i} has {len(item.captions)} captions; caption choice {pick} is out of range.")
-    texts: dict[str, torch.Tensor] = {}  # by cache file: one read per distinct caption
-    for item, pick in zip(items, picks):
-        if item.texts[pick] not in texts:
-            texts[item.texts[pick]] = _read_cached(
-                manifest, manifest.root / item.texts[pick], kind="text", name=TEXT_TENSOR, verify=verify
-            )
-    choices = [tuple(range(len(it.references))) for it in items] if references is None else [tuple(c) for c in references]
-    if len(choices) != len(items):
-        raise ValueError(f"load_batch got {len(choices)} reference choices for {len(items)} items.")
-    if len({len(c) for c in choices}) > 1:
-        raise ValueError(f"items {list(indices)} use different numbers of references {choices}; a batch needs one.")
-    reference_latents = []
-    for k in range(len(choices[0]) if choices else 0):
-        refs = []
-        for i, item, choice in zip(indices, items, choices):
-            ref = item.references[choice[k]]
-            latent = _read_cached(manifest, manifest.reference_latent_path(i, choice[k]), kind="latent",
-                                  name=LATENT_TENSOR, verify=verify)
-            want = (flux2.PATCHIFIED_CHANNELS, ref.bucket[1] // flux2.PIXELS_PER_TOKEN,
-                    ref.bucket[0] // flux2.PIXELS_PER_TOKEN)
-            if tuple(latent.shape) != want:
-                raise ValueError(f"dataset {manifest.path}: reference latent {ref.latent} has shape "
-                                 f"{tuple(latent.shape)}, expected {want}; rebuild the dataset.")
-            refs.append(latent)
-        if len({tuple(r.shape) for r in refs}) > 1:
-            raise ValueError(f"items {list(indices)}: reference {k} has different shapes in one batch; batches "
-                             "from BucketBatchSampler group references by bucket.")
-        reference_latents.append(torch.stack(refs).to(device=device, dtype=dtype))
-    return Batch(
-        reference_latents=reference_latents,
-        latents=torch.stack(latents).to(device=device, dtype=dtype),
-        prompt_embeds=torch.stack([texts[it.texts[p]] for it, p in zip(items, picks)]).to(device=device, dtype=dtype),
-        captions=[it.captions[p] for it, p in zip(items, picks)],
-        image_paths=[manifest.image_path(i) for i in indices],
-        indices=tuple(indices),
-        bucket=bucket,
-    )
-
-
-def load_text_embedding(
-    manifest: Manifest, caption: str, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-    verify: bool = True,
-) -> torch.Tensor:
-    """(1, 512, F) embedding of a cached caption: the empty caption or a validation prompt given at build time."""
-    embed = _read_cached(manifest, manifest.text_path(caption), kind="text", name=TEXT_TENSOR, verify=verify)
-    return embed.unsqueeze(0).to(device=device, dtype=dtype or embed.dtype)
-
-
 # ------------------------------------------------------------------------------------------- for the trainer
 
 RUN_DATASET_DIR = "dataset"
@@ -1837,19 +1224,19 @@ def merge_manifests(paths: Sequence[Path], *, out_dir: Path) -> Path:
             item = m.items[i]
             # Several captions: every one of their cache files, made absolute like the rest.
             several = {"captions": list(item.captions),
-                       "texts": [str(_inside(m.root, t, path=m.path, what="cache file")) for t in item.texts]
+                       "texts": [str(cache_file_path(m.root, t, path=m.path, what="cache file")) for t in item.texts]
                        } if len(item.captions) > 1 else {}
             items.append(record | {
                 "source": renamed[item.source],
                 "latent": str(m.latent_path(i)),
-                "text": str(_inside(m.root, item.text, path=m.path, what="cache file")),
+                "text": str(cache_file_path(m.root, item.text, path=m.path, what="cache file")),
                 "references": [
                     ref | {"source": renamed[ref["source"]], "latent": str(m.reference_latent_path(i, k))}
                     for k, ref in enumerate(record.get("references", ()))
                 ],
             } | several)
         for caption, rel in m.text_cache.items():
-            text_cache.setdefault(caption, str(_inside(m.root, rel, path=m.path, what="cache file")))
+            text_cache.setdefault(caption, str(cache_file_path(m.root, rel, path=m.path, what="cache file")))
     merged = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,

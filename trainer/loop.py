@@ -372,7 +372,7 @@ def save_final_lora(model: Model, *, config, out_dir: Path, step: int, env: para
 
 
 def _micro_batches(batches, count: int, *, manifest, dtype) -> list[Any]:
-    from .data import load_batch
+    from .manifest import load_batch
 
     refs = [next(batches) for _ in range(count)]
     return [load_batch(manifest, r.indices, references=r.references or None, captions=r.captions or None,
@@ -381,7 +381,9 @@ def _micro_batches(batches, count: int, *, manifest, dtype) -> list[Any]:
 
 def train(config, *, env: parallelize.DistEnv) -> Path | None:
     """The whole run. Returns the LoRA path on rank 0."""
-    from .data import BucketBatchSampler, load_text_embedding, resolve_training_manifest
+    from .data import resolve_training_manifest
+    from .manifest import load_text_embedding
+    from .sampler import BucketBatchSampler
     from .model_files import inspect_model_folder
     from .offload import EncoderSettings, load_validation_vae, onloaded
 

@@ -261,7 +261,7 @@ def estimate_peak_memory(
 
 def _largest_item_tokens(manifest_path: Path) -> int | None:
     """Image tokens of the largest sample (bucket plus reference images) of a built dataset, or None."""
-    from .data import load_manifest
+    from .manifest import load_manifest
 
     try:
         manifest = load_manifest(manifest_path)

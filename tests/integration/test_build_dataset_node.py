@@ -16,7 +16,7 @@ def _folder(root: Path) -> str:
 
 
 def test_split_caption_lines_widget(nodes, model_spec, comfy_root):
-    from trainer.data import load_manifest
+    from trainer.manifest import load_manifest
 
     folder = _folder(comfy_root)
     widgets = dict(resolution=64, repeats=1, caption_strategy="textfile")

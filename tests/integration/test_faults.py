@@ -323,7 +323,8 @@ def test_a_hung_rank_ends_the_run_after_the_collective_timeout(runs, tiny_model_
 
 
 def _batch_files(manifest_path: Path, *, step: int, batch_size: int = 1, seed: int = 1) -> list[str]:
-    from trainer.data import BucketBatchSampler, load_manifest
+    from trainer.manifest import load_manifest
+    from trainer.sampler import BucketBatchSampler
 
     manifest = load_manifest(manifest_path)
     batches = BucketBatchSampler(manifest, batch_size=batch_size, seed=seed).iter_batches()

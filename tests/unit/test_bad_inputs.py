@@ -151,7 +151,7 @@ def _apply_lora(world: World, path: Path):
 
 
 def _manifest_case(world: World, text: bytes):
-    from trainer.data import load_manifest
+    from trainer.manifest import load_manifest
 
     path = world.folder("ds") / "manifest.json"
     path.write_bytes(text)

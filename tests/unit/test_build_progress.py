@@ -10,6 +10,7 @@ import pytest
 from image_tools import noise_png
 
 from trainer import data
+from trainer.manifest import MANIFEST_FILE, load_manifest
 from trainer.model_files import inspect_model_folder
 
 
@@ -59,7 +60,7 @@ def test_a_cancelled_build_keeps_its_cache_and_the_next_one_finishes_it(tmp_path
 
     with pytest.raises(Cancelled):
         _build(folder, model, out, cancel_after_first_batch)
-    assert not (out / data.MANIFEST_FILE).exists()  # nothing half-built is offered for training
+    assert not (out / MANIFEST_FILE).exists()  # nothing half-built is offered for training
     _build(folder, model, out, None)
     report = data.load_build_report(out)
     if phase == "latents":
@@ -68,7 +69,7 @@ def test_a_cancelled_build_keeps_its_cache_and_the_next_one_finishes_it(tmp_path
     else:
         assert (report.vae_images_encoded, report.latents_reused) == (0, 5)
         assert (report.prompts_encoded, report.prompts_reused) == (4, 2)
-    assert len(data.load_manifest(out).items) == 5
+    assert len(load_manifest(out).items) == 5
 
 
 def test_build_dataset_node_shows_progress_and_honours_cancel(tmp_path, tiny_model_dir, comfy_root, pack,

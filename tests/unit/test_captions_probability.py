@@ -25,7 +25,18 @@ from torch.testing import assert_close
 
 from trainer import data
 from trainer.databackend import load_backend_config, parse_backend_config
+from trainer.manifest import (
+    MANIFEST_FILE,
+    MANIFEST_VERSION,
+    DataSource,
+    Manifest,
+    ManifestItem,
+    load_batch,
+    load_manifest,
+    load_text_embedding,
+)
 from trainer.model_files import inspect_model_folder
+from trainer.sampler import BatchRef, BucketBatchSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from image_tools import noise_png  # noqa: E402
@@ -153,8 +164,8 @@ def built(tmp_path_factory, model):
 
 def test_every_caption_is_cached_once_and_reported(built):
     root, _, path = built
-    manifest = data.load_manifest(path)
-    assert manifest.version == data.MANIFEST_VERSION == 3
+    manifest = load_manifest(path)
+    assert manifest.version == MANIFEST_VERSION == 3
     assert [(it.source, it.image, it.captions) for it in manifest.items] == [
         ("multi", "a.png", MULTI["a.png"][2]), ("multi", "b.png", ("a blue sphere",)),
         ("multi", "c.png", ("one", "two")), ("multi", "d.png", ("",)),
@@ -189,14 +200,14 @@ def test_every_caption_is_cached_once_and_reported(built):
     # A chosen caption's embedding comes from that caption's own cache entry.
     embeds = []
     for k, caption in enumerate(MULTI["a.png"][2]):
-        batch = data.load_batch(manifest, [0], captions=(k,))
+        batch = load_batch(manifest, [0], captions=(k,))
         assert batch.captions == [caption]
-        assert_close(batch.prompt_embeds, data.load_text_embedding(manifest, caption), atol=0, rtol=0)
+        assert_close(batch.prompt_embeds, load_text_embedding(manifest, caption), atol=0, rtol=0)
         embeds.append(batch.prompt_embeds)
     assert not any(bool((embeds[i] == embeds[j]).all()) for i, j in [(0, 1), (0, 2), (1, 2)])
-    assert data.load_batch(manifest, [0, 1]).captions == ["a red cube", "a blue sphere"]  # default: the first
+    assert load_batch(manifest, [0, 1]).captions == ["a red cube", "a blue sphere"]  # default: the first
     with pytest.raises(ValueError, match="item 1 has 1 captions; caption choice 1 is out of range"):
-        data.load_batch(manifest, [0, 1], captions=(1, 1))
+        load_batch(manifest, [0, 1], captions=(1, 1))
 
 
 def test_run_summary_warns_about_probability_zero(built, model, tmp_path):
@@ -237,12 +248,12 @@ def test_version_1_and_2_manifests_still_load(built):
     for version, content in ((1, v1), (2, v2)):
         old = path.parent / f"manifest_v{version}.json"
         old.write_text(json.dumps(content), encoding="utf-8")
-        manifest = data.load_manifest(old)
+        manifest = load_manifest(old)
         assert manifest.version == version
         assert [it.captions for it in manifest.items] == [(it["caption"],) for it in raw["items"]]
         assert [it.texts for it in manifest.items] == [(it["text"],) for it in raw["items"]]
         assert {s.id: s.probability for s in manifest.sources.values()} == {"multi": 1.0, "whole": 1.0, "off": 1.0}
-        assert len(data.BucketBatchSampler(manifest, batch_size=1, seed=0)) == 7  # nothing left out any more
+        assert len(BucketBatchSampler(manifest, batch_size=1, seed=0)) == 7  # nothing left out any more
 
 
 def test_manifest_checks_every_caption(built, tmp_path):
@@ -253,7 +264,7 @@ def test_manifest_checks_every_caption(built, tmp_path):
     def refused(items, message, **extra):
         bad.write_text(json.dumps(raw | {"items": items} | extra), encoding="utf-8")
         with pytest.raises(ValueError, match=message):
-            data.load_manifest(bad)
+            load_manifest(bad)
 
     first = raw["items"][0]
     refused([first | {"texts": first["texts"][:2]}] + raw["items"][1:], "item 0 .* has 3 captions and 2 texts")
@@ -271,7 +282,7 @@ def test_merged_manifests_keep_captions_paths_and_probability(built, tmp_path):
     _, _, path = built
     copy = tmp_path / "copy"
     shutil.copytree(path.parent, copy)
-    merged_path = data.merge_manifests([path, copy / data.MANIFEST_FILE], out_dir=tmp_path / "merged")
+    merged_path = data.merge_manifests([path, copy / MANIFEST_FILE], out_dir=tmp_path / "merged")
     raw = json.loads(merged_path.read_text(encoding="utf-8"))
     assert raw["version"] == 3
     assert {s["id"]: s["probability"] for s in raw["sources"]} == {
@@ -282,9 +293,9 @@ def test_merged_manifests_keep_captions_paths_and_probability(built, tmp_path):
         assert all(Path(t).is_absolute() and Path(t).is_file() for t in it["texts"]) and it["texts"][0] == it["text"]
     assert {Path(several[2]["texts"][1]).parent.parent, Path(several[0]["texts"][1]).parent.parent} == {
         copy.resolve(), path.parent.resolve()}
-    merged = data.load_manifest(merged_path)
+    merged = load_manifest(merged_path)
     assert merged.items[7].captions == MULTI["a.png"][2] and merged.probability("off-2") == 0.0
-    sampler = data.BucketBatchSampler(merged, batch_size=1, seed=3)
+    sampler = BucketBatchSampler(merged, batch_size=1, seed=3)
     assert {merged.items[i].source for b in sampler.epoch_plan(0) for i in b} == {"multi", "whole", "multi-2", "whole-2"}
     report = data.load_build_report(merged_path.parent)
     assert (report.captions, report.multi_caption_images) == (20, 4)
@@ -294,27 +305,27 @@ def test_merged_manifests_keep_captions_paths_and_probability(built, tmp_path):
 
 
 def _manifest(sizes: dict[str, tuple[int, float]], *, captions: int = 1,
-              buckets: tuple[tuple[int, int], ...] = ((64, 64),)) -> data.Manifest:
+              buckets: tuple[tuple[int, int], ...] = ((64, 64),)) -> Manifest:
     """sizes: dataset id -> (items, probability); items alternate over buckets, each with `captions` captions."""
     sources, items = {}, []
     for ds, (count, probability) in sizes.items():
-        sources[ds] = data.DataSource(id=ds, image_dir=Path("/nowhere"), caption_strategy="textfile",
+        sources[ds] = DataSource(id=ds, image_dir=Path("/nowhere"), caption_strategy="textfile",
                                       instance_prompt=None, resolution=64, bucket_step=16, repeats=1,
                                       probability=probability)
         for k in range(count):
             n = len(items)
             bucket = buckets[k % len(buckets)]
             texts = tuple(f"text/{n}-{c}.safetensors" for c in range(captions))
-            items.append(data.ManifestItem(
+            items.append(ManifestItem(
                 image=f"{ds}/{k}.png", source=ds, caption=f"{n}-0", image_sha256=f"{n:064x}", width=bucket[0],
                 height=bucket[1], bucket=bucket, resized=bucket, crop=(0, 0), latent=f"latents/{n}.safetensors",
                 text=texts[0], repeats=1, captions=tuple(f"{n}-{c}" for c in range(captions)), texts=texts))
-    return data.Manifest(path=Path("/nowhere/manifest.json"), version=3, fingerprint="f" * 64, model_identity="m",
+    return Manifest(path=Path("/nowhere/manifest.json"), version=3, fingerprint="f" * 64, model_identity="m",
                          vae_identity="v", text_identity="t", resolution=64, sources=sources, items=tuple(items),
                          text_cache={}, empty_caption="", extra_prompts=())
 
 
-def _refs(sampler: data.BucketBatchSampler, count: int) -> list[data.BatchRef]:
+def _refs(sampler: BucketBatchSampler, count: int) -> list[BatchRef]:
     it = sampler.iter_batches()
     return [next(it) for _ in range(count)]
 
@@ -322,22 +333,22 @@ def _refs(sampler: data.BucketBatchSampler, count: int) -> list[data.BatchRef]:
 def test_caption_choice_is_the_same_for_1x2_and_2x1_and_across_resume():
     # Even counts per bucket: no padding, which differs between 1 and 2 processes by design.
     manifest = _manifest({"a": (8, 1.0), "b": (4, 1.0)}, captions=3, buckets=((64, 64), (80, 48)))
-    one = data.BucketBatchSampler(manifest, batch_size=2, seed=5)
-    two = [data.BucketBatchSampler(manifest, batch_size=1, seed=5, rank=r, world_size=2) for r in range(2)]
+    one = BucketBatchSampler(manifest, batch_size=2, seed=5)
+    two = [BucketBatchSampler(manifest, batch_size=1, seed=5, rank=r, world_size=2) for r in range(2)]
     steps = 3 * len(one)
     joined = [(a.indices + b.indices, a.captions + b.captions)
               for a, b in zip(_refs(two[0], steps), _refs(two[1], steps))]
-    full = _refs(data.BucketBatchSampler(manifest, batch_size=2, seed=5), steps)
+    full = _refs(BucketBatchSampler(manifest, batch_size=2, seed=5), steps)
     assert joined == [(r.indices, r.captions) for r in full]
     assert len({c for r in full for c in r.captions}) == 3  # not always the first
 
     for cut in (1, len(one) - 1, len(one) + 2):
-        first = data.BucketBatchSampler(manifest, batch_size=2, seed=5)
+        first = BucketBatchSampler(manifest, batch_size=2, seed=5)
         _refs(first, cut)
-        resumed = data.BucketBatchSampler(manifest, batch_size=2, seed=5)
+        resumed = BucketBatchSampler(manifest, batch_size=2, seed=5)
         resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
         assert _refs(resumed, steps - cut) == full[cut:]
-    other_seed = _refs(data.BucketBatchSampler(manifest, batch_size=2, seed=6), steps)
+    other_seed = _refs(BucketBatchSampler(manifest, batch_size=2, seed=6), steps)
     assert [r.captions for r in other_seed] != [r.captions for r in full]
 
 
@@ -345,7 +356,7 @@ def test_every_caption_is_drawn_over_enough_epochs():
     manifest = _manifest({"a": (4, 1.0)}, captions=3)
     manifest = dataclasses.replace(manifest, items=manifest.items[:3] + (
         dataclasses.replace(manifest.items[3], captions=("3-0",), texts=("text/3-0.safetensors",)),))
-    sampler = data.BucketBatchSampler(manifest, batch_size=2, seed=1)
+    sampler = BucketBatchSampler(manifest, batch_size=2, seed=1)
     seen = Counter((i, c) for r in _refs(sampler, 30 * len(sampler)) for i, c in zip(r.indices, r.captions))
     assert set(seen) == {(i, c) for i in range(3) for c in range(3)} | {(3, 0)}
     assert min(seen[(i, c)] for i in range(3) for c in range(3)) >= 3  # roughly even: 30 draws over 3 captions
@@ -353,7 +364,7 @@ def test_every_caption_is_drawn_over_enough_epochs():
 
 def test_each_batch_comes_once_per_epoch_and_probability_zero_is_left_out():
     manifest = _manifest({"a": (9, 1.0), "b": (7, 0.3), "c": (5, 0.0)}, buckets=((64, 64), (80, 48)))
-    sampler = data.BucketBatchSampler(manifest, batch_size=2, seed=2)
+    sampler = BucketBatchSampler(manifest, batch_size=2, seed=2)
     # a: 5 + 4 items in two buckets -> 3 + 2 batches; b: 4 + 3 -> 2 + 2; c: none.
     assert len(sampler) == 9
     for epoch in range(4):
@@ -364,7 +375,7 @@ def test_each_batch_comes_once_per_epoch_and_probability_zero_is_left_out():
             assert len({(manifest.items[i].source, manifest.items[i].bucket) for i in batch}) == 1
     assert sampler.epoch_plan(0) != sampler.epoch_plan(1)
     # Rank slices of the same global batches; padding on 2 ranks never reaches dataset c either.
-    ranks = [data.BucketBatchSampler(manifest, batch_size=1, seed=2, rank=r, world_size=2) for r in range(2)]
+    ranks = [BucketBatchSampler(manifest, batch_size=1, seed=2, rank=r, world_size=2) for r in range(2)]
     for epoch in range(2):
         plan = ranks[0].epoch_plan(epoch)
         assert [a + b for a, b in zip(ranks[0].rank_batches(epoch), ranks[1].rank_batches(epoch))] == plan
@@ -372,13 +383,13 @@ def test_each_batch_comes_once_per_epoch_and_probability_zero_is_left_out():
 
     nothing = _manifest({"a": (3, 0.0), "b": (2, 0.0)})
     with pytest.raises(ValueError, match=r"every dataset with items has probability 0 \(a, b\)"):
-        data.BucketBatchSampler(nothing, batch_size=1, seed=0)
+        BucketBatchSampler(nothing, batch_size=1, seed=0)
 
 
 def test_a_heavy_dataset_comes_earlier_in_the_epoch():
     def mean_positions(weights: tuple[float, float]) -> tuple[float, float]:
         manifest = _manifest({"heavy": (20, weights[0]), "light": (20, weights[1])})
-        sampler = data.BucketBatchSampler(manifest, batch_size=1, seed=11)
+        sampler = BucketBatchSampler(manifest, batch_size=1, seed=11)
         where: dict[str, list[int]] = {"heavy": [], "light": []}
         for epoch in range(5):
             for position, batch in enumerate(sampler.epoch_plan(epoch)):
@@ -396,25 +407,25 @@ def test_a_heavy_dataset_comes_earlier_in_the_epoch():
 
 def test_probability_plan_is_the_same_for_1x2_and_2x1_and_resumes():
     manifest = _manifest({"a": (8, 0.9), "b": (4, 0.1), "c": (4, 2.0)}, buckets=((64, 64), (80, 48)))
-    one = data.BucketBatchSampler(manifest, batch_size=2, seed=4)
-    two = [data.BucketBatchSampler(manifest, batch_size=1, seed=4, rank=r, world_size=2) for r in range(2)]
+    one = BucketBatchSampler(manifest, batch_size=2, seed=4)
+    two = [BucketBatchSampler(manifest, batch_size=1, seed=4, rank=r, world_size=2) for r in range(2)]
     for epoch in range(3):
         assert [a + b for a, b in zip(two[0].rank_batches(epoch), two[1].rank_batches(epoch))] == one.rank_batches(epoch)
-    full = _refs(data.BucketBatchSampler(manifest, batch_size=2, seed=4), 3 * len(one))
-    first = data.BucketBatchSampler(manifest, batch_size=2, seed=4)
+    full = _refs(BucketBatchSampler(manifest, batch_size=2, seed=4), 3 * len(one))
+    first = BucketBatchSampler(manifest, batch_size=2, seed=4)
     _refs(first, len(one) + 1)
-    resumed = data.BucketBatchSampler(manifest, batch_size=2, seed=4)
+    resumed = BucketBatchSampler(manifest, batch_size=2, seed=4)
     resumed.load_state_dict(first.state_dict())
     assert _refs(resumed, 2 * len(one) - 1) == full[len(one) + 1:]
 
 
 def test_one_dataset_ignores_its_probability_and_old_states_resume_on_one_dataset_only():
-    single = [data.BucketBatchSampler(_manifest({"a": (9, p)}, buckets=((64, 64), (80, 48))), batch_size=2, seed=3)
+    single = [BucketBatchSampler(_manifest({"a": (9, p)}, buckets=((64, 64), (80, 48))), batch_size=2, seed=3)
               for p in (1.0, 0.2)]
     assert single[0].epoch_plan(0) == single[1].epoch_plan(0)
     state = single[0].state_dict() | {"version": 2}
     single[1].load_state_dict(state)  # a one-dataset plan did not change: the old state is still valid
-    several = data.BucketBatchSampler(_manifest({"a": (4, 1.0), "b": (4, 1.0)}), batch_size=1, seed=3)
+    several = BucketBatchSampler(_manifest({"a": (4, 1.0), "b": (4, 1.0)}), batch_size=1, seed=3)
     with pytest.raises(ValueError, match=r"version 2\) comes from a trainer that ordered the batches of several "
                                          r"datasets \(a, b\) differently"):
         several.load_state_dict(several.state_dict() | {"version": 2})
@@ -442,6 +453,6 @@ def test_cli_build_dataset_can_keep_whole_caption_files(tmp_path, tiny_model_dir
         dest = tmp_path / ("whole" if flag else "split")
         assert main(["build-dataset", "--images", str(tmp_path / "imgs"), "--model", str(tiny_model_dir), "--out",
                      str(dest), "--resolution", "64", "--text-precision", "fp32", *flag]) == 0
-        out[bool(flag)] = data.load_manifest(dest).items[0].captions
+        out[bool(flag)] = load_manifest(dest).items[0].captions
     capsys.readouterr()
     assert out == {False: ("first line", "second line"), True: ("first line\nsecond line",)}

@@ -22,6 +22,7 @@ from torch.testing import assert_close
 from trainer import data, flux2, model_files
 from trainer.buckets import choose_bucket, select_crop_aspect
 from trainer.databackend import load_backend_config, parse_backend_config
+from trainer.manifest import load_batch, load_manifest
 from trainer.model_files import inspect_model_folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -239,7 +240,7 @@ def random_build(tmp_path_factory, tiny_model_dir):
 
 def test_build_uses_the_drawn_buckets_and_their_latent_shapes(random_build):
     root, config, model, manifest_path = random_build
-    manifest = data.load_manifest(manifest_path)
+    manifest = load_manifest(manifest_path)
     specs = {s.id: s for s in (*config.datasets, *config.conditioning.values())}
 
     def expected(source: str, sha: str, width: int, height: int) -> tuple[int, int]:
@@ -266,7 +267,7 @@ def test_build_uses_the_drawn_buckets_and_their_latent_shapes(random_build):
             with safe_open(str(latent_file), framework="pt") as f:
                 shapes = {tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             assert shapes == {(flux2.PATCHIFIED_CHANNELS, bucket[1] // 16, bucket[0] // 16)}
-        batch = data.load_batch(manifest, [i])
+        batch = load_batch(manifest, [i])
         assert tuple(batch.latents.shape) == (1, flux2.PATCHIFIED_CHANNELS, it.bucket[1] // 16, it.bucket[0] // 16)
     # The cached latent is the drawn crop of the image: equal to encoding that crop directly (same fp32 path).
     first = rand[0]
@@ -275,7 +276,7 @@ def test_build_uses_the_drawn_buckets_and_their_latent_shapes(random_build):
     assert (plan.bucket, plan.crop) == (first.bucket, first.crop)
     vae = model_files.load_vae(model, precision="fp32")
     pixels = data.load_training_image(root / "imgs" / "i0.png", plan=plan)
-    assert_close(data.load_batch(manifest, [manifest.items.index(first)]).latents,
+    assert_close(load_batch(manifest, [manifest.items.index(first)]).latents,
                  flux2.encode_images(vae, pixels[None]), atol=1e-5, rtol=1e-5)
     source = next(s for s in json.loads(manifest_path.read_text(encoding="utf-8"))["sources"] if s["id"] == "rand")
     assert source["crop_aspect_buckets"] == [[0.5, 0.25], [1.0, 0.25], [2.0, 0.5]]
@@ -283,7 +284,7 @@ def test_build_uses_the_drawn_buckets_and_their_latent_shapes(random_build):
 
 def test_second_build_draws_the_same_and_encodes_nothing(random_build, monkeypatch):
     root, config, model, manifest_path = random_build
-    before = data.load_manifest(manifest_path)
+    before = load_manifest(manifest_path)
 
     def refuse(*args, **kwargs):
         raise AssertionError("an encoder was loaded although every random crop is cached")
@@ -294,6 +295,6 @@ def test_second_build_draws_the_same_and_encodes_nothing(random_build, monkeypat
                                 text_precision="fp32")
     report = data.load_build_report(again.parent)
     assert (report.vae_images_encoded, report.prompts_encoded, report.latents_reused) == (0, 0, 15)
-    after = data.load_manifest(again)
+    after = load_manifest(again)
     assert [(it.bucket, it.crop, it.latent) for it in after.items] == [(it.bucket, it.crop, it.latent) for it in before.items]
     assert after.fingerprint == before.fingerprint

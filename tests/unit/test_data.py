@@ -26,7 +26,15 @@ from torch.testing import assert_close
 from trainer import data, flux2, model_files
 from trainer.buckets import assign_bucket, bucket_sizes, plan_crop
 from trainer.cache import read_entry
+from trainer.manifest import (
+    Manifest,
+    ManifestItem,
+    load_batch,
+    load_manifest,
+    load_text_embedding,
+)
 from trainer.model_files import inspect_model_folder
+from trainer.sampler import BatchRef, BucketBatchSampler
 
 RES = 64  # small buckets keep the tiny VAE fast
 
@@ -265,15 +273,15 @@ def test_unusable_folders_are_refused(tmp_path):
 # ---------------------------------------------------------------------------------------------- sampling
 
 
-def _fake_manifest(buckets: list[tuple[int, int]], *, repeats: list[int] | None = None) -> data.Manifest:
+def _fake_manifest(buckets: list[tuple[int, int]], *, repeats: list[int] | None = None) -> Manifest:
     repeats = repeats or [1] * len(buckets)
     items = tuple(
-        data.ManifestItem(image=f"{i}.png", source="default", caption=f"c{i}", image_sha256=f"{i:064x}", width=b[0],
+        ManifestItem(image=f"{i}.png", source="default", caption=f"c{i}", image_sha256=f"{i:064x}", width=b[0],
                           height=b[1], bucket=b, resized=b, crop=(0, 0), latent=f"latents/{i}.safetensors",
                           text=f"text/{i}.safetensors", repeats=r)
         for i, (b, r) in enumerate(zip(buckets, repeats))
     )
-    return data.Manifest(path=Path("/nowhere/manifest.json"), version=1, fingerprint="f" * 64, model_identity="m",
+    return Manifest(path=Path("/nowhere/manifest.json"), version=1, fingerprint="f" * 64, model_identity="m",
                          vae_identity="v", text_identity="t", resolution=64, sources={}, items=items,
                          text_cache={}, empty_caption="", extra_prompts=())
 
@@ -282,14 +290,14 @@ def _fake_manifest(buckets: list[tuple[int, int]], *, repeats: list[int] | None 
 BUCKETS = [(64, 64)] * 10 + [(80, 48)] * 7 + [(48, 80)] * 6
 
 
-def _epoch(sampler: data.BucketBatchSampler) -> list[data.BatchRef]:
+def _epoch(sampler: BucketBatchSampler) -> list[BatchRef]:
     it = sampler.iter_batches()
     return [next(it) for _ in range(len(sampler))]
 
 
 def test_sampler_epoch_covers_every_copy_once_in_single_bucket_batches():
     manifest = _fake_manifest(BUCKETS, repeats=[1] * 20 + [3, 3, 3])
-    sampler = data.BucketBatchSampler(manifest, batch_size=4, seed=7)
+    sampler = BucketBatchSampler(manifest, batch_size=4, seed=7)
     # buckets hold 10, 7 and 6 + 6 repeated copies: ceil(10/4) + ceil(7/4) + ceil(12/4) = 3 + 2 + 3
     assert len(sampler) == 8
     batches = _epoch(sampler)
@@ -300,22 +308,22 @@ def test_sampler_epoch_covers_every_copy_once_in_single_bucket_batches():
         assert 1 <= len(b.indices) <= 4
     assert [b.position for b in batches] == list(range(8)) and {b.epoch for b in batches} == {0}
 
-    dropping = data.BucketBatchSampler(manifest, batch_size=4, seed=7, drop_last=True)
+    dropping = BucketBatchSampler(manifest, batch_size=4, seed=7, drop_last=True)
     assert len(dropping) == 2 + 1 + 3 and all(len(b.indices) == 4 for b in _epoch(dropping))
 
 
 def test_sampler_is_deterministic_per_seed_and_reshuffles_per_epoch():
     manifest = _fake_manifest(BUCKETS)
-    plan = data.BucketBatchSampler(manifest, batch_size=2, seed=1).epoch_plan
-    assert plan(0) == data.BucketBatchSampler(manifest, batch_size=2, seed=1).epoch_plan(0)
-    assert plan(0) != data.BucketBatchSampler(manifest, batch_size=2, seed=2).epoch_plan(0)
+    plan = BucketBatchSampler(manifest, batch_size=2, seed=1).epoch_plan
+    assert plan(0) == BucketBatchSampler(manifest, batch_size=2, seed=1).epoch_plan(0)
+    assert plan(0) != BucketBatchSampler(manifest, batch_size=2, seed=2).epoch_plan(0)
     assert plan(0) != plan(1)
     assert sorted(i for b in plan(0) for i in b) == sorted(i for b in plan(1) for i in b) == list(range(23))
 
 
 def test_sampler_shards_global_batches_across_ranks():
     manifest = _fake_manifest(BUCKETS)
-    ranks = [data.BucketBatchSampler(manifest, batch_size=2, seed=3, rank=r, world_size=2) for r in range(2)]
+    ranks = [BucketBatchSampler(manifest, batch_size=2, seed=3, rank=r, world_size=2) for r in range(2)]
     # Global batches of 4: ceil(10/4) + ceil(7/4) + ceil(6/4) = 3 + 2 + 2 = 7 steps for both ranks.
     assert len(ranks[0]) == len(ranks[1]) == 7
     for epoch in range(3):
@@ -331,7 +339,7 @@ def test_sampler_shards_global_batches_across_ranks():
         assert len(seen) - 23 == 5
         assert max(Counter(seen).values()) == 2
 
-    single = data.BucketBatchSampler(manifest, batch_size=4, seed=3)
+    single = BucketBatchSampler(manifest, batch_size=4, seed=3)
     # One process: a bucket's short batch is kept short, so nothing repeats.
     seen = [i for b in single.epoch_plan(0) for i in b]
     assert sorted(seen) == list(range(23))
@@ -339,8 +347,8 @@ def test_sampler_shards_global_batches_across_ranks():
 
 def test_one_process_batch_two_equals_two_processes_batch_one():
     manifest = _fake_manifest([(64, 64)] * 8 + [(80, 48)] * 6)
-    one = data.BucketBatchSampler(manifest, batch_size=2, seed=5)
-    two = [data.BucketBatchSampler(manifest, batch_size=1, seed=5, rank=r, world_size=2) for r in range(2)]
+    one = BucketBatchSampler(manifest, batch_size=2, seed=5)
+    two = [BucketBatchSampler(manifest, batch_size=1, seed=5, rank=r, world_size=2) for r in range(2)]
     for epoch in range(2):
         joined = [a + b for a, b in zip(two[0].rank_batches(epoch), two[1].rank_batches(epoch))]
         assert joined == one.rank_batches(epoch)
@@ -348,22 +356,22 @@ def test_one_process_batch_two_equals_two_processes_batch_one():
 
 def test_sampler_resume_continues_the_same_sequence():
     manifest = _fake_manifest(BUCKETS)
-    reference = data.BucketBatchSampler(manifest, batch_size=3, seed=11, rank=1, world_size=2)
+    reference = BucketBatchSampler(manifest, batch_size=3, seed=11, rank=1, world_size=2)
     it = reference.iter_batches()
     steps = len(reference)
     full = [next(it) for _ in range(3 * steps)]
     for cut in (1, steps - 1, steps, steps + 2):
-        first = data.BucketBatchSampler(manifest, batch_size=3, seed=11, rank=1, world_size=2)
+        first = BucketBatchSampler(manifest, batch_size=3, seed=11, rank=1, world_size=2)
         it = first.iter_batches()
         for _ in range(cut):
             next(it)
         state = json.loads(json.dumps(first.state_dict()))  # checkpoints store it as JSON
-        resumed = data.BucketBatchSampler(manifest, batch_size=3, seed=11, rank=1, world_size=2)
+        resumed = BucketBatchSampler(manifest, batch_size=3, seed=11, rank=1, world_size=2)
         resumed.load_state_dict(state)
         it = resumed.iter_batches()
         assert [next(it) for _ in range(3 * steps - cut)] == full[cut:]
 
-    other = data.BucketBatchSampler(manifest, batch_size=2, seed=11, rank=1, world_size=2)
+    other = BucketBatchSampler(manifest, batch_size=2, seed=11, rank=1, world_size=2)
     with pytest.raises(ValueError, match="batch_size is 3 but this run has 2"):
         other.load_state_dict(state)
 
@@ -405,7 +413,7 @@ def built(tmp_path_factory, model):
 
 def test_build_writes_manifest_caches_and_report(built, model):
     folder, manifest_path = built
-    manifest = data.load_manifest(manifest_path)
+    manifest = load_manifest(manifest_path)
     report = data.load_build_report(manifest_path.parent)
     assert [(it.image, it.caption, it.bucket, it.crop, it.repeats) for it in manifest.items] == [
         ("a.png", "a red cube", (64, 64), (0, 0), 2),
@@ -434,19 +442,19 @@ def test_build_writes_manifest_caches_and_report(built, model):
     encoder = model_files.load_text_encoder(model, precision="fp32")
     tokenizer = model_files.load_tokenizer(model)
     expected = flux2.encode_prompts(encoder, tokenizer, ["", "a blue sphere"])
-    assert_close(data.load_text_embedding(manifest, ""), expected[:1], atol=1e-5, rtol=1e-5)
+    assert_close(load_text_embedding(manifest, ""), expected[:1], atol=1e-5, rtol=1e-5)
 
-    batch = data.load_batch(manifest, [0, 3], dtype=torch.bfloat16)
+    batch = load_batch(manifest, [0, 3], dtype=torch.bfloat16)
     assert batch.latents.shape == (2, 128, 4, 4) and batch.latents.dtype == torch.bfloat16
     assert batch.prompt_embeds.shape == (2, 512, 96)
     assert batch.captions == ["a red cube", LONG_CAPTION.strip()] and batch.bucket == (64, 64)
     assert batch.image_paths == [folder.resolve() / "a.png", folder.resolve() / "d.png"]
-    one = data.load_batch(manifest, [1])
+    one = load_batch(manifest, [1])
     assert_close(one.prompt_embeds, expected[1:], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="a batch must hold one bucket"):
-        data.load_batch(manifest, [0, 1])
+        load_batch(manifest, [0, 1])
     with pytest.raises(ValueError, match="not in the text cache"):
-        data.load_text_embedding(manifest, "never cached")
+        load_text_embedding(manifest, "never cached")
 
 
 def _forbid_encoders(monkeypatch):
@@ -460,10 +468,10 @@ def _forbid_encoders(monkeypatch):
 def test_second_build_loads_no_encoder_and_changes_reencode_only_what_changed(tmp_path, model, monkeypatch):
     folder = _make_folder(tmp_path)
     out = tmp_path / "out"
-    first = data.load_manifest(_build(folder, model, out))
+    first = load_manifest(_build(folder, model, out))
     with monkeypatch.context() as m:
         _forbid_encoders(m)
-        again = data.load_manifest(_build(folder, model, out))
+        again = load_manifest(_build(folder, model, out))
     report = data.load_build_report(out)
     assert (report.vae_images_encoded, report.latents_reused) == (0, 4)
     assert (report.prompts_encoded, report.prompts_reused) == (0, 5)
@@ -473,7 +481,7 @@ def test_second_build_loads_no_encoder_and_changes_reencode_only_what_changed(tm
 
     _noise_image(folder / "b.png", (96, 64), seed=99)  # new pixels, same size and caption
     (folder / "a.txt").write_text("a green cube", encoding="utf-8")
-    changed = data.load_manifest(_build(folder, model, out))
+    changed = load_manifest(_build(folder, model, out))
     report = data.load_build_report(out)
     assert (report.vae_images_encoded, report.latents_reused) == (1, 3)
     assert (report.prompts_encoded, report.prompts_reused) == (1, 5)  # "a red cube" is still c.jpg's caption
@@ -484,7 +492,7 @@ def test_second_build_loads_no_encoder_and_changes_reencode_only_what_changed(tm
 def test_damaged_cache_files_are_rebuilt_never_loaded(tmp_path, model):
     folder = _make_folder(tmp_path)
     out = tmp_path / "out"
-    manifest = data.load_manifest(_build(folder, model, out))
+    manifest = load_manifest(_build(folder, model, out))
     latent = manifest.latent_path(0)
     latent.write_bytes(latent.read_bytes()[:-100])  # truncated
     text = manifest.text_path("a blue sphere")
@@ -492,9 +500,9 @@ def test_damaged_cache_files_are_rebuilt_never_loaded(tmp_path, model):
     raw[-5] ^= 0xFF  # one flipped bit in the data: only the checksum notices
     text.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="unreadable .truncated or corrupt.*Rebuild the dataset"):
-        data.load_batch(manifest, [0])
+        load_batch(manifest, [0])
     with pytest.raises(ValueError, match="fails its checksum"):
-        data.load_text_embedding(manifest, "a blue sphere")
+        load_text_embedding(manifest, "a blue sphere")
 
     _build(folder, model, out)
     report = data.load_build_report(out)
@@ -505,7 +513,7 @@ def test_damaged_cache_files_are_rebuilt_never_loaded(tmp_path, model):
 
     latent.unlink()
     with pytest.raises(ValueError, match="1 cache files are missing"):
-        data.load_manifest(manifest.path)
+        load_manifest(manifest.path)
 
 
 def test_vae_is_released_before_the_text_encoder_loads(tmp_path, model, monkeypatch):
@@ -545,7 +553,7 @@ def test_build_refuses_bad_arguments(tmp_path, model):
             _build(folder, model, locked / "out")
     with pytest.raises(ValueError, match="is the image folder itself"):
         _build(folder, model, folder)
-    inside = data.load_manifest(_build(folder, model, folder / "cache"))  # a subfolder is left out of the scan
+    inside = load_manifest(_build(folder, model, folder / "cache"))  # a subfolder is left out of the scan
     assert len(inside.items) == 4 and data.load_build_report(folder / "cache").skipped[0]["reason"] == "zero-byte file"
     with pytest.raises(ValueError, match="resolution 100 must be a multiple of 16"):
         _build(folder, model, tmp_path / "o", resolution=100)
@@ -563,14 +571,14 @@ def test_manifest_checks(built, tmp_path):
     bad = tmp_path / "manifest.json"
     bad.write_text(json.dumps(content | {"version": 99}), encoding="utf-8")
     with pytest.raises(ValueError, match="version 99, this trainer reads versions 1 to 3"):
-        data.load_manifest(bad)
+        load_manifest(bad)
     escaped = content | {"text_cache": content["text_cache"] | {"x": "../../etc/passwd"}}
     bad.write_text(json.dumps(escaped), encoding="utf-8")
     with pytest.raises(ValueError, match="points outside the dataset folder"):
-        data.load_manifest(bad)
+        load_manifest(bad)
     with pytest.raises(ValueError, match="does not exist"):
-        data.load_manifest(tmp_path / "nothing.json")
-    assert data.load_manifest(manifest_path.parent).path == manifest_path.resolve()  # a dataset folder works too
+        load_manifest(tmp_path / "nothing.json")
+    assert load_manifest(manifest_path.parent).path == manifest_path.resolve()  # a dataset folder works too
 
 
 def test_cli_build_dataset_prints_summary(built, tiny_model_dir, capsys, monkeypatch):

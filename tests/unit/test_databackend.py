@@ -27,7 +27,9 @@ from trainer.buckets import (
     target_area,
 )
 from trainer.databackend import load_backend_config, parse_backend_config
+from trainer.manifest import load_batch, load_manifest
 from trainer.model_files import inspect_model_folder
+from trainer.sampler import BucketBatchSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from image_tools import noise_png  # noqa: E402
@@ -222,7 +224,7 @@ def edit_build(tmp_path_factory, model):
 
 def test_multi_dataset_build_pairs_references_and_reports(edit_build, model):
     root, config, manifest_path = edit_build
-    manifest = data.load_manifest(manifest_path)
+    manifest = load_manifest(manifest_path)
     report = data.load_build_report(manifest_path.parent)
     rows = [(it.source, it.image, it.bucket, it.repeats, [(r.source, r.image, r.bucket, r.crop) for r in it.references])
             for it in manifest.items]
@@ -256,7 +258,7 @@ def test_multi_dataset_build_pairs_references_and_reports(edit_build, model):
     ref = manifest.items[0].references[0]
     plan = plan_matching_crop(ref.width, ref.height, like=plan_crop_styled(64, 64, bucket=(64, 64)))
     pixels = data.load_training_image(root / "strict" / "e1.jpg", plan=plan)
-    cached = data.load_batch(manifest, [0]).reference_latents[0]
+    cached = load_batch(manifest, [0]).reference_latents[0]
     assert_close(cached, flux2.encode_images(vae, pixels[None]), atol=1e-5, rtol=1e-5)
 
 
@@ -272,13 +274,13 @@ def test_second_multi_build_uses_no_encoder(edit_build, model, monkeypatch):
     report = data.load_build_report(again.parent)
     assert (report.vae_images_encoded, report.prompts_encoded, report.latents_reused, report.prompts_reused) == (0, 0, 11, 4)
     assert report.cache_hit_rate == 1.0
-    assert data.load_manifest(again).fingerprint == data.load_manifest(manifest_path).fingerprint
+    assert load_manifest(again).fingerprint == load_manifest(manifest_path).fingerprint
 
 
 def test_reference_batches_share_shapes_and_shard_across_ranks(edit_build):
     _, _, manifest_path = edit_build
-    manifest = data.load_manifest(manifest_path)
-    ranks = [data.BucketBatchSampler(manifest, batch_size=1, seed=4, rank=r, world_size=2) for r in range(2)]
+    manifest = load_manifest(manifest_path)
+    ranks = [BucketBatchSampler(manifest, batch_size=1, seed=4, rank=r, world_size=2) for r in range(2)]
     for epoch in range(2):
         plan = ranks[0].epoch_plan(epoch)
         per_rank = [s.rank_batches(epoch) for s in ranks]
@@ -293,7 +295,7 @@ def test_reference_batches_share_shapes_and_shard_across_ranks(edit_build):
     it = ranks[0].iter_batches()
     for _ in range(len(ranks[0])):
         ref = next(it)
-        batch = data.load_batch(manifest, ref.indices, references=ref.references or None)
+        batch = load_batch(manifest, ref.indices, references=ref.references or None)
         n = len(manifest.items[ref.indices[0]].references)
         assert len(batch.reference_latents) == n
         for k, latent in enumerate(batch.reference_latents):
@@ -305,11 +307,11 @@ def test_random_conditioning_sampling_picks_one_reference_per_sample(edit_build)
     import dataclasses
 
     _, _, manifest_path = edit_build
-    manifest = data.load_manifest(manifest_path)
+    manifest = load_manifest(manifest_path)
     sources = dict(manifest.sources)
     sources["edits"] = dataclasses.replace(sources["edits"], conditioning_multidataset_sampling="random")
     manifest = dataclasses.replace(manifest, sources=sources)
-    sampler = data.BucketBatchSampler(manifest, batch_size=1, seed=9)
+    sampler = BucketBatchSampler(manifest, batch_size=1, seed=9)
     it = sampler.iter_batches()
     chosen = Counter()
     for _ in range(4 * len(sampler)):
@@ -318,7 +320,7 @@ def test_random_conditioning_sampling_picks_one_reference_per_sample(edit_build)
         if item.references:
             assert len(ref.references) == 1 and len(ref.references[0]) == 1
             chosen[ref.references[0][0]] += 1
-            batch = data.load_batch(manifest, ref.indices, references=ref.references)
+            batch = load_batch(manifest, ref.indices, references=ref.references)
             assert len(batch.reference_latents) == 1
         else:
             assert ref.references == ()
@@ -335,8 +337,8 @@ def test_reference_tokens_get_time_ids_and_no_loss(edit_build):
     )
 
     _, _, manifest_path = edit_build
-    manifest = data.load_manifest(manifest_path)
-    batch = data.load_batch(manifest, [1])  # e2: target 80x48 (5x3 tokens), refs 80x48 and 64x64
+    manifest = load_manifest(manifest_path)
+    batch = load_batch(manifest, [1])  # e2: target 80x48 (5x3 tokens), refs 80x48 and 64x64
     prepared = prepare_batch(latents=batch.latents, prompt_embeds=batch.prompt_embeds, empty_embeds=None,
                              spec=ObjectiveSpec(), generators=sample_generators(seed=0, step=0, first_index=0, count=1),
                              reference_latents=batch.reference_latents)
@@ -370,7 +372,7 @@ def test_strict_missing_reference_is_an_error_loose_is_a_skip(tmp_path, model):
         data.build_datasets(config, model=model, out_dir=tmp_path / "out", text_precision="fp32")
     entries[1]["conditioning_type"] = "reference_loose"
     config = load_backend_config(_write_config(tmp_path, entries))
-    manifest = data.load_manifest(data.build_datasets(config, model=model, out_dir=tmp_path / "out",
+    manifest = load_manifest(data.build_datasets(config, model=model, out_dir=tmp_path / "out",
                                                       text_precision="fp32"))
     assert [it.image for it in manifest.items] == ["a.png"]
     report = data.load_build_report(tmp_path / "out")

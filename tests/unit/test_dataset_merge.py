@@ -18,7 +18,9 @@ import torch
 from trainer import data
 from trainer.config import TrainConfig
 from trainer.databackend import load_backend_config
+from trainer.manifest import load_batch, load_manifest, load_text_embedding
 from trainer.model_files import inspect_model_folder
+from trainer.sampler import BucketBatchSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from image_tools import noise_png  # noqa: E402
@@ -54,8 +56,8 @@ def two_datasets(tmp_path_factory, model) -> tuple[Path, Path]:
 
 def test_merged_manifest_points_at_the_parts_caches(two_datasets, tmp_path):
     plain_path, edit_path = two_datasets
-    merged = data.load_manifest(data.merge_manifests([plain_path, edit_path], out_dir=tmp_path / "merged"))
-    plain, edit = data.load_manifest(plain_path), data.load_manifest(edit_path)
+    merged = load_manifest(data.merge_manifests([plain_path, edit_path], out_dir=tmp_path / "merged"))
+    plain, edit = load_manifest(plain_path), load_manifest(edit_path)
 
     assert set(merged.sources) == {"default", "default-2", "refs"}
     assert merged.sources["default-2"].conditioning_data == ("refs",)
@@ -73,26 +75,26 @@ def test_merged_manifest_points_at_the_parts_caches(two_datasets, tmp_path):
     assert not list((tmp_path / "merged").glob("**/*.safetensors"))
     # Batches load the same tensors as from the parts.
     for n, (part, i) in enumerate(parts):
-        mine, theirs = data.load_batch(merged, [n], verify=True), data.load_batch(part, [i], verify=True)
+        mine, theirs = load_batch(merged, [n], verify=True), load_batch(part, [i], verify=True)
         assert torch.equal(mine.latents, theirs.latents) and torch.equal(mine.prompt_embeds, theirs.prompt_embeds)
         assert len(mine.reference_latents) == len(theirs.reference_latents)
         for a, b in zip(mine.reference_latents, theirs.reference_latents):
             assert torch.equal(a, b)
     # Captions of both parts, the empty caption and the validation prompt are all in the text cache.
     assert {"", "a validation prompt", "plain 0", "plain 2", "edit 1"} <= set(merged.text_cache)
-    assert torch.equal(data.load_text_embedding(merged, "a validation prompt"),
-                       data.load_text_embedding(plain, "a validation prompt"))
+    assert torch.equal(load_text_embedding(merged, "a validation prompt"),
+                       load_text_embedding(plain, "a validation prompt"))
     # The identity of a merge is its parts in order.
     assert merged.fingerprint not in (plain.fingerprint, edit.fingerprint)
-    swapped = data.load_manifest(data.merge_manifests([edit_path, plain_path], out_dir=tmp_path / "swapped"))
+    swapped = load_manifest(data.merge_manifests([edit_path, plain_path], out_dir=tmp_path / "swapped"))
     assert swapped.fingerprint != merged.fingerprint
-    again = data.load_manifest(data.merge_manifests([plain_path, edit_path], out_dir=tmp_path / "again"))
+    again = load_manifest(data.merge_manifests([plain_path, edit_path], out_dir=tmp_path / "again"))
     assert again.fingerprint == merged.fingerprint
 
 
 def test_merged_epoch_keeps_datasets_apart_and_covers_every_copy(two_datasets, tmp_path):
-    merged = data.load_manifest(data.merge_manifests(list(two_datasets), out_dir=tmp_path / "m"))
-    ranks = [data.BucketBatchSampler(merged, batch_size=1, seed=5, rank=r, world_size=2) for r in range(2)]
+    merged = load_manifest(data.merge_manifests(list(two_datasets), out_dir=tmp_path / "m"))
+    ranks = [BucketBatchSampler(merged, batch_size=1, seed=5, rank=r, world_size=2) for r in range(2)]
     for epoch in range(2):
         plan = ranks[0].epoch_plan(epoch)
         for batch in plan:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 
 NUMERIC = {"INT", "FLOAT"}
 
