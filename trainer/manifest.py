@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -55,13 +56,13 @@ class DataSource:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class ReferenceItem:
-    """A reference image of an edit item: its own cached latent, bucket and crop."""
+class CachedImage:
+    """An image as a build cached it: its dataset, file, content hash, size, bucket, crop and latent file."""
 
     source: str
-    """The conditioning dataset's id."""
+    """Id of the dataset it belongs to."""
     image: str
-    """Path relative to the conditioning dataset's image_dir."""
+    """Path relative to that dataset's image_dir."""
     image_sha256: str
     width: int
     height: int
@@ -73,19 +74,15 @@ class ReferenceItem:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class ManifestItem:
-    image: str
-    """Path relative to its source's image_dir."""
-    source: str
+class ReferenceItem(CachedImage):
+    """A reference image of an edit item (source: its conditioning dataset), with its own latent, bucket and crop."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ManifestItem(CachedImage):
+    """A training image with its captions and, for edit LoRAs, its references."""
+
     caption: str
-    image_sha256: str
-    width: int
-    height: int
-    bucket: tuple[int, int]
-    resized: tuple[int, int]
-    crop: tuple[int, int]
-    latent: str
-    """Latent cache file: relative to the manifest's folder, or absolute when cache_dir_vae is elsewhere."""
     text: str
     """Caption embedding cache file, relative to the manifest's folder (or absolute)."""
     repeats: int
@@ -179,6 +176,18 @@ def cache_file_path(root: Path, rel: str, *, path: Path, what: str) -> Path:
     return target
 
 
+def _cached_image_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """CachedImage's fields from a manifest record of an item or a reference."""
+
+    def pair(key: str) -> tuple[int, int]:
+        return int(record[key][0]), int(record[key][1])
+
+    return {"source": str(record["source"]), "image": str(record["image"]),
+            "image_sha256": str(record["image_sha256"]), "width": int(record["width"]),
+            "height": int(record["height"]), "bucket": pair("bucket"), "resized": pair("resized"),
+            "crop": pair("crop"), "latent": str(record["latent"])}
+
+
 def load_manifest(path: str | Path) -> Manifest:
     """Read and check a manifest: its format and version, every field, and that every cache file exists."""
     path = Path(path).expanduser()
@@ -221,28 +230,11 @@ def load_manifest(path: str | Path) -> Manifest:
         }
         items = tuple(
             ManifestItem(
-                image=str(it["image"]),
-                source=str(it["source"]),
+                **_cached_image_fields(it),
                 caption=str(it["caption"]),
-                image_sha256=str(it["image_sha256"]),
-                width=int(it["width"]),
-                height=int(it["height"]),
-                bucket=(int(it["bucket"][0]), int(it["bucket"][1])),
-                resized=(int(it["resized"][0]), int(it["resized"][1])),
-                crop=(int(it["crop"][0]), int(it["crop"][1])),
-                latent=str(it["latent"]),
                 text=str(it["text"]),
                 repeats=int(it["repeats"]),
-                references=tuple(
-                    ReferenceItem(
-                        source=str(r["source"]), image=str(r["image"]), image_sha256=str(r["image_sha256"]),
-                        width=int(r["width"]), height=int(r["height"]),
-                        bucket=(int(r["bucket"][0]), int(r["bucket"][1])),
-                        resized=(int(r["resized"][0]), int(r["resized"][1])),
-                        crop=(int(r["crop"][0]), int(r["crop"][1])), latent=str(r["latent"]),
-                    )
-                    for r in it.get("references", ())
-                ),
+                references=tuple(ReferenceItem(**_cached_image_fields(r)) for r in it.get("references", ())),
                 captions=tuple(str(c) for c in it.get("captions", ())),
                 texts=tuple(str(t) for t in it.get("texts", ())),
             )
