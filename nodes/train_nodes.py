@@ -341,6 +341,11 @@ class Flux2TrainLora:
             settings["validation_prompt"] = None
         settings.update(extra)
         datasets = training_datasets(dataset, dataset_2, dataset_3, dataset_4)
+        if len(datasets) > 1:  # the trainer merges them; a mismatch is refused here, before anything launches
+            from ..trainer.data import check_mergeable
+            from ..trainer.manifest import load_manifest
+
+            check_mergeable([load_manifest(d.manifest) for d in datasets])
         identity = run_identity(model=model, datasets=datasets, settings=settings, num_processes=num_processes)
         run_dir = _runs_root() / f"{name}-{identity[:10]}"
         config = {

@@ -1174,18 +1174,11 @@ RUN_SUMMARY_FILE = "dataset_summary.txt"
 RUN_REPORT_FILE = "dataset_report.json"
 
 
-def merge_manifests(paths: Sequence[Path], *, out_dir: Path) -> Path:
-    """One manifest over several built datasets, written to out_dir/manifest.json with its merged report.
+def check_mergeable(manifests: Sequence[Manifest]) -> None:
+    """Refuse datasets that cannot train together: one given twice, or built with another VAE or text encoder.
 
-    Each dataset keeps its own caches (the merged manifest points at them by absolute path, nothing is
-    copied) and its own buckets: a batch never mixes datasets, and each dataset's repeats weight it. A
-    dataset id used by two of them gets the dataset's position as a suffix ("default" and "default-2").
-    All of them must have been built with the same VAE and text encoder (their latents and embeddings are
-    trained on together).
+    Cheap (no tensors read), so the Train LoRA node runs it before it launches anything.
     """
-    if len(paths) < 2:
-        raise ValueError(f"merge_manifests needs at least two manifests, got {len(paths)}.")
-    manifests = [load_manifest(p) for p in paths]  # each checked in full: errors name its file
     seen: dict[Path, int] = {}
     for n, m in enumerate(manifests, start=1):
         if m.path in seen:
@@ -1202,6 +1195,22 @@ def merge_manifests(paths: Sequence[Path], *, out_dir: Path) -> Path:
                     f"dataset {n} ({m.path}) was built with another {what} than dataset 1 ({first.path}); build "
                     "every dataset with the same Load FLUX.2 model (Build Dataset reuses unchanged cache entries)."
                 )
+
+
+def merge_manifests(paths: Sequence[Path], *, out_dir: Path) -> Path:
+    """One manifest over several built datasets, written to out_dir/manifest.json with its merged report.
+
+    Each dataset keeps its own caches (the merged manifest points at them by absolute path, nothing is
+    copied) and its own buckets: a batch never mixes datasets, and each dataset's repeats weight it. A
+    dataset id used by two of them gets the dataset's position as a suffix ("default" and "default-2").
+    All of them must have been built with the same VAE and text encoder (their latents and embeddings are
+    trained on together).
+    """
+    if len(paths) < 2:
+        raise ValueError(f"merge_manifests needs at least two manifests, got {len(paths)}.")
+    manifests = [load_manifest(p) for p in paths]  # each checked in full: errors name its file
+    check_mergeable(manifests)
+    first = manifests[0]
     sources: list[dict[str, Any]] = []
     items: list[dict[str, Any]] = []
     text_cache: dict[str, str] = {}

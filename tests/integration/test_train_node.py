@@ -79,6 +79,21 @@ def test_several_datasets_train_together(nodes, model_spec, dataset, wide_datase
     assert Path(single["result"][2].splitlines()[0].split(": ", 1)[1]).parent != run_dir
 
 
+def test_datasets_built_with_another_vae_are_refused_before_launch(nodes, model_spec, dataset, wide_dataset,
+                                                                    comfy_root, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(Path(wide_dataset).parent, other)
+    record = json.loads((other / "manifest.json").read_text())
+    record["vae_identity"] = "another-vae"
+    (other / "manifest.json").write_text(json.dumps(record))
+    wide = nodes.DatasetHandle(manifest=str(other / "manifest.json"), num_images=3, fingerprint=record["fingerprint"])
+    with pytest.raises(ValueError, match=r"dataset 2 \(.*other.*\) was built with another VAE than dataset 1"):
+        _train(nodes, model_spec, dataset, dataset_2=wide)
+    assert not (comfy_root / "output" / "flux2_lora" / "runs").exists()  # nothing launched, no run folder
+
+
 def test_same_inputs_reuse_the_finished_run(nodes, model_spec, dataset, monkeypatch):
     first = _train(nodes, model_spec, dataset)
     lora, history, _ = first["result"]
