@@ -3,7 +3,7 @@ cache's bytes per image, through the same build_dataset code users run.
 
 One build on fresh caches with N images of SIZE x SIZE and N distinct captions (plus "" for dropout), then
 a second build on the same inputs (everything cached: no encoder loads). The two cache phases are timed by
-wrapping data._fill_latent_cache and data._fill_text_cache; each figure includes loading its encoder once
+wrapping build.fill_latent_cache and build.fill_text_cache; each figure includes loading its encoder once
 (the cost a real build pays), and the load time is also reported on its own.
 
 Usage (from the repository root):
@@ -38,7 +38,7 @@ def main() -> int:
     from PIL import Image
 
     torch.set_num_threads(args.threads)
-    from trainer import data, model_files
+    from trainer import build, build_report, model_files
     from trainer.model_files import inspect_model_folder
     from trainer.tiny import make_tiny
 
@@ -66,22 +66,22 @@ def main() -> int:
 
         for name, loader in (("vae_load", "load_vae"), ("text_load", "load_text_encoder")):
             setattr(model_files, loader, timed(name, getattr(model_files, loader)))
-        data._fill_latent_cache = timed("latent_phase", data._fill_latent_cache)
-        data._fill_text_cache = timed("text_phase", data._fill_text_cache)
+        build.fill_latent_cache = timed("latent_phase", build.fill_latent_cache)
+        build.fill_text_cache = timed("text_phase", build.fill_text_cache)
 
         out = root / "built"
         start = time.perf_counter()
-        data.build_dataset(image_dir=images, model=model, out_dir=out, resolution=args.size, text_precision="fp32",
-                           vae_batch_size=args.vae_batch, text_batch_size=args.text_batch)
+        build.build_dataset(image_dir=images, model=model, out_dir=out, resolution=args.size, text_precision="fp32",
+                            vae_batch_size=args.vae_batch, text_batch_size=args.text_batch)
         first = time.perf_counter() - start
-        report = data.load_build_report(out)
+        report = build_report.load_build_report(out)
         cold = dict(timings)
         timings.clear()
         start = time.perf_counter()
-        data.build_dataset(image_dir=images, model=model, out_dir=out, resolution=args.size, text_precision="fp32",
-                           vae_batch_size=args.vae_batch, text_batch_size=args.text_batch)
+        build.build_dataset(image_dir=images, model=model, out_dir=out, resolution=args.size, text_precision="fp32",
+                            vae_batch_size=args.vae_batch, text_batch_size=args.text_batch)
         second = time.perf_counter() - start
-        again = data.load_build_report(out)
+        again = build_report.load_build_report(out)
         prompts = report.prompts_encoded
         result = {
             "device": "cpu", "threads": args.threads, "images": args.images, "size": args.size,

@@ -63,7 +63,7 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=64)
     args = parser.parse_args()
 
-    from trainer.data import build_dataset
+    from trainer.build import build_dataset
     from trainer.model_files import inspect_model_folder
     from trainer.sample_data import make_sample_dataset
     from trainer.tiny import make_tiny

@@ -6,7 +6,7 @@ single of dev's 8 + 48: 8.67 B parameters, 16.1 GiB in bf16, 14.6 GiB of it in t
 weights, an all-layers LoRA (rank 16, fp32 weights, bf16 autocast), our block forward
 (trainer.blocks.apply_block_forward) with every block checkpointed, AdamW over the LoRA parameters and an
 MSE loss on a 1024x1024 image: 4096 image + 512 text tokens. Variants, each set up in the order
-trainer.loop.build_model uses:
+trainer.model.build_model uses:
 
   resident       weights built on the GPU and kept there; gradient checkpointing (offload needs it, so the
                  baseline has it too)
@@ -108,15 +108,15 @@ def log(message: str) -> None:
 
 
 def offload_settings(variant: str, *, blocks_per_group: int):
-    """config.OffloadSettings for a variant (None: resident), as TrainConfig resolves enable_group_offload."""
-    from trainer.config import OffloadSettings
+    """config.OffloadConfig for a variant (None: resident)."""
+    from trainer.config import OffloadConfig
 
     spec = VARIANTS[variant]
     if spec is None:
         return None
     offload_type, use_stream = spec
-    return OffloadSettings(enabled=True, offload_type=offload_type, blocks_per_group=blocks_per_group,
-                           use_stream=use_stream, text_encoder=False, vae=False, during_startup=False)
+    return OffloadConfig(enabled=True, offload_type=offload_type, blocks_per_group=blocks_per_group,
+                         use_stream=use_stream)
 
 
 def estimate(args: argparse.Namespace, variant: str) -> dict:
@@ -313,15 +313,12 @@ def run_variant(args: argparse.Namespace, variant: str, *, device, dtype, inputs
 
 
 def refusal(args: argparse.Namespace, variant: str, *, device) -> str | None:
-    """trainer.offload's own refusal of this variant on this device (streams on a CPU), or None."""
-    from trainer.offload import check_offload
-
+    """The config's own refusal of this variant on this device (streams on a CPU), or None."""
     settings = offload_settings(variant, blocks_per_group=args.blocks_per_group)
     if settings is None:
         return None
     try:
-        check_offload(settings, device=device, distributed="none", world_size=1, gradient_checkpointing=True,
-                      quantized=False)
+        settings.check_compatible(gradient_checkpointing=True, distributed="none", world_size=1, device=device)
     except ValueError as exc:
         return str(exc)
     return None
@@ -415,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
     for variant in args.variants:
         reason = refusal(args, variant, device=device)
         if reason is not None:
-            skipped[variant] = f"refused by trainer.offload.check_offload on {device.type}: {reason}"
+            skipped[variant] = f"refused by config.OffloadConfig.check_compatible on {device.type}: {reason}"
             log(f"{variant}: skipped ({skipped[variant]})")
         else:
             to_run.append(variant)

@@ -2,7 +2,7 @@
 
 Each (mode, round) runs in its own child process, because peak RSS only grows within a process; rounds
 are interleaved (the mode order rotates every round) so that the noise of a shared machine hits every mode
-alike. A child builds the model exactly as trainer.loop.build_model does (LoRA "all", gradient
+alike. A child builds the model exactly as trainer.model.build_model does (LoRA "all", gradient
 checkpointing on in every mode, since group offload needs it), runs one untimed step, then times
 trainer.loop.train_step on synthetic latents and embeddings, and reports:
 
@@ -117,34 +117,31 @@ def run_child(spec: dict) -> dict:
     import torch
     from diffusers.hooks import group_offloading  # noqa: F401
 
-    from trainer.config import LoraSettings, OffloadSettings, QuantizationSettings
-    from trainer.loop import build_model, build_optimizer, train_step
+    from trainer.config import (LoraConfig, MemoryConfig, ObjectiveConfig, OffloadConfig, OptimizerConfig,
+                                ParallelismConfig, QuantizationConfig)
+    from trainer.loop import build_optimizer, train_step
+    from trainer.model import build_model
     from trainer.model_files import inspect_model_folder
-    from trainer.objective import ObjectiveSpec
     from trainer.parallelize import DistEnv
 
     torch.set_num_threads(1)
     mode = spec["mode"]
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    lora = LoraSettings(rank=spec["rank"], alpha=float(spec["rank"]), dropout=0.0, init="default", target="all")
+    lora = LoraConfig(rank=spec["rank"], alpha=float(spec["rank"]), dropout=0.0, init="default", target="all")
     quantization = offload = None
     if mode == "int8_quanto":
-        quantization = QuantizationSettings(base_model_precision="int8-quanto", text_encoder_precision="no_change",
-                                            base_model_default_dtype="fp32", quantize_via="cpu")
+        quantization = QuantizationConfig(base_model_precision="int8-quanto", base_model_default_dtype="fp32",
+                                          quantize_via="cpu")
     if mode == "group_offload":
-        offload = OffloadSettings(enabled=True, offload_type="block_level", blocks_per_group=1, use_stream=False,
-                                  text_encoder=False, vae=False, during_startup=False)
+        offload = OffloadConfig(enabled=True)
     before_model = _status("VmRSS:")
-    model = build_model(folder=inspect_model_folder(spec["model"]), lora=lora,
-                        precision="bf16" if mode == "bf16_autocast" else "no", gradient_checkpointing=True,
-                        distributed="none", seed=0, env=env, quantization=quantization, offload=offload)
+    precision = "bf16" if mode == "bf16_autocast" else "no"
+    model = build_model(inspect_model_folder(spec["model"]), lora=lora, memory=MemoryConfig(mixed_precision=precision),
+                        parallelism=ParallelismConfig(distributed="none"), seed=0, env=env,
+                        quantization=quantization, offload=offload)
     _own_memory(model.inner)
     model_bytes = _status("VmRSS:") - before_model
-    from trainer.config import OptimSettings
-
-    optimizer = build_optimizer(model, optim=OptimSettings(
-        optimizer="adamw", learning_rate=1e-4, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2,
-        adam_epsilon=1e-8, max_grad_norm=2.0))
+    optimizer = build_optimizer(model, optim=OptimizerConfig(max_grad_norm=2.0))
     side = spec["image_size"] // 16
     g = torch.Generator().manual_seed(0)
 
@@ -155,7 +152,7 @@ def run_child(spec: dict) -> dict:
 
     def step(i: int) -> float:
         started = time.perf_counter()
-        train_step(model, optimizer, micro_batches=[Batch], objective=ObjectiveSpec(), empty_embeds=None,
+        train_step(model, optimizer, micro_batches=[Batch], objective=ObjectiveConfig(), empty_embeds=None,
                              seed=0, step=i, env=env, max_grad_norm=2.0, nan_policy="stop")
         return time.perf_counter() - started
 

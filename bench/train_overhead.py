@@ -73,7 +73,7 @@ def build_bench_dataset(model_dir: Path, *, root: Path, image_size: int, count: 
 
     from PIL import Image, ImageDraw
 
-    from trainer.data import build_dataset
+    from trainer.build import build_dataset
     from trainer.model_files import inspect_model_folder
 
     rng = random.Random(0)
@@ -95,17 +95,18 @@ def build_ours(model_dir: Path, *, target: str, rank: int, dropout: float, seed:
     """Our model and optimizer, built exactly as trainer.loop.train builds them (single process, fp32)."""
     import torch
 
-    from trainer.config import LoraSettings, OptimSettings
-    from trainer.loop import build_model, build_optimizer
+    from trainer.config import LoraConfig, MemoryConfig, OptimizerConfig, ParallelismConfig
+    from trainer.loop import build_optimizer
+    from trainer.model import build_model
     from trainer.model_files import inspect_model_folder
     from trainer.parallelize import DistEnv
 
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    lora = LoraSettings(rank=rank, alpha=float(rank), dropout=dropout, init="default", target=target)
-    model = build_model(folder=inspect_model_folder(model_dir), lora=lora, precision="no",
-                        gradient_checkpointing=False, distributed="none", seed=seed, env=env)
-    optim = OptimSettings(optimizer="adamw", learning_rate=1e-4, adam_beta1=0.9, adam_beta2=0.999,
-                          adam_weight_decay=1e-2, adam_epsilon=1e-8, max_grad_norm=max_grad_norm)
+    lora = LoraConfig(rank=rank, alpha=float(rank), dropout=dropout, init="default", target=target)
+    model = build_model(inspect_model_folder(model_dir), lora=lora,
+                        memory=MemoryConfig(mixed_precision="no", gradient_checkpointing=False),
+                        parallelism=ParallelismConfig(distributed="none"), seed=seed, env=env)
+    optim = OptimizerConfig(max_grad_norm=max_grad_norm)
     return model, build_optimizer(model, optim=optim), env
 
 
@@ -135,14 +136,15 @@ def check_same_model(ours, bare, *, batch) -> dict[str, Any]:
     import torch
 
     from trainer.lora import lora_state_dict
-    from trainer.objective import ObjectiveSpec, prepare_batch, sample_generators
+    from trainer.config import ObjectiveConfig
+    from trainer.objective import prepare_batch, sample_generators
 
     a, b = lora_state_dict(ours.inner), lora_state_dict(bare)
     if a.keys() != b.keys() or any(not torch.equal(a[k], b[k]) for k in a):
         raise RuntimeError("bench setup: our LoRA and the bare loop's LoRA differ; the comparison would be unfair")
     size = batch.latents.shape[0]
     prepared = prepare_batch(latents=batch.latents, prompt_embeds=batch.prompt_embeds, empty_embeds=None,
-                             spec=ObjectiveSpec(), generators=sample_generators(seed=0, step=0, first_index=0,
+                             spec=ObjectiveConfig(), generators=sample_generators(seed=0, step=0, first_index=0,
                                                                                  count=size))
     inputs = {"hidden_states": prepared.hidden_states, "encoder_hidden_states": prepared.encoder_hidden_states,
               "timestep": prepared.timestep, "img_ids": prepared.img_ids, "txt_ids": prepared.txt_ids,
@@ -205,7 +207,7 @@ def run(args: argparse.Namespace, *, work: Path) -> dict[str, Any]:
     from trainer.events import EventWriter
     from trainer.loop import lr_lambda, train_step
     from trainer.manifest import load_batch, load_manifest
-    from trainer.objective import ObjectiveSpec
+    from trainer.config import ObjectiveConfig
     from trainer.sampler import BucketBatchSampler
     from trainer.tiny import make_tiny
 
@@ -227,7 +229,7 @@ def run(args: argparse.Namespace, *, work: Path) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(scheduler="constant", warmup_steps=0,
                                                                         total_steps=2 * total))
     events = EventWriter(work / "out")
-    objective = ObjectiveSpec()
+    objective = ObjectiveConfig()
     log(f"setup {time.perf_counter() - setup_started:.1f}s; {same['trainable_params']} LoRA params in "
         f"{same['lora_tensors']} tensors; timing {args.warmup} + {args.steps} rounds")
 

@@ -263,6 +263,6 @@ def register_with_prompt_server() -> bool:
     routes = getattr(getattr(PromptServer, "instance", None), "routes", None)
     if routes is None:
         return False
-    from .train_nodes import _runs_root
+    from .train_nodes import runs_root
 
-    return register_routes(routes, runs_root_fn=_runs_root)
+    return register_routes(routes, runs_root_fn=runs_root)

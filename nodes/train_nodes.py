@@ -1,41 +1,32 @@
-"""Build Dataset, Train LoRA, Apply LoRA, Save LoRA and Loss Plot (FLUX.2): the training nodes.
+"""Train LoRA, Apply LoRA, Save LoRA and Loss Plot (FLUX.2): the training nodes (Build Dataset: dataset_nodes.py).
 
-Train LoRA is a supervisor: it writes run.json, starts torchrun as its own process group, follows
-events.jsonl into the progress bar and the browser, and stops the whole group on Cancel.
+Train LoRA maps its widgets to a run config and hands it to trainer.run.run_training, which takes the run
+lock, writes run.json, starts torchrun as its own process group and follows events.jsonl; the node feeds
+those events to the progress bar and the browser, and turns Cancel into stopping the whole group.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..trainer.run import RunResult, finished_run, run_identity, run_training
 from . import comfy_bridge
+from .dataset_nodes import DatasetHandle, sanitize_name
 from .model_nodes import CATEGORY
 from .paths import DATASET_ROOTS_ENV, check_inside, dataset_roots, run_roots
 
 log = logging.getLogger("flux2_lora")
 
 RUNS_SUBDIR = Path("flux2_lora") / "runs"
-DATASETS_SUBDIR = Path("flux2_lora") / "datasets"
 LAUNCH_MODES = ("run", "export", "attach")
 EXTRA_DATASET_INPUTS = (2, 3, 4)
 """Train LoRA's optional dataset_2 .. dataset_4 inputs."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class DatasetHandle:
-    """FLUX2_DATASET: a built dataset on disk (manifest + caches), never tensors."""
-
-    manifest: str
-    fingerprint: str
-    num_images: int
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -46,222 +37,8 @@ class TrainedLora:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def _runs_root() -> Path:
+def runs_root() -> Path:
     return comfy_bridge.output_directory() / RUNS_SUBDIR
-
-
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
-_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
-
-
-def sanitize_name(name: str, *, input_name: str) -> str:
-    """A file-name-safe version of a user-given name; refuses names that would leave a folder."""
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"{input_name} is empty; give a short name such as 'my_style'.")
-    if any(ord(c) < 32 for c in name):
-        raise ValueError(f"{input_name} {name!r} contains control characters; use letters, digits, '-', '_' or '.'.")
-    if "/" in name or "\\" in name or name.strip() in (".", ".."):
-        raise ValueError(f"{input_name} {name!r} must be a plain name, not a path.")
-    clean = _SAFE_NAME.sub("_", name.strip()).strip("._")[:80]
-    if not clean or clean.split(".")[0].upper() in _RESERVED:
-        raise ValueError(f"{input_name} {name!r} is not usable as a file name; choose another name.")
-    return clean
-
-
-def resolve_image_folder(image_folder: str) -> Path:
-    """A folder path as typed; a relative one is taken inside ComfyUI's input directory. It must lie inside the
-    input directory or FLUX2LORA_DATASET_ROOTS (nodes/paths.py)."""
-    path = Path(image_folder.strip()).expanduser()
-    path = path if path.is_absolute() else comfy_bridge.input_directory() / path
-    return check_inside(path, roots=dataset_roots(), input_name="image_folder", env_name=DATASET_ROOTS_ENV)
-
-
-def check_backend_paths(config) -> None:
-    """The folders a multidatabackend.json names: images inside the dataset roots, caches there or in output."""
-    for spec in list(config.datasets) + list(config.conditioning.values()):
-        check_inside(spec.instance_data_dir, roots=dataset_roots(), env_name=DATASET_ROOTS_ENV,
-                     input_name=f"data_backend_config dataset {spec.id!r} instance_data_dir")
-        if spec.cache_dir_vae is not None:
-            check_inside(spec.cache_dir_vae, roots=dataset_roots() + run_roots(), env_name=DATASET_ROOTS_ENV,
-                         input_name=f"data_backend_config dataset {spec.id!r} cache_dir_vae")
-    for text in config.text_embeds:
-        if text.cache_dir is not None:
-            check_inside(text.cache_dir, roots=dataset_roots() + run_roots(), env_name=DATASET_ROOTS_ENV,
-                         input_name=f"data_backend_config text_embeds {text.id!r} cache_dir")
-
-
-def resolve_backend_config(data_backend_config: str) -> Path:
-    """A multidatabackend.json path as typed, checked like image_folder."""
-    path = Path(data_backend_config.strip()).expanduser()
-    path = path if path.is_absolute() else comfy_bridge.input_directory() / path
-    return check_inside(path, roots=dataset_roots(), input_name="data_backend_config", env_name=DATASET_ROOTS_ENV)
-
-
-class BuildProgressBar:
-    """trainer.data.BuildProgress for the node: one progress bar per phase (latents, then captions), and Cancel
-    honoured between batches (and between files while scanning). Cache entries written before a Cancel are
-    kept; the next Run reuses them."""
-
-    def __init__(self) -> None:
-        self._phase: str | None = None
-        self._bar: comfy_bridge.Progress | None = None
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        comfy_bridge.check_interrupted()
-        if total <= 0:  # scanning: the count is not known yet
-            return
-        if phase != self._phase:
-            self._phase, self._bar = phase, comfy_bridge.Progress(total, label=f"Build Dataset: {phase}")
-        self._bar.update_absolute(done)
-
-
-class Flux2BuildDataset:
-    TITLE = "Build Dataset (FLUX.2)"
-    DESCRIPTION = (
-        "Scans a folder of images with same-name .txt captions, sorts them into aspect buckets and caches their "
-        "VAE latents and caption embeddings on disk (once per image/caption content). Reports what was skipped."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("FLUX2_DATASET", "INT", "STRING")
-    RETURN_NAMES = ("dataset", "num_images", "report")
-    OUTPUT_TOOLTIPS = (
-        "The built dataset (manifest and caches on disk) for Train LoRA.",
-        "How many images are usable.",
-        "Summary: usable images, buckets and every skipped file with its reason.",
-    )
-    FUNCTION = "build"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("FLUX2_MODEL", {"tooltip": "Model whose VAE and text encoder fill the caches."}),
-                "image_folder": ("STRING", {"default": "", "tooltip": "Folder of training images (png, jpg, webp) with captions in same-name .txt files; a relative path is inside ComfyUI's input folder."}),
-                "resolution": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 16, "tooltip": "Training resolution: buckets hold about resolution x resolution pixels, sides multiples of 16."}),
-                "repeats": ("INT", {"default": 1, "min": 1, "max": 1000, "step": 1, "tooltip": "How many times each image appears per epoch."}),
-                "caption_strategy": (["textfile", "filename", "instanceprompt"], {"default": "textfile", "tooltip": "textfile: captions from same-name .txt files; filename: the file name is the caption; instanceprompt: one caption for all."}),
-            },
-            "optional": {
-                "instance_prompt": ("STRING", {"default": "", "tooltip": "The caption for every image when caption_strategy is instanceprompt."}),
-                "crop_aspect": (["closest", "square", "preserve"], {"default": "closest", "tooltip": "closest: the nearest of a fixed set of aspect buckets (batches share shapes); square: every image cropped square; preserve: each image keeps its own aspect (only rounding to 16 px is cropped)."}),
-                "crop_style": (["center", "random", "corner"], {"default": "center", "tooltip": "Where the crop sits: center, corner (top-left), or random (one fixed offset per image, so its latent is cached)."}),
-                "minimum_image_size": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 16, "tooltip": "Skip images smaller than this (sqrt(width x height) in pixels; 0 keeps all). Skips are listed in the report."}),
-                "data_backend_config": ("STRING", {"default": "", "tooltip": "Optional path of a SimpleTuner multidatabackend.json (several datasets, reference/conditioning datasets for edit LoRAs, text_embeds cache). When set, it is built instead of image_folder and the widgets above."}),
-                "vae_batch_size": ("INT", {"default": 4, "min": 1, "max": 64, "step": 1, "tooltip": "Images the VAE encodes at once while caching; lower it if caching runs out of memory."}),
-                "split_caption_lines": ("BOOLEAN", {"default": True, "tooltip": "textfile captions: each non-empty line of a .txt file is a caption of its own and one is drawn per sample (SimpleTuner's multi-caption files). Off: the whole file is one caption."}),
-            },
-        }
-
-    @classmethod
-    def IS_CHANGED(cls, model=None, image_folder: str = "", **kwargs):
-        # Re-run when any file in the folder changes (name, size or time); contents are hashed inside.
-        try:
-            root = resolve_image_folder(image_folder)
-        except ValueError:
-            return f"refused:{image_folder}"  # VALIDATE_INPUTS reports it
-        if not root.is_dir():
-            return f"missing:{image_folder}"
-        h = hashlib.sha256()
-        for p in sorted(root.iterdir()):
-            if p.is_file():
-                st = p.stat()
-                h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-        return h.hexdigest()
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, image_folder: str = "", **kwargs):
-        config = str(kwargs.get("data_backend_config") or "").strip()
-        try:
-            if config and not resolve_backend_config(config).is_file():
-                return f"data_backend_config {config!r} is not a file; give the path of a multidatabackend.json."
-            folder = resolve_image_folder(image_folder) if image_folder.strip() and not config else None
-        except ValueError as exc:
-            return str(exc)
-        if config:
-            return True
-        if folder is None or not folder.is_dir():
-            return (f"image_folder {image_folder!r} is not a folder; give the folder that holds your training images "
-                    "(absolute, or relative to ComfyUI's input folder).")
-        return True
-
-    def build(self, model, image_folder: str, resolution: int, repeats: int, caption_strategy: str,
-              instance_prompt: str = "", crop_aspect: str = "closest", crop_style: str = "center",
-              minimum_image_size: int = 0, data_backend_config: str = "", vae_batch_size: int = 4,
-              split_caption_lines: bool = True):
-        from ..trainer.data import build_dataset, build_datasets
-
-        if data_backend_config.strip():
-            from ..trainer.databackend import load_backend_config
-
-            config = load_backend_config(resolve_backend_config(data_backend_config))
-            check_backend_paths(config)
-            key = hashlib.sha256(json.dumps([str(config.path), str(model.folder.root)]).encode()).hexdigest()[:12]
-            out_dir = comfy_bridge.output_directory() / DATASETS_SUBDIR / f"{sanitize_name(config.path.stem, input_name='data_backend_config')}-{key}"
-            manifest_path = build_datasets(config, model=model.folder, out_dir=out_dir, text_precision=model.precision,
-                                           device=str(comfy_bridge.torch_device()), vae_batch_size=vae_batch_size,
-                                           progress=BuildProgressBar())
-            return self._result(manifest_path)
-        if (crop_aspect, crop_style, minimum_image_size, split_caption_lines) != ("closest", "center", 0, True):
-            from ..trainer.databackend import BackendConfig, ImageDatasetSpec, TextEmbedsSpec
-
-            folder = resolve_image_folder(image_folder).resolve()
-            if not folder.is_dir():
-                raise ValueError(f"Build Dataset: image_folder {image_folder!r} is not a folder.")
-            if caption_strategy == "instanceprompt" and not instance_prompt.strip():
-                raise ValueError("Build Dataset: caption_strategy instanceprompt needs an instance_prompt.")
-            spec = ImageDatasetSpec(id="default", instance_data_dir=folder, caption_strategy=caption_strategy,
-                                    instance_prompt=instance_prompt or None, resolution=resolution,
-                                    repeats=repeats - 1, crop_aspect=crop_aspect, crop_style=crop_style,
-                                    minimum_image_size=float(minimum_image_size) or None,
-                                    disable_multiline_split=not split_caption_lines)
-            config = BackendConfig(path=None, datasets=(spec,), conditioning={},
-                                   text_embeds=(TextEmbedsSpec(id="text", write_batch_size=4, default=True),))
-            key = hashlib.sha256(json.dumps([str(folder), resolution, repeats, caption_strategy, instance_prompt,
-                                             str(model.folder.root), crop_aspect, crop_style,
-                                             minimum_image_size, *([] if split_caption_lines else ["whole-file captions"])]
-                                            ).encode()).hexdigest()[:12]
-            out_dir = comfy_bridge.output_directory() / DATASETS_SUBDIR / f"{sanitize_name(folder.name, input_name='image_folder')}-{key}"
-            manifest_path = build_datasets(config, model=model.folder, out_dir=out_dir, text_precision=model.precision,
-                                           device=str(comfy_bridge.torch_device()), vae_batch_size=vae_batch_size,
-                                           progress=BuildProgressBar())
-            return self._result(manifest_path)
-
-        folder = resolve_image_folder(image_folder).resolve()
-        if not folder.is_dir():
-            raise ValueError(f"Build Dataset: image_folder {image_folder!r} is not a folder.")
-        key = hashlib.sha256(json.dumps([str(folder), resolution, repeats, caption_strategy, instance_prompt,
-                                         str(model.folder.root)]).encode()).hexdigest()[:12]
-        out_dir = comfy_bridge.output_directory() / DATASETS_SUBDIR / f"{sanitize_name(folder.name, input_name='image_folder')}-{key}"
-        manifest_path = build_dataset(
-            image_dir=folder,
-            model=model.folder,
-            out_dir=out_dir,
-            resolution=resolution,
-            repeats=repeats,
-            caption_strategy=caption_strategy,
-            instance_prompt=instance_prompt or None,
-            text_precision=model.precision,
-            device=str(comfy_bridge.torch_device()),
-            vae_batch_size=vae_batch_size,
-            progress=BuildProgressBar(),
-        )
-        return self._result(manifest_path)
-
-    @staticmethod
-    def _result(manifest_path):
-        from ..trainer.data import load_build_report
-        from ..trainer.manifest import load_manifest
-
-        manifest = load_manifest(manifest_path)
-        report = load_build_report(Path(manifest_path).parent).summary()
-        handle = DatasetHandle(manifest=str(manifest_path), fingerprint=manifest.fingerprint,
-                               num_images=len(manifest.items))
-        # The summary is shown as text on the node as well as returned.
-        return {"ui": {"text": [report]}, "result": (handle, handle.num_images, report)}
-
-
-def _loss_history(events: list[dict[str, Any]]) -> list[tuple[int, float]]:
-    return [(int(e["step"]), float(e["loss"])) for e in events if e.get("event") == "step" and "loss" in e]
 
 
 class Flux2TrainLora:
@@ -325,103 +102,37 @@ class Flux2TrainLora:
               extra_config_json: str = "", num_processes: int = 1, dataset_2=None, dataset_3=None, dataset_4=None,
               **widgets):
         from ..trainer.config import TrainConfig
-        from ..trainer.events import append_event
-        from ..trainer.launch import TrainingCancelled, TrainingProcess, command_text, supervise, torchrun_command
-        from ..trainer.runlock import TOKEN_ENV, acquire_run_lock
+        from ..trainer.launch import TrainingCancelled
 
         name = sanitize_name(output_name, input_name="output_name")
         if launch not in LAUNCH_MODES:
             raise ValueError(f"launch {launch!r} is not one of {', '.join(LAUNCH_MODES)}.")
         if launch == "attach":
             return self._attach(attach_run_folder)
-        extra = _parse_extra(extra_config_json)
-        check_extra_paths(extra)
-        settings = {k: v for k, v in widgets.items()}
-        if not settings.get("validation_prompt", "").strip():
-            settings["validation_prompt"] = None
-        settings.update(extra)
+        settings = training_settings(widgets, extra_config_json=extra_config_json)
         datasets = training_datasets(dataset, dataset_2, dataset_3, dataset_4)
-        if len(datasets) > 1:  # the trainer merges them; a mismatch is refused here, before anything launches
-            from ..trainer.data import check_mergeable
-            from ..trainer.manifest import load_manifest
-
-            check_mergeable([load_manifest(d.manifest) for d in datasets])
-        identity = run_identity(model=model, datasets=datasets, settings=settings, num_processes=num_processes)
-        run_dir = _runs_root() / f"{name}-{identity[:10]}"
-        config = {
-            "model_type": "lora",
-            "model_family": "flux2",
-            "model_flavour": "dev",
-            "pretrained_model_name_or_path": str(model.folder.root),
-            "output_dir": str(run_dir),
-            "dataset_manifest": datasets[0].manifest if len(datasets) == 1 else [d.manifest for d in datasets],
-            "resume_from_checkpoint": "latest",
-            "output_name": name,
-            **settings,
-        }
-        if model.folder.transformer_file is not None:
-            config["pretrained_transformer_model_name_or_path"] = str(model.folder.transformer_file)
+        identity = run_identity(model=model, fingerprints=[d.fingerprint for d in datasets], settings=settings,
+                                num_processes=num_processes)
+        run_dir = runs_root() / f"{name}-{identity[:10]}"
         # Validate everything before anything expensive starts.
-        parsed = TrainConfig.from_dict(config)
-        estimate = check_memory(parsed, num_processes=num_processes, launch=launch)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # One run per folder: another live run (a second server, a CLI run) is refused before anything is written.
-        with acquire_run_lock(run_dir, owner="Train LoRA node") as lock:
-            config_path = run_dir / "run.json"
-            parsed.to_json(config_path)
-            (run_dir / "memory_estimate.txt").write_text(estimate + "\n", encoding="utf-8")
+        config = TrainConfig.from_dict(run_config(model, datasets=datasets, name=name, run_dir=run_dir,
+                                                  settings=settings))
+        total = config.schedule.total_steps
+        progress = comfy_bridge.Progress(total, label="Train LoRA")
 
-            finished = finished_run(run_dir)
-            if finished is not None:
-                log.info("Train LoRA: inputs unchanged since run %s; reusing its LoRA", run_dir)
-                return _outputs(finished, run_dir)
+        def on_event(event: dict[str, Any]) -> None:
+            if event.get("event") == "step":
+                progress.update_absolute(min(int(event.get("step", 0)), total))
+            comfy_bridge.send_event(comfy_bridge.PACK_EVENT, {"run": run_dir.name, **event})
 
-            cmd = torchrun_command(config_path=config_path, nproc_per_node=num_processes)
-            if launch == "export":
-                text = export_instructions(config_path=config_path, num_processes=num_processes)
-                (run_dir / "COMMAND.txt").write_text(text + "\n", encoding="utf-8")
-                return {"ui": {"text": [text]}, "result": (TrainedLora(path=""), [], text)}
-
-            total = int(parsed.max_train_steps)
-            progress = comfy_bridge.Progress(total, label="Train LoRA")
-            node_started = time.time()
-
-            def on_event(event: dict[str, Any]) -> None:
-                kind = event.get("event")
-                if kind == "step":
-                    progress.update_absolute(min(int(event.get("step", 0)), total))
-                comfy_bridge.send_event(comfy_bridge.PACK_EVENT, {"run": run_dir.name, **event})
-
-            # Models an earlier Run left in memory (ComfyUI's, or this pack's Encode/Sample caches) would
-            # otherwise sit beside the trainer's.
-            comfy_bridge.free_comfy_memory()
-            from ..trainer.inference import release_all
-
-            release_all()
-            proc = TrainingProcess.start(cmd, run_dir=run_dir, env={TOKEN_ENV: lock.token})  # trainer shares the lock
-            log.info("Train LoRA: started %s (pid %d); log %s", command_text(cmd), proc.popen.pid, proc.log_path)
-            cancelled_types = (TrainingCancelled, comfy_bridge.interrupt_exception())
-            try:
-                supervise(proc, on_event=on_event, should_cancel=comfy_bridge.interrupted)
-            except cancelled_types as err:
-                # Cancel is not an error: the run folder keeps the last checkpoint and the next Run resumes it.
-                from ..trainer.checkpoint import list_checkpoints
-
-                kept = list_checkpoints(run_dir)
-                resume = f"the next Run resumes from {kept[-1][1].name}" if kept else "no checkpoint yet: the next Run starts over"
-                append_event(run_dir, "cancelled", message=f"cancelled by the user; {resume}",
-                             last_checkpoint=kept[-1][1].name if kept else None)
-                comfy_bridge.send_event(comfy_bridge.PACK_EVENT, {"run": run_dir.name, "event": "cancelled"})
-                raise comfy_bridge.interrupt_exception()(f"Train LoRA cancelled; resume by pressing Run again ({run_dir}).") from err
-            except Exception as err:
-                append_event(run_dir, "failed", message=str(err)[:2000])
-                comfy_bridge.send_event(comfy_bridge.PACK_EVENT, {"run": run_dir.name, "event": "failed", "message": str(err)[:2000]})
-                raise
-            log.info("Train LoRA: finished in %.1f s", time.time() - node_started)
-            done = finished_run(run_dir)
-            if done is None:
-                raise RuntimeError(f"Train LoRA: the trainer reported success but {run_dir} has no finished LoRA.")
-            return _outputs(done, run_dir)
+        try:
+            result = run_training(config, num_processes=num_processes, owner="Train LoRA node",
+                                  export=launch == "export", reuse_finished=True, on_event=on_event,
+                                  should_cancel=comfy_bridge.interrupted, before_launch=comfy_bridge.free_comfy_memory,
+                                  interrupts=(comfy_bridge.interrupt_exception(),))
+        except TrainingCancelled as err:
+            raise comfy_bridge.interrupt_exception()(f"Train LoRA cancelled; resume by pressing Run again ({run_dir}).") from err
+        return _outputs(result)
 
     @staticmethod
     def _attach(run_folder: str):
@@ -433,7 +144,7 @@ class Flux2TrainLora:
         done = finished_run(root)
         if done is None:
             raise ValueError(f"attach_run_folder {root} has no finished run (no 'end' event with a LoRA file in events.jsonl).")
-        return _outputs(done, root)
+        return _outputs(done)
 
 
 _NODE_SET_KEYS = {
@@ -487,8 +198,20 @@ def _parse_extra(text: str) -> dict[str, Any]:
     return data
 
 
+def training_settings(widgets: dict[str, Any], *, extra_config_json: str) -> dict[str, Any]:
+    """The trainer keys of Train LoRA's widgets and extra_config_json (which wins), checked for paths."""
+    extra = _parse_extra(extra_config_json)
+    check_extra_paths(extra)
+    settings = dict(widgets)
+    if not settings.get("validation_prompt", "").strip():
+        settings["validation_prompt"] = None
+    settings.update(extra)
+    return settings
+
+
 def training_datasets(*inputs: DatasetHandle | None) -> list[DatasetHandle]:
-    """Train LoRA's connected datasets in input order; the same dataset connected twice is refused."""
+    """Train LoRA's connected datasets in input order; the same dataset connected twice, or datasets the trainer
+    cannot merge (built with another VAE or text encoder), are refused here, before anything launches."""
     names = ["dataset", *(f"dataset_{n}" for n in EXTRA_DATASET_INPUTS)]
     chosen: dict[str, str] = {}
     datasets = []
@@ -500,86 +223,39 @@ def training_datasets(*inputs: DatasetHandle | None) -> list[DatasetHandle]:
                              "connect each dataset once (raise its repeats in Build Dataset to weight it more).")
         chosen[handle.manifest] = name
         datasets.append(handle)
+    if len(datasets) > 1:
+        from ..trainer.manifest import load_manifest
+        from ..trainer.merge import check_mergeable
+
+        check_mergeable([load_manifest(d.manifest) for d in datasets])
     return datasets
 
 
-def run_identity(*, model, datasets: list[DatasetHandle], settings: dict[str, Any], num_processes: int) -> str:
-    """Hash of everything that changes the trained LoRA: same identity means the same run folder."""
-    payload = {
-        "model": model.folder.identity(),
-        "precision": model.precision,
-        # One dataset hashes as before, so runs trained before several datasets existed are still reused.
-        "dataset": datasets[0].fingerprint if len(datasets) == 1 else [d.fingerprint for d in datasets],
-        "settings": settings,
-        "num_processes": num_processes,
+def run_config(model, *, datasets: list[DatasetHandle], name: str, run_dir: Path,
+               settings: dict[str, Any]) -> dict[str, Any]:
+    """The run.json keys of a Train LoRA run: model and datasets from their nodes, the run folder, the settings."""
+    config = {
+        "model_type": "lora",
+        "model_family": "flux2",
+        "model_flavour": "dev",
+        "pretrained_model_name_or_path": str(model.folder.root),
+        "output_dir": str(run_dir),
+        "dataset_manifest": datasets[0].manifest if len(datasets) == 1 else [d.manifest for d in datasets],
+        "resume_from_checkpoint": "latest",
+        "output_name": name,
+        **settings,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    if model.folder.transformer_file is not None:
+        config["pretrained_transformer_model_name_or_path"] = str(model.folder.transformer_file)
+    return config
 
 
-def finished_run(run_dir: Path) -> dict[str, Any] | None:
-    """The 'end' event of a run folder whose LoRA file exists, else None."""
-    from ..trainer.events import EVENTS_FILE, read_events
-
-    events_path = run_dir / EVENTS_FILE
-    if not events_path.is_file():
-        return None
-    events = read_events(events_path)
-    ends = [e for e in events if e.get("event") == "end"]
-    if not ends:
-        return None
-    end = ends[-1]
-    lora = Path(str(end.get("lora_path", "")))
-    if not lora.is_absolute():
-        lora = run_dir / lora
-    # The file named by an events file is loaded: it must be a LoRA inside this run folder.
-    if lora.suffix != ".safetensors" or not lora.is_file() or not lora.resolve().is_relative_to(run_dir.resolve()):
-        return None
-    # Only the events of the last attempt that ended: earlier cancelled attempts are part of the curve.
-    return {"end": end, "lora": str(lora), "events": events}
-
-
-def check_memory(config, *, num_processes: int, launch: str) -> str:
-    """The estimated peak GPU memory per process, as text; refuses a run that cannot fit this machine's GPU."""
-    from ..trainer.memory import accelerator_memory_gb, estimate_for_config
-
-    estimate = estimate_for_config(config, world_size=num_processes)
-    log.info("Train LoRA: %s", estimate.summary())
-    available = accelerator_memory_gb()
-    if launch == "run" and available is not None and not estimate.fits(available):
-        raise ValueError(
-            f"Train LoRA: {estimate.summary()}, more than this GPU's {available:.0f} GB. Turn on "
-            "gradient_checkpointing, set base_model_precision int8-quanto/int4-quanto (distributed ddp or none), "
-            "enable_group_offload, lower the resolution or train_batch_size, or use more GPUs with fsdp2."
-        )
-    return estimate.summary()
-
-
-def _outputs(done: dict[str, Any], run_dir: Path):
+def _outputs(result: RunResult):
     from ..trainer.lora_keys import load_lora_file
 
-    _, metadata, _ = load_lora_file(done["lora"])
-    history = _loss_history(done["events"])
-    final = history[-1][1] if history else float("nan")
-    info = f"run folder: {run_dir}\nLoRA: {done['lora']}\nsteps: {done['end'].get('step')}  final loss: {final:.5f}"
-    estimate = run_dir / "memory_estimate.txt"
-    if estimate.is_file():
-        info += "\n" + estimate.read_text(encoding="utf-8").strip()
-    return {"ui": {"text": [info]}, "result": (TrainedLora(path=done["lora"], metadata=dict(metadata)), history, info)}
-
-
-def export_instructions(*, config_path: Path, num_processes: int) -> str:
-    from ..trainer.launch import PACK_ROOT, command_text, torchrun_command
-
-    single = command_text(torchrun_command(config_path=config_path, nproc_per_node=num_processes))
-    multi = command_text(torchrun_command(config_path=config_path, nproc_per_node=num_processes, nnodes=2,
-                                          node_rank=0, rdzv_endpoint="NODE0_HOST:29500"))
-    return (
-        f"run.json: {config_path}\n"
-        f"One node ({num_processes} processes):\n  {single}\n"
-        f"Several nodes (run on each node with its --node_rank; NODE0_HOST is node 0's address):\n  {multi}\n"
-        f"Copy the pack folder ({PACK_ROOT.name}), the model and the dataset folders to the same paths on the cluster, "
-        "or edit run.json. Afterwards use launch=attach with the run folder."
-    )
+    metadata = load_lora_file(result.lora_path)[1] if result.lora_path else {}  # export mode: nothing trained yet
+    lora = TrainedLora(path=result.lora_path, metadata=dict(metadata))
+    return {"ui": {"text": [result.info]}, "result": (lora, result.loss_history, result.info)}
 
 
 class Flux2ApplyLora:
@@ -702,7 +378,6 @@ class Flux2LossPlot:
 
 
 NODE_CLASS_MAPPINGS = {
-    "Flux2LoraBuildDataset": Flux2BuildDataset,
     "Flux2LoraTrain": Flux2TrainLora,
     "Flux2LoraApply": Flux2ApplyLora,
     "Flux2LoraSave": Flux2SaveLora,

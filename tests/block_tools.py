@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from diffusers import Flux2Transformer2DModel
 
-from trainer import flux2
-from trainer.lora import apply_lora
-from trainer.tiny import TRANSFORMER_CONFIG
+from flux2_lora_pack.trainer import blocks, flux2
+from flux2_lora_pack.trainer.lora import apply_lora
+from flux2_lora_pack.trainer.tiny import TRANSFORMER_CONFIG
 
 NUM_BLOCKS = TRANSFORMER_CONFIG["num_layers"] + TRANSFORMER_CONFIG["num_single_layers"]
 
@@ -43,6 +43,12 @@ def tiny_inputs(*, batch: int = 2, h: int = 4, w: int = 4, text: int = 7, refere
     )
 
 
+def with_block_forward(model: torch.nn.Module, **settings) -> torch.nn.Module:
+    """model after blocks.apply_block_forward(model, **settings), which returns the plan rather than the model."""
+    blocks.apply_block_forward(model, **settings)
+    return model
+
+
 def diffusers_forward(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-    """The stock forward, also on a model whose class apply_block_forward changed."""
+    """The stock forward, also on a model whose forward apply_block_forward replaced."""
     return Flux2Transformer2DModel.forward(model, **inputs, return_dict=False)[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.abc
 import os
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random FLUX.2 in the real diffusers layout (about 30 MB, a few seconds)."""
-    from trainer.tiny import make_tiny
+    from flux2_lora_pack.trainer.tiny import make_tiny
 
     return make_tiny(out_dir=tmp_path_factory.mktemp("tiny_flux2") / "model", seed=0)
 
@@ -42,9 +43,26 @@ def import_pack(name: str = "flux2_lora_pack"):
     return module
 
 
+# Tests import the trainer through the pack only (`flux2_lora_pack.trainer.*`), the copy the nodes use: a
+# second copy under the name `trainer` would let a monkeypatch of one silently miss the other.
+PACK = import_pack()
+
+
+class _OneNameForTheTrainer(importlib.abc.MetaPathFinder):
+    """Refuses an in-process `import trainer...` (subprocesses such as `python -m trainer` are not affected)."""
+
+    def find_spec(self, name, path, target=None):
+        if name == "trainer" or name.startswith("trainer."):
+            raise ImportError(f"import {name}: tests import the trainer as flux2_lora_pack.trainer (tests/conftest.py)")
+        return None
+
+
+sys.meta_path.insert(0, _OneNameForTheTrainer())
+
+
 @pytest.fixture(scope="session")
 def pack():
-    return import_pack()
+    return PACK
 
 
 @pytest.fixture

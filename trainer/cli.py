@@ -56,10 +56,19 @@ def _add_inspect_lora(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a LoRA (run under torchrun for several processes)")
+    p = sub.add_parser("train", help="train a LoRA (run under torchrun for several processes, or give --num-processes)")
     p.add_argument("--config", required=True, help="run.json with SimpleTuner-style keys")
+    p.add_argument("--num-processes", type=int, default=None,
+                   help="supervise the run as the Train LoRA node does: take the output folder's lock, check memory, "
+                        "start torchrun with this many processes on this machine and print its events as JSON lines "
+                        "(Ctrl-C stops every process; the next run resumes from the last checkpoint)")
+    p.add_argument("--export", action="store_true",
+                   help="write run.json into output_dir and print the torchrun commands for a cluster instead of "
+                        "training")
 
     def run(args: argparse.Namespace) -> int:
+        if args.num_processes is not None or args.export:
+            return _supervise_training(args)
         from .config import TrainConfig
         from .loop import train
         from .parallelize import close_distributed, init_distributed
@@ -85,7 +94,37 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _supervise_training(args: argparse.Namespace) -> int:
+    """train --num-processes / --export: trainer.run.run_training, the Train LoRA node's launcher."""
+    import json
+    import sys
+
+    from .config import TrainConfig
+    from .launch import PACK_ROOT, TrainingCancelled, TrainingFailed
+    from .run import run_training
+
+    config = TrainConfig.from_json(args.config)
+    # torchrun starts in the pack folder: a relative path would name another file there.
+    for key, path in [("output_dir", config.checkpoint.output_dir),
+                      ("pretrained_model_name_or_path", config.model.root),
+                      *(("dataset_manifest", m) for m in config.data.dataset_manifests),
+                      ("data_backend_config", config.data.data_backend_config)]:
+        if path is not None and not path.is_absolute():
+            raise ValueError(f"config file {args.config}: {key} {str(path)!r} is relative; the trainer starts in "
+                             f"{PACK_ROOT}, so give absolute paths.")
+    try:
+        result = run_training(config, num_processes=args.num_processes or 1, owner="trainer CLI", export=args.export,
+                              on_event=lambda event: print(json.dumps(event, default=str), flush=True))
+    except (TrainingCancelled, TrainingFailed) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 130 if isinstance(err, TrainingCancelled) else 1
+    print(result.info)
+    return 0
+
+
 def _add_build_dataset(sub: argparse._SubParsersAction) -> None:
+    from .captions import CAPTION_STRATEGIES
+
     p = sub.add_parser("build-dataset", help="scan an image folder and cache its VAE latents and caption embeddings")
     p.add_argument("--images", default=None, help="folder of training images (png, jpg, webp, bmp), searched recursively")
     p.add_argument("--config", default=None,
@@ -95,7 +134,7 @@ def _add_build_dataset(sub: argparse._SubParsersAction) -> None:
                    "with --config it defaults to <config folder>/<config name>.dataset")
     p.add_argument("--resolution", type=int, default=512, help="buckets hold about N x N pixels, sides multiples of 16")
     p.add_argument("--repeats", type=int, default=1, help="how often each image appears per epoch")
-    p.add_argument("--caption-strategy", default="textfile", choices=("textfile", "filename", "instanceprompt"),
+    p.add_argument("--caption-strategy", default="textfile", choices=CAPTION_STRATEGIES,
                    help="textfile: same-name .txt; filename: the file name; instanceprompt: --instance-prompt for all")
     p.add_argument("--instance-prompt", default=None, help="the caption of every image with --caption-strategy instanceprompt")
     p.add_argument("--disable-multiline-split", action="store_true",
@@ -108,33 +147,28 @@ def _add_build_dataset(sub: argparse._SubParsersAction) -> None:
     _add_encoder_options(p)
 
     def run(args: argparse.Namespace) -> int:
-        from .data import build_dataset, build_datasets, load_build_report
+        from .build import build_datasets
+        from .build_report import load_build_report
+        from .databackend import load_backend_config, single_folder_config
         from .model_files import inspect_model_folder
 
         if (args.images is None) == (args.config is None):
             raise SystemExit("build-dataset: give exactly one of --images (one folder) and --config (multidatabackend.json).")
         if args.config is not None:
-            from .databackend import load_backend_config
-
             config = load_backend_config(args.config)
             out = args.out or str(config.path.with_name(config.path.stem + ".dataset"))
-            manifest = build_datasets(
-                config, model=inspect_model_folder(args.model), out_dir=out, vae_precision=args.vae_precision,
-                text_precision=args.text_precision, device=args.device, extra_prompts=args.prompts,
-                vae_batch_size=args.vae_batch_size, encoders=_encoder_settings(args),
-            )
-            print(load_build_report(manifest.parent).summary())
-            print(f"manifest: {manifest}")
-            return 0
-        if args.out is None:
+        elif args.out is None:
             raise SystemExit("build-dataset: --out is required with --images.")
-        manifest = build_dataset(
-            image_dir=args.images, model=inspect_model_folder(args.model), out_dir=args.out,
-            resolution=args.resolution, repeats=args.repeats, caption_strategy=args.caption_strategy,
-            instance_prompt=args.instance_prompt, vae_precision=args.vae_precision,
+        else:
+            config = single_folder_config(args.images, resolution=args.resolution, repeats=args.repeats,
+                                          caption_strategy=args.caption_strategy, instance_prompt=args.instance_prompt,
+                                          disable_multiline_split=args.disable_multiline_split)
+            out = args.out
+        quantization, offload = _encoder_configs(args)
+        manifest = build_datasets(
+            config, model=inspect_model_folder(args.model), out_dir=out, vae_precision=args.vae_precision,
             text_precision=args.text_precision, device=args.device, extra_prompts=args.prompts,
-            vae_batch_size=args.vae_batch_size, encoders=_encoder_settings(args),
-            disable_multiline_split=args.disable_multiline_split,
+            vae_batch_size=args.vae_batch_size, quantization=quantization, offload=offload,
         )
         print(load_build_report(manifest.parent).summary())
         print(f"manifest: {manifest}")
@@ -162,15 +196,17 @@ def _add_encoder_options(p: argparse.ArgumentParser) -> None:
                    help="overlap transfers on a CUDA stream; CUDA only (config: group_offload_use_stream)")
 
 
-def _encoder_settings(args: argparse.Namespace):
-    from .offload import EncoderSettings
+def _encoder_configs(args: argparse.Namespace):
+    """The encoder options as the training config's (QuantizationConfig, OffloadConfig)."""
+    from .config import OffloadConfig, QuantizationConfig
 
-    return EncoderSettings(
-        text_encoder_precision=args.text_encoder_1_precision, quantize_via=args.quantize_via,
-        offload_text_encoder=args.group_offload_text_encoder, offload_vae=args.group_offload_vae,
-        offload_type=args.group_offload_type, blocks_per_group=args.group_offload_blocks_per_group,
-        use_stream=args.group_offload_use_stream,
-    )
+    quantization = QuantizationConfig(text_encoder_precision=args.text_encoder_1_precision,
+                                      quantize_via=args.quantize_via)
+    offload = OffloadConfig(enabled=args.group_offload_text_encoder or args.group_offload_vae,
+                            text_encoder=args.group_offload_text_encoder, vae=args.group_offload_vae,
+                            offload_type=args.group_offload_type, blocks_per_group=args.group_offload_blocks_per_group,
+                            use_stream=args.group_offload_use_stream)
+    return quantization, offload
 
 
 def _add_make_sample_dataset(sub: argparse._SubParsersAction) -> None:

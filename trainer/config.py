@@ -1,336 +1,557 @@
-"""The training run's settings: one flat JSON object whose keys follow SimpleTuner's FLUX.2 quickstart.
+"""The training run's settings: typed, frozen sub-configs, one per concept, read from SimpleTuner's flat keys.
 
-A SimpleTuner user can bring a config.json: keys may carry SimpleTuner's leading "--", numbers and
-booleans may be JSON strings ("1e-4", "true") as SimpleTuner's argparse accepts them, and its current
-names `checkpoint_step_interval` / `validation_step_interval` are read as `checkpointing_steps` /
-`validation_steps`. Every key maps to one typed field of `TrainConfig`; an unknown key, a SimpleTuner
-option this trainer does not implement, a wrong type or a bad value raises ValueError naming the key.
+The file format is one flat JSON object whose keys follow SimpleTuner's FLUX.2 quickstart. Each key is
+declared once, on the field of the sub-config that owns it (`setting("lora_rank", 16, ge=1)` with its type,
+range, default and the docstring under it); `KEYS` maps every flat key to that field. A SimpleTuner user can
+bring a config.json: keys may carry SimpleTuner's leading "--", numbers and booleans may be JSON strings
+("1e-4", "true") as SimpleTuner's argparse accepts them, and its current names are aliases
+(trainer/simpletuner_keys.py). An unknown key, a SimpleTuner option this trainer does not implement, a wrong
+type or a bad value raises ValueError naming the flat key.
 
-Functions take only the group of settings they need: `config.lora`, `config.optim`, `config.schedule`,
-`config.objective` (with `config.guidance`), `config.checkpoint`, `config.validation`, `config.memory`,
-`config.offload`, `config.quantization`, `config.tread`, `config.data` and `config.model` are small
-frozen views built from the flat fields. Errors always use the flat JSON key.
+Functions take only the sub-config they need: `config.model`, `config.data`, `config.lora`, `config.optim`,
+`config.schedule`, `config.objective` (with `.guidance`), `config.memory`, `config.parallelism`,
+`config.checkpoint`, `config.validation`, `config.quantization`, `config.offload`, `config.tread`. A rule that
+spans settings is written once, as a method of the sub-config that owns it (QuantizationConfig.check_compatible,
+OffloadConfig.check_compatible); the config calls it when it is read and model.build_model again when it knows
+the process count and device.
 
-This module imports only the standard library: ComfyUI imports it at start-up for the combo lists
-(`CHOICES`).
+ComfyUI imports it at start-up for the combo lists: it imports nothing heavier than trainer/flux2.py (torch,
+which ComfyUI has loaded already).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
 import math
 import re
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from .flux2 import PIXELS_PER_TOKEN, check_reference_image
+from .prompt_library import read_prompt_library
+from .settings import (PATHS, Setting, as_paths, check_fields, check_file, closest, convert, expected, field_setting, literal_choices, setting,
+                       to_json_value)
+from .tread import TreadConfig, TreadRoute
+from .simpletuner_keys import ALIASES, UNSUPPORTED_KEYS, choice_hint, unknown_key_message
+
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "ALIASES",
-    "CHOICES",
-    "KNOWN_KEYS",
-    "UNSUPPORTED_KEYS",
-    "CheckpointSettings",
-    "DataSettings",
-    "GuidanceSettings",
-    "LoraSettings",
-    "MemorySettings",
-    "ModelSettings",
-    "ObjectiveSettings",
-    "OffloadSettings",
-    "OptimSettings",
-    "QuantizationSettings",
-    "ScheduleSettings",
-    "TrainConfig",
-    "TreadConfig",
-    "TreadRoute",
-    "ValidationSettings",
-    "parse_resolution",
-]
+__all__ = ["ALIASES", "CHOICES", "KEYS", "KNOWN_KEYS", "UNSUPPORTED_KEYS", "CheckpointConfig", "DataConfig",
+           "GuidanceConfig", "LoraConfig", "MemoryConfig", "ModelConfig", "ObjectiveConfig", "OffloadConfig",
+           "OptimizerConfig", "ParallelismConfig", "QuantizationConfig", "ScheduleConfig", "TrainConfig", "TreadConfig",
+           "TreadRoute", "ValidationConfig", "parse_resolution"]
 
 SEED_MAX = 2**31 - 1  # SimpleTuner's bound: seeds must fit a signed 32-bit integer.
 SUBJECT_PLACEHOLDER = "<subject>"
-PIXELS_PER_TOKEN = 16  # VAE 8x down, then 2x2 patchify: sizes must be multiples of 16.
 MAX_VALIDATION_SIDE = 8192  # the FLUX.2 Sample node's limit too
 
 QuantPrecision = Literal["no_change", "int8-quanto", "int4-quanto"]
+ReferenceTimestep = Literal["shared", "zero"]
 
 
 # ---------------------------------------------------------------------------------------------------
-# TREAD
+# Sub-configs: each owns its settings, their checks and the rules that start from it
 # ---------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class TreadRoute:
-    """One TREAD routing window, as SimpleTuner spells it in tread_config.routes."""
+class ModelConfig:
+    """Which FLUX.2 is trained and where its weights are (the arguments of model_files.inspect_model_folder)."""
 
-    selection_ratio: float
-    """Fraction of the image tokens routed around (dropped from) the blocks of this window; the rest go
-    through them. 0.5 keeps half. SimpleTuner's code uses the value this way (its router's mask_ratio),
-    although its FLUX.2 quickstart calls it the fraction kept. In [0, 1)."""
-    start_layer_idx: int
-    """First routed block, inclusive. Blocks are counted over double blocks first, then single blocks
-    (56 on FLUX.2-dev); a negative index counts from the end (-1 = the last block)."""
-    end_layer_idx: int
-    """Last routed block, inclusive, counted like start_layer_idx."""
+    model_type: Literal["lora"] = setting("model_type", "lora")
+    """What is trained. Only "lora" (SimpleTuner's "full" fine-tuning is not supported)."""
+    family: Literal["flux2"] = setting("model_family", "flux2")
+    """Model architecture. Only "flux2"."""
+    flavour: Literal["dev"] = setting("model_flavour", "dev")
+    """FLUX.2 variant. "dev": FLUX.2-dev (Mistral-Small-3.1 text encoder, guidance-distilled, 8 double +
+    48 single blocks). SimpleTuner also lists "klein-4b" and "klein-9b" (FLUX.2-klein: a Qwen3 text
+    encoder and no guidance embedding) and defaults to "klein-9b"; this trainer supports dev only."""
+    root: Path = setting("pretrained_model_name_or_path")
+    """Local diffusers-layout FLUX.2 folder (model_index.json, transformer/, vae/, text_encoder/,
+    tokenizer/, scheduler/). Required. Weights are never downloaded, so a hub id is refused."""
+    transformer_file: Path | None = setting("pretrained_transformer_model_name_or_path", None, empty_means_null=True)
+    """Optional single-file transformer (.safetensors, e.g. from ComfyUI's models/diffusion_models) that
+    replaces the folder's transformer/ weights. Unlike SimpleTuner, a local file only."""
+    vae_file: Path | None = setting("pretrained_vae_model_name_or_path", None, empty_means_null=True)
+    """Optional single-file VAE (.safetensors) that replaces the folder's vae/ weights. A local file only."""
 
     def __post_init__(self) -> None:
-        # Direct construction gets the same checks as JSON; the dotted name comes from TreadConfig.
-        _check_route(self, where="tread_config.routes[?]")
-
-    def resolve(self, num_layers: int) -> tuple[int, int]:
-        """(start, end) as non-negative block indices, both inclusive, for a model with num_layers blocks."""
-        start = self.start_layer_idx + num_layers if self.start_layer_idx < 0 else self.start_layer_idx
-        end = self.end_layer_idx + num_layers if self.end_layer_idx < 0 else self.end_layer_idx
-        return start, end
-
-
-def _check_route(route: TreadRoute, *, where: str) -> None:
-    ratio = route.selection_ratio
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
-        raise ValueError(f"{where}.selection_ratio must be a number in [0, 1), got {ratio!r}.")
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(
-            f"{where}.selection_ratio must be in [0, 1) (the fraction of image tokens routed around the "
-            f"blocks), got {ratio!r}; 0.5 keeps half the tokens."
-        )
-    object.__setattr__(route, "selection_ratio", float(ratio))
-    for name in ("start_layer_idx", "end_layer_idx"):
-        value = getattr(route, name)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}.{name} must be a whole number (negative counts from the end), got {value!r}.")
-    start, end = route.start_layer_idx, route.end_layer_idx
-    # With mixed signs the order depends on the model's block count; resolve() checks it then.
-    if (start >= 0) == (end >= 0) and start > end:
-        raise ValueError(
-            f"{where}: start_layer_idx {start} is after end_layer_idx {end}; both are inclusive block indices."
-        )
+        check_fields(self)
+        value = str(self.root)
+        if not value.strip() or not self.root.exists():
+            raise ValueError(
+                f"pretrained_model_name_or_path {value!r} is not an existing local folder. This trainer cannot "
+                "download weights: give the path of the local diffusers FLUX.2 folder (model_index.json, "
+                "transformer/, vae/, text_encoder/, tokenizer/, scheduler/)."
+            )
+        if not self.root.is_dir():
+            raise ValueError(
+                f"pretrained_model_name_or_path {value!r} is a file; give the diffusers FLUX.2 folder, and a "
+                "single-file transformer as pretrained_transformer_model_name_or_path."
+            )
+        for key, path in (("pretrained_transformer_model_name_or_path", self.transformer_file),
+                          ("pretrained_vae_model_name_or_path", self.vae_file)):
+            check_file(key, path, what="a local single-file .safetensors", suffix=".safetensors")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class TreadConfig:
-    """TREAD token routing (training only): image tokens skip the routed blocks and rejoin after them."""
+class DataConfig:
+    """What is trained on, and how many samples make a step."""
 
-    routes: tuple[TreadRoute, ...]
-    """The routing windows; at most one may cover any block."""
+    dataset_manifest: PATHS = setting("dataset_manifest", None)
+    """Manifest written by Build Dataset (`python -m trainer build-dataset`): images, captions and their
+    latent / text-embedding caches; or a list of manifests to train on several datasets at once (their
+    batches are interleaved, each batch from one dataset). Give this or data_backend_config."""
+    data_backend_config: Path | None = setting("data_backend_config", None)
+    """SimpleTuner's multidatabackend.json (a list of datasets). Give this or dataset_manifest."""
+    vae_batch_size: int = setting("vae_batch_size", 4, ge=1)
+    """Images per VAE encode while caching latents. >= 1."""
+    train_batch_size: int = setting("train_batch_size", 1, ge=1)
+    """Images per micro-batch on each process. >= 1."""
+    gradient_accumulation_steps: int = setting("gradient_accumulation_steps", 1, ge=1)
+    """Micro-batches whose gradients are summed before each optimizer step. >= 1."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.routes, tuple) or not self.routes:
-            raise ValueError("tread_config.routes must be a non-empty list of routes; remove tread_config to disable TREAD.")
-        for i, route in enumerate(self.routes):
-            if not isinstance(route, TreadRoute):
-                raise ValueError(f"tread_config.routes[{i}] must be a route object, got {route!r}.")
+        check_fields(self)
+        for manifest in self.dataset_manifests:
+            check_file("dataset_manifest", manifest, what="the manifest written by Build Dataset")
+        check_file("data_backend_config", self.data_backend_config, what="a multidatabackend.json file")
+        if not self.dataset_manifests and self.data_backend_config is None:
+            raise ValueError("dataset_manifest or data_backend_config is required: give the dataset to train on.")
+        if self.dataset_manifests and self.data_backend_config is not None:
+            raise ValueError("dataset_manifest and data_backend_config are both set; give one dataset source.")
 
-    @classmethod
-    def from_dict(cls, data: Any) -> TreadConfig:
-        """Parse SimpleTuner's {"routes": [{"selection_ratio", "start_layer_idx", "end_layer_idx"}, ...]}."""
-        if isinstance(data, str):
-            try:
-                data = json.loads(data)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"tread_config is a string that is not valid JSON: {exc}.") from exc
-        if not isinstance(data, dict):
-            raise ValueError(f'tread_config must be an object like {{"routes": [...]}}, got {data!r}.')
-        extra = sorted(set(data) - {"routes"})
-        if extra:
-            raise ValueError(f"tread_config has unknown key(s) {extra}; the only key is 'routes'.")
-        if "routes" not in data:
-            raise ValueError("tread_config needs 'routes': a list of {selection_ratio, start_layer_idx, end_layer_idx}.")
-        routes = data["routes"]
-        if not isinstance(routes, list) or not routes:
-            raise ValueError(f"tread_config.routes must be a non-empty list, got {routes!r}.")
-        keys = [f.name for f in dataclasses.fields(TreadRoute)]
-        parsed = []
-        for i, raw in enumerate(routes):
-            where = f"tread_config.routes[{i}]"
-            if not isinstance(raw, dict):
-                raise ValueError(f"{where} must be an object with {keys}, got {raw!r}.")
-            unknown = sorted(set(raw) - set(keys))
-            if unknown:
-                raise ValueError(f"{where} has unknown key(s) {unknown}{_closest(unknown[0], keys)} Route keys are {keys}.")
-            missing = [k for k in keys if k not in raw]
-            if missing:
-                raise ValueError(f"{where} is missing {missing}; each route needs {keys}.")
-            try:
-                parsed.append(TreadRoute(**raw))
-            except ValueError as exc:
-                raise ValueError(str(exc).replace("tread_config.routes[?]", where)) from None
-        return cls(routes=tuple(parsed))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"routes": [dataclasses.asdict(r) for r in self.routes]}
-
-    def resolved_routes(self, num_layers: int) -> tuple[tuple[float, int, int], ...]:
-        """(selection_ratio, start, end) per route with indices in [0, num_layers), ends inclusive.
-
-        Raises ValueError when a route falls outside the model or two routes share a block (SimpleTuner
-        silently uses the first matching route for such a block).
-        """
-        resolved = []
-        for i, route in enumerate(self.routes):
-            start, end = route.resolve(num_layers)
-            if not (0 <= start <= end < num_layers):
-                raise ValueError(
-                    f"tread_config.routes[{i}]: blocks {route.start_layer_idx}..{route.end_layer_idx} resolve to "
-                    f"{start}..{end}, outside this model's {num_layers} blocks or in the wrong order."
-                )
-            resolved.append((route.selection_ratio, start, end))
-        ordered = sorted(resolved, key=lambda r: r[1])
-        for a, b in zip(ordered, ordered[1:]):
-            if b[1] <= a[2]:
-                raise ValueError(f"tread_config routes overlap: blocks {a[1]}..{a[2]} and {b[1]}..{b[2]}; "
-                                 "give each block to one route.")
-        return tuple(resolved)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Grouped views: what each part of the trainer takes instead of the whole config
-# ---------------------------------------------------------------------------------------------------
+    @property
+    def dataset_manifests(self) -> tuple[Path, ...]:
+        """dataset_manifest as paths: one per dataset, () with data_backend_config."""
+        return as_paths(self.dataset_manifest)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class ModelSettings:
-    """Where the FLUX.2 weights are: the arguments of model_files.inspect_model_folder."""
+class LoraConfig:
+    """The adapter's shape: saved with the LoRA file (the other settings affect only this run)."""
 
-    root: Path
-    transformer_file: Path | None
-    vae_file: Path | None
-    flavour: str
+    rank: int = setting("lora_rank", 16, ge=1)
+    """LoRA rank (width of the A/B matrices). >= 1."""
+    alpha: float | None = setting("lora_alpha", None, gt=0, fix="use null for alpha = lora_rank")
+    """LoRA alpha; the update is scaled by alpha / rank. > 0; null means equal to lora_rank (the config then
+    holds the rank here)."""
+    dropout: float = setting("lora_dropout", 0.1, ge=0, lt=1)
+    """Dropout on the LoRA branch's input during training. In [0, 1)."""
+    init: Literal["default", "gaussian"] = setting("lora_init_type", "default")
+    """Initialisation of LoRA A (B starts at zero either way): "default" is PEFT's Kaiming-uniform,
+    "gaussian" draws A from N(0, 1/rank)."""
+    target: Literal["all", "attention", "mlp", "tiny"] = setting("flux_lora_target", "all")
+    """Layers that get adapters, in double and single blocks: "all" (every attention and MLP linear),
+    "attention" (q/k/v and output projections), "mlp" (feed-forward only), "tiny" (q/k/v only)."""
 
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class LoraSettings:
-    """The adapter's shape: saved with the LoRA file (the rest of the config affects only this run)."""
-
-    rank: int
-    alpha: float
-    """Resolved: lora_alpha, or the rank when lora_alpha is null."""
-    dropout: float
-    init: str
-    target: str
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class OptimSettings:
-    optimizer: str
-    learning_rate: float
-    adam_beta1: float
-    adam_beta2: float
-    adam_weight_decay: float
-    adam_epsilon: float
-    max_grad_norm: float
-    """0 disables clipping."""
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.alpha is None:  # resolved once: every user of the adapter reads a number
+            object.__setattr__(self, "alpha", float(self.rank))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class ScheduleSettings:
-    """Learning-rate schedule; the field names are loop.lr_lambda's keyword arguments."""
+class OptimizerConfig:
+    optimizer: Literal["adamw"] = setting("optimizer", "adamw")
+    """torch.optim.AdamW over the LoRA weights (kept in fp32)."""
+    learning_rate: float = setting("learning_rate", 1e-4, gt=0)
+    """Peak learning rate. > 0."""
+    adam_beta1: float = setting("adam_beta1", 0.9, ge=0, lt=1)
+    """AdamW first-moment decay. In [0, 1)."""
+    adam_beta2: float = setting("adam_beta2", 0.999, ge=0, lt=1)
+    """AdamW second-moment decay. In [0, 1)."""
+    adam_weight_decay: float = setting("adam_weight_decay", 1e-2, ge=0.0)
+    """AdamW decoupled weight decay. >= 0."""
+    adam_epsilon: float = setting("adam_epsilon", 1e-8, gt=0)
+    """AdamW denominator epsilon. > 0."""
+    max_grad_norm: float = setting("max_grad_norm", 2.0, ge=0.0)
+    """Clip the global gradient norm (torch clip_grad_norm_) to this value; 0 disables clipping. >= 0.
+    SimpleTuner's default grad_clip_method "value" clips each element instead; this trainer clips the norm."""
 
-    scheduler: str
-    warmup_steps: int
-    total_steps: int
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class GuidanceSettings:
-    """The guidance value fed to FLUX.2-dev's guidance embedding in training (objective.GuidanceSpec's fields)."""
-
-    mode: str
-    value: float
-    minimum: float
-    maximum: float
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ObjectiveSettings:
-    """Flow-matching objective settings (objective.ObjectiveSpec's fields)."""
-
-    shift: float
-    auto_shift: bool
-    guidance: GuidanceSettings
-    caption_dropout_probability: float
-    reference_timestep: str
-    """"shared" or "zero": the timestep that modulates reference-image tokens."""
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class CheckpointSettings:
-    output_dir: Path
-    every_steps: int
-    total_limit: int | None
-    """None keeps every checkpoint."""
-    resume_from: str | None
-    """None, "latest", or a checkpoint folder (a path, or a checkpoint-<step> name inside output_dir)."""
+class ScheduleConfig:
+    """How long to train and the learning-rate schedule; the field names are loop.lr_lambda's arguments."""
+
+    scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = setting("lr_scheduler", "constant")
+    """Learning-rate schedule after warm-up: "constant", "constant_with_warmup" (linear warm-up, then
+    constant), "cosine" and "linear" (warm-up, then decay to 0 at max_train_steps). "constant" has no
+    warm-up."""
+    warmup_steps: int = setting("lr_warmup_steps", 0, ge=0)
+    """Optimizer steps of linear warm-up from 0 to learning_rate. In [0, max_train_steps]."""
+    total_steps: int = setting("max_train_steps", 1000, ge=1)
+    """Optimizer steps to train. >= 1."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.warmup_steps > self.total_steps:
+            raise ValueError(
+                f"lr_warmup_steps {self.warmup_steps} is more than max_train_steps {self.total_steps}; "
+                "the learning rate would never reach learning_rate. Lower lr_warmup_steps."
+            )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class ValidationSettings:
-    prompt: str | None
-    prompt_library: Path | None
-    subject: str | None
-    every_steps: int
-    """0: only after the last step."""
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance: float
-    seed: int
-    """Resolved: validation_seed, or the training seed when it is null."""
-    reference_images: tuple[Path, ...] = ()
-    """Reference images every validation prompt is rendered with; empty for none."""
+class GuidanceConfig:
+    """The guidance value fed to FLUX.2-dev's guidance embedding in training."""
+
+    mode: Literal["constant", "random-range"] = setting("flux_guidance_mode", "constant")
+    """Guidance value fed to FLUX.2-dev's guidance embedding while training: "constant" uses
+    flux_guidance_value; "random-range" draws uniformly from [flux_guidance_min, flux_guidance_max] per sample."""
+    value: float = setting("flux_guidance_value", 1.0, ge=0.0)
+    """Guidance for "constant" mode. >= 0. 1.0 keeps the guidance distillation intact; use 3-5 at inference."""
+    minimum: float = setting("flux_guidance_min", 0.0, ge=0.0)
+    """Lower bound for "random-range" mode. >= 0 and <= flux_guidance_max."""
+    maximum: float = setting("flux_guidance_max", 4.0, ge=0.0)
+    """Upper bound for "random-range" mode. >= flux_guidance_min."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.minimum > self.maximum:
+            raise ValueError(f"flux_guidance_min {self.minimum} is above flux_guidance_max {self.maximum}; "
+                             "the random-range draws from [min, max].")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ObjectiveConfig:
+    """The flow-matching objective (trainer/objective.py)."""
+
+    shift: float = setting("flow_schedule_shift", 3.0, gt=0, fix="1.0 means no shift")
+    """Timestep shift: s -> shift*s / (1 + (shift-1)*s) after s ~ sigmoid(N(0, 1)). > 0; 1 = no shift;
+    higher values train more at high noise (composition)."""
+    auto_shift: bool = setting("flow_schedule_auto_shift", False)
+    """Use a resolution-dependent shift computed from each batch's image-token count instead of
+    flow_schedule_shift (the empirical mu of FLUX.2's sampler)."""
+    guidance: GuidanceConfig = dataclasses.field(default_factory=GuidanceConfig)
+    caption_dropout_probability: float = setting("caption_dropout_probability", 0.0, ge=0, le=1)
+    """Chance per sample of training on the empty prompt's real encoding instead of the caption. In [0, 1]."""
+    reference_timestep: ReferenceTimestep = setting("reference_timestep", "shared")
+    """Edit/reference LoRAs (not a SimpleTuner key): the timestep that modulates the reference-image tokens.
+    "shared" gives them the sample's timestep, as Flux2Pipeline and ComfyUI do when they sample FLUX.2-dev
+    with reference images, so the LoRA trains under the conditions it is used in; the default. "zero"
+    modulates them as at timestep 0 (clean images; the guidance embedding unchanged), as SimpleTuner trains
+    FLUX.2; validation images then use it too. Has no effect on a dataset without references."""
+
+    def __post_init__(self) -> None:
+        if self.reference_timestep not in typing.get_args(ReferenceTimestep):
+            raise ValueError(f"reference_timestep {self.reference_timestep!r} must be one of "
+                             f"{list(typing.get_args(ReferenceTimestep))}: 'shared' gives reference tokens the "
+                             "sample's timestep, 'zero' modulates them as at timestep 0.")
+        check_fields(self)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MemoryConfig:
+    mixed_precision: Literal["bf16", "fp16", "no"] = setting("mixed_precision", "bf16")
+    """Compute precision of the frozen base: "bf16", "fp16", or "no" (fp32, for CPU tests). LoRA weights stay fp32."""
+    gradient_checkpointing: bool = setting("gradient_checkpointing", True)
+    """Recompute block activations in backward: much less memory, about 30% slower."""
+    gradient_checkpointing_interval: int | None = setting("gradient_checkpointing_interval", None, ge=1,
+                                                          fix="use null to checkpoint every block")
+    """Checkpoint every N-th block (blocks 0, N, 2N, ... over double then single blocks), as SimpleTuner does;
+    the others keep their activations: faster, more memory. >= 1, or null for every block."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    @property
+    def checkpoint_every(self) -> int | None:
+        """Checkpoint every this many blocks, or None for no checkpointing (blocks.apply_block_forward)."""
+        return (self.gradient_checkpointing_interval or 1) if self.gradient_checkpointing else None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ParallelismConfig:
+    distributed: Literal["fsdp2", "ddp", "none"] = setting("distributed", "fsdp2")
+    """How torchrun's processes share the model: "fsdp2" shards each block (for models that do not fit
+    one GPU), "ddp" replicates it (faster when it fits), "none" runs one process. torchrun decides the
+    process count; with one process fsdp2 and ddp run unwrapped."""
+    collective_timeout_s: float = setting("collective_timeout_s", 600.0, gt=0, fix="600 is the default")
+    """Seconds a process waits in a collective (all-reduce, barrier) for the others before the run fails:
+    a crashed or hung process then ends the run with an error instead of hanging it. > 0. Raise it when
+    rank 0 alone does long work (a first text-encoder load from a slow disk) while the others wait."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def shards(self, world_size: int) -> bool:
+        """Whether FSDP2 shards the weights over this many processes."""
+        return self.distributed == "fsdp2" and world_size > 1
+
+    def replicates(self, world_size: int) -> bool:
+        """Whether DDP replicates the model (ddp, or fsdp2 never: it shards) over this many processes."""
+        return self.distributed == "ddp" and world_size > 1
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CheckpointConfig:
+    """Where the run writes, and its resumable checkpoints."""
+
+    output_dir: Path = setting("output_dir")
+    """Folder for checkpoints, the LoRA file, validation images and events.jsonl. Required."""
+    every_steps: int = setting("checkpointing_steps", 500, ge=1)
+    """Save a resumable checkpoint-<step> folder every this many steps (SimpleTuner: checkpoint_step_interval). >= 1."""
+    total_limit: int | None = setting("checkpoints_total_limit", 5, ge=1,
+                                      fix="use null to keep every checkpoint (SimpleTuner's 0)")
+    """Keep at most this many checkpoints, deleting the oldest. >= 1, or null to keep all (SimpleTuner's 0)."""
+    resume_from: str | None = setting("resume_from_checkpoint", None, empty_means_null=True)
+    """null: start fresh; "latest": resume from the newest checkpoint in output_dir, or start fresh when
+    there is none; otherwise a checkpoint folder, as a path or a checkpoint-<step> name inside output_dir."""
+    output_name: str = setting("output_name", "lora")
+    """Name of the LoRA file written to output_dir (<output_name>.safetensors): letters, digits, - and _."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)  # a blank output_dir is refused there: "output_dir is empty"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", self.output_name):
+            raise ValueError(f"output_name {self.output_name!r} may hold only letters, digits, - and _ (and not start with - or _).")
+        if self.resume_from is not None and self.resume_from != "latest":
+            self._check_resume_path()
+
+    def _check_resume_path(self) -> None:
+        value = self.resume_from
+        assert value is not None
+        path = Path(value).expanduser()
+        if not path.is_absolute() and re.fullmatch(r"checkpoint-\d+", value):
+            path = self.output_dir / value
+        if not path.is_dir():
+            raise ValueError(
+                f"resume_from_checkpoint {value!r}: no checkpoint folder at {path}; use null to start fresh, "
+                "'latest' for the newest checkpoint in output_dir, or an existing checkpoint-<step> folder."
+            )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ValidationConfig:
+    """Images rendered with the LoRA during training."""
+
+    prompt: str | None = setting("validation_prompt", None, empty_means_null=True)
+    """Prompt rendered with the LoRA during training. null (or empty) and no user_prompt_library: no validation.
+    May contain <subject>."""
+    prompt_library: Path | None = setting("user_prompt_library", None, empty_means_null=True)
+    """JSON file of {name: prompt} rendered at each validation, besides validation_prompt. Prompts may
+    contain <subject>."""
+    subject: str | None = setting("validation_subject", None, empty_means_null=True)
+    """Replaces <subject> in validation_prompt and user_prompt_library prompts (not a SimpleTuner key).
+    Required when any prompt contains <subject>."""
+    every_steps: int = setting("validation_steps", 100, ge=0)
+    """Render validation images every this many steps and after the last step; 0: only after the last
+    step (SimpleTuner: validation_step_interval). >= 0."""
+    resolution: str = setting("validation_resolution", "1024", number_as_text=True)
+    """Validation image size: "1024" (square) or "WIDTHxHEIGHT" ("1024x768"), multiples of 16."""
+    num_inference_steps: int = setting("validation_num_inference_steps", 20, ge=1)
+    """Euler sampling steps for validation images. >= 1."""
+    guidance: float = setting("validation_guidance", 4.0, gt=0)
+    """Guidance value (FLUX.2-dev's guidance embedding, not CFG) for validation images. > 0."""
+    seed: int | None = setting("validation_seed", None, ge=0, le=SEED_MAX)
+    """Seed for validation noise (the same images every time); null uses seed (the config then holds the
+    training seed here). In [0, 2**31 - 1]."""
+    reference_image_files: PATHS = setting("validation_reference_images", None)
+    """Edit/reference LoRAs (not a SimpleTuner key): an image file, or a list of them, given to every validation
+    prompt as FLUX.2 reference images (image k at time position 10 + 10k), prepared as Flux2Pipeline prepares
+    `image=` (shrunk to about 1024x1024 pixels when larger, centre-cropped to multiples of 16), encoded once at
+    run start and modulated with reference_timestep. null: validation renders without references."""
+    width: int = dataclasses.field(init=False, default=0)
+    """Derived from resolution once, when the config is built."""
+    height: int = dataclasses.field(init=False, default=0)
+    """Derived from resolution once, when the config is built."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for key, value in (("validation_prompt", self.prompt), ("validation_subject", self.subject)):
+            if value is not None and not value.strip():
+                raise ValueError(f"{key} is blank; use null for none.")
+        width, height = parse_resolution(self.resolution, key="validation_resolution")
+        object.__setattr__(self, "width", width)
+        object.__setattr__(self, "height", height)
+        check_file("user_prompt_library", self.prompt_library, what="a JSON file of {name: prompt}")
+        for image in self.reference_images:
+            check_file("validation_reference_images", image, what="an image file (PNG, JPEG, WebP)")
+            check_reference_image(image, input_name=f"validation_reference_images {str(image)!r}")
+        if self.enabled:
+            self.prompts()  # reads the library now so a bad file fails before training
 
     @property
     def enabled(self) -> bool:
         return self.prompt is not None or self.prompt_library is not None
 
+    @property
+    def reference_images(self) -> tuple[Path, ...]:
+        """validation_reference_images as paths, in the order that sets each one's time position; () for none."""
+        return as_paths(self.reference_image_files)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of validation images."""
+        return self.width, self.height
+
+    def prompts(self) -> dict[str, str]:
+        """Name -> prompt for each validation image, with <subject> replaced by validation_subject.
+
+        validation_prompt comes first under the name "validation_prompt", then user_prompt_library in file order.
+        """
+        prompts = self.raw_prompts()
+        if self.subject is None:
+            needing = [name for name, p in prompts.items() if SUBJECT_PLACEHOLDER in p]
+            if needing:
+                raise ValueError(
+                    f"validation prompt(s) {needing} contain {SUBJECT_PLACEHOLDER} but validation_subject is null; "
+                    "set validation_subject to the words that should replace it."
+                )
+            return prompts
+        return {name: p.replace(SUBJECT_PLACEHOLDER, self.subject) for name, p in prompts.items()}
+
+    def raw_prompts(self) -> dict[str, str]:
+        """The prompts as written, <subject> not yet replaced."""
+        prompts: dict[str, str] = {}
+        if self.prompt is not None:
+            prompts["validation_prompt"] = self.prompt
+        if self.prompt_library is not None:
+            library = read_prompt_library(self.prompt_library)
+            clash = set(library) & set(prompts)
+            if clash:
+                raise ValueError(f"user_prompt_library uses the reserved name(s) {sorted(clash)}; rename those entries.")
+            prompts.update(library)
+        return prompts
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class MemorySettings:
-    gradient_checkpointing: bool
-    gradient_checkpointing_interval: int | None
-    mixed_precision: str
+class QuantizationConfig:
+    """optimum-quanto weight quantization of the frozen transformer and of the text encoder."""
 
+    base_model_precision: QuantPrecision = setting("base_model_precision", "no_change")
+    """Weight quantization of the frozen transformer with optimum-quanto: "no_change", "int8-quanto",
+    "int4-quanto". Cannot be combined with group offload, nor with distributed "fsdp2" over several processes
+    (use "ddp"; with one process fsdp2 has nothing to shard and runs as "none")."""
+    text_encoder_precision: QuantPrecision = setting("text_encoder_1_precision", "no_change")
+    """Weight quantization of the Mistral text encoder while it caches embeddings, same choices."""
+    base_model_default_dtype: Literal["bf16", "fp32"] = setting("base_model_default_dtype", "bf16")
+    """dtype of the transformer weights that quantization leaves unquantized (norms, embeddings)."""
+    quantize_via: Literal["cpu", "accelerator"] = setting("quantize_via", "accelerator")
+    """Where weights are quantized: "cpu" (slower, for GPUs that cannot hold the unquantized model) or
+    "accelerator" (the training GPU)."""
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class OffloadSettings:
-    """diffusers group offloading (hooks), plus where the encoders wait during start-up."""
-
-    enabled: bool
-    offload_type: str
-    blocks_per_group: int
-    use_stream: bool
-    text_encoder: bool
-    vae: bool
-    during_startup: bool
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class QuantizationSettings:
-    base_model_precision: str
-    text_encoder_precision: str
-    base_model_default_dtype: str
-    quantize_via: str
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     @property
     def base_quantized(self) -> bool:
         return self.base_model_precision != "no_change"
 
+    def text_cache_tag(self, precision: str) -> str:
+        """The precision recorded in text-cache keys: a quantized encoder gives other embeddings."""
+        return precision if self.text_encoder_precision == "no_change" else f"{precision}+{self.text_encoder_precision}"
+
+    def check_compatible(self, *, mixed_precision: str, distributed: str, world_size: int | None,
+                         offload: OffloadConfig) -> None:
+        """Refuse quantization with what cannot carry quanto's weights. world_size None: not known yet (the
+        config is being read); the process-count rule is then asked again at launch and at start-up."""
+        precision = self.base_model_precision
+        if self.base_quantized:
+            if distributed == "fsdp2" and world_size is not None and world_size > 1:
+                raise ValueError(
+                    f"base_model_precision {precision!r} cannot be combined with distributed 'fsdp2' over "
+                    f"{world_size} processes: fully_shard turns quanto's int8/int4 weights back into full-precision "
+                    "shards. To train it on several GPUs set distributed to 'ddp' (each GPU holds the quantized "
+                    "model), or base_model_precision to 'no_change'."
+                )
+            if offload.enabled:
+                raise ValueError(
+                    f"base_model_precision {precision!r} cannot be combined with enable_group_offload: group offload "
+                    "hooks cannot move quanto's quantized weights (enable_group_offload cannot be combined with a "
+                    "quantized base_model_precision); disable one of them."
+                )
+            if mixed_precision == "no" and self.base_model_default_dtype == "bf16":
+                raise ValueError(
+                    "base_model_default_dtype 'bf16' with mixed_precision 'no': the unquantized layers would hold bf16 "
+                    "weights while the model computes in fp32 without autocast. Set base_model_default_dtype to "
+                    "'fp32' (or mixed_precision to 'bf16')."
+                )
+        self.check_text_encoder(offload=offload)
+
+    def check_text_encoder(self, *, offload: OffloadConfig) -> None:
+        """Refuse a quantized text encoder that would also be group-offloaded (while caching embeddings)."""
+        if self.text_encoder_precision != "no_change" and offload.offloads_text_encoder:
+            raise ValueError(
+                f"text_encoder_1_precision {self.text_encoder_precision!r} cannot be combined with "
+                "group_offload_text_encoder (diffusers' offload hooks cannot move quanto's quantized weights); "
+                "disable one of them."
+            )
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class DataSettings:
-    dataset_manifests: tuple[Path, ...]
-    """Empty when data_backend_config is given."""
-    data_backend_config: Path | None
-    train_batch_size: int
-    gradient_accumulation_steps: int
-    vae_batch_size: int
+class OffloadConfig:
+    """diffusers group offloading (hooks), plus where the encoders wait during start-up."""
+
+    enabled: bool = setting("enable_group_offload", False)
+    """Keep the transformer's blocks in CPU memory and move them to the GPU group by group (diffusers
+    group offloading), in forward and backward."""
+    offload_type: Literal["block_level", "leaf_level"] = setting("group_offload_type", "block_level")
+    """Offload granularity: "block_level" (groups of blocks, faster) or "leaf_level" (each layer, least memory)."""
+    blocks_per_group: int = setting("group_offload_blocks_per_group", 1, ge=1)
+    """Blocks moved together with block_level offload; more is faster but uses more memory. >= 1."""
+    use_stream: bool = setting("group_offload_use_stream", False)
+    """Overlap transfers with compute on a CUDA stream (CUDA only)."""
+    text_encoder: bool = setting("group_offload_text_encoder", False)
+    """Also group-offload the text encoder while it caches embeddings."""
+    vae: bool = setting("group_offload_vae", False)
+    """Also group-offload the VAE while it caches latents."""
+    during_startup: bool = setting("offload_during_startup", False)
+    """Keep the text encoder in CPU memory while the VAE caches latents (less GPU memory at start-up)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    @property
+    def offloads_text_encoder(self) -> bool:
+        """group_offload_text_encoder takes effect (it is an "also" of enable_group_offload)."""
+        return self.enabled and self.text_encoder
+
+    @property
+    def offloads_vae(self) -> bool:
+        return self.enabled and self.vae
+
+    def check_stream(self, *, device: Any) -> None:
+        """CUDA streams need a CUDA device: refuse them before anything loads elsewhere."""
+        if self.enabled or self.text_encoder or self.vae:
+            check_stream_device(use_stream=self.use_stream, device=device)
+
+    def check_compatible(self, *, gradient_checkpointing: bool, distributed: str, world_size: int | None,
+                         device: Any) -> None:
+        """Refuse group offload of the training transformer where it cannot work, before weights load. world_size
+        or device None: not known yet, those rules wait. Quantized weights are QuantizationConfig's rule."""
+        if not self.enabled:
+            return
+        if device is not None:
+            self.check_stream(device=device)
+        if distributed == "fsdp2" and world_size is not None and world_size > 1:
+            raise ValueError(
+                f"enable_group_offload cannot be combined with distributed 'fsdp2' over {world_size} processes: FSDP2 "
+                "already shards the weights and owns their placement. Use distributed 'ddp' (or one process), or "
+                "disable enable_group_offload."
+            )
+        if not gradient_checkpointing:
+            raise ValueError(
+                "enable_group_offload needs gradient_checkpointing true: without it autograd keeps every block's "
+                "weights on the accelerator until backward, so offloading them would save no memory."
+            )
+
+
+def check_stream_device(*, use_stream: bool, device: Any) -> None:
+    """group_offload_use_stream needs a CUDA device (device: a torch.device or its name)."""
+    kind = getattr(device, "type", str(device).split(":")[0])
+    if use_stream and kind != "cuda":
+        raise ValueError(
+            f"group_offload_use_stream is true but this process computes on {kind!r}: CUDA streams need a CUDA "
+            "device. Set group_offload_use_stream to false."
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -338,348 +559,86 @@ class DataSettings:
 # ---------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@dataclass(frozen=True, kw_only=True)  # no slots: Python 3.11's slotted frozen __setattr__ breaks on a flat key
 class TrainConfig:
-    """Every setting of one training run. Build it with from_dict / from_json; every field is a JSON key."""
+    """Every setting of one training run. Build it with from_dict / from_json (flat SimpleTuner keys).
 
-    # -- model -------------------------------------------------------------------------------------
-    model_type: Literal["lora"] = "lora"
-    """What is trained. Only "lora" (SimpleTuner's "full" fine-tuning is not supported)."""
-    model_family: Literal["flux2"] = "flux2"
-    """Model architecture. Only "flux2"."""
-    model_flavour: Literal["dev"] = "dev"
-    """FLUX.2 variant. "dev": FLUX.2-dev (Mistral-Small-3.1 text encoder, guidance-distilled, 8 double +
-    48 single blocks). SimpleTuner also lists "klein-4b" and "klein-9b" (FLUX.2-klein: a Qwen3 text
-    encoder and no guidance embedding) and defaults to "klein-9b"; this trainer supports dev only."""
-    pretrained_model_name_or_path: str
-    """Local diffusers-layout FLUX.2 folder (model_index.json, transformer/, vae/, text_encoder/,
-    tokenizer/, scheduler/). Required. Weights are never downloaded, so a hub id is refused."""
-    pretrained_transformer_model_name_or_path: str | None = None
-    """Optional single-file transformer (.safetensors, e.g. from ComfyUI's models/diffusion_models) that
-    replaces the folder's transformer/ weights. Unlike SimpleTuner, a local file only."""
-    pretrained_vae_model_name_or_path: str | None = None
-    """Optional single-file VAE (.safetensors) that replaces the folder's vae/ weights. A local file only."""
+    A setting can also be read by its flat key (`config.learning_rate`), as the file spells it.
+    """
 
-    # -- data and output ---------------------------------------------------------------------------
-    output_dir: str
-    """Folder for checkpoints, the LoRA file, validation images and events.jsonl. Required."""
-    output_name: str = "lora"
-    """Name of the LoRA file written to output_dir (<output_name>.safetensors): letters, digits, - and _."""
-    dataset_manifest: str | tuple[str, ...] | None = None
-    """Manifest written by Build Dataset (`python -m trainer build-dataset`): images, captions and their
-    latent / text-embedding caches; or a list of manifests to train on several datasets at once (their
-    batches are interleaved, each batch from one dataset). Give this or data_backend_config."""
-    data_backend_config: str | None = None
-    """SimpleTuner's multidatabackend.json (a list of datasets). Give this or dataset_manifest."""
-    vae_batch_size: int = 4
-    """Images per VAE encode while caching latents. >= 1."""
-    train_batch_size: int = 1
-    """Images per micro-batch on each process. >= 1."""
-    gradient_accumulation_steps: int = 1
-    """Micro-batches whose gradients are summed before each optimizer step. >= 1."""
-    caption_dropout_probability: float = 0.0
-    """Chance per sample of training on the empty prompt's real encoding instead of the caption. In [0, 1]."""
-
-    # -- LoRA --------------------------------------------------------------------------------------
-    lora_rank: int = 16
-    """LoRA rank (width of the A/B matrices). >= 1."""
-    lora_alpha: float | None = None
-    """LoRA alpha; the update is scaled by alpha / rank. > 0; null means equal to lora_rank."""
-    lora_dropout: float = 0.1
-    """Dropout on the LoRA branch's input during training. In [0, 1)."""
-    lora_init_type: Literal["default", "gaussian"] = "default"
-    """Initialisation of LoRA A (B starts at zero either way): "default" is PEFT's Kaiming-uniform,
-    "gaussian" draws A from N(0, 1/rank)."""
-    flux_lora_target: Literal["all", "attention", "mlp", "tiny"] = "all"
-    """Layers that get adapters, in double and single blocks: "all" (every attention and MLP linear),
-    "attention" (q/k/v and output projections), "mlp" (feed-forward only), "tiny" (q/k/v only)."""
-
-    # -- optimizer and schedule --------------------------------------------------------------------
-    optimizer: Literal["adamw"] = "adamw"
-    """torch.optim.AdamW over the LoRA weights (kept in fp32)."""
-    learning_rate: float = 1e-4
-    """Peak learning rate. > 0."""
-    adam_beta1: float = 0.9
-    """AdamW first-moment decay. In [0, 1)."""
-    adam_beta2: float = 0.999
-    """AdamW second-moment decay. In [0, 1)."""
-    adam_weight_decay: float = 1e-2
-    """AdamW decoupled weight decay. >= 0."""
-    adam_epsilon: float = 1e-8
-    """AdamW denominator epsilon. > 0."""
-    max_grad_norm: float = 2.0
-    """Clip the global gradient norm (torch clip_grad_norm_) to this value; 0 disables clipping. >= 0.
-    SimpleTuner's default grad_clip_method "value" clips each element instead; this trainer clips the norm."""
-    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"
-    """Learning-rate schedule after warm-up: "constant", "constant_with_warmup" (linear warm-up, then
-    constant), "cosine" and "linear" (warm-up, then decay to 0 at max_train_steps). "constant" has no
-    warm-up."""
-    lr_warmup_steps: int = 0
-    """Optimizer steps of linear warm-up from 0 to learning_rate. In [0, max_train_steps]."""
-    max_train_steps: int = 1000
-    """Optimizer steps to train. >= 1."""
-    seed: int = 42
-    """Seed for data order, noise, timesteps and LoRA init; each rank derives its own stream from it.
-    In [0, 2**31 - 1]."""
-
-    # -- objective ---------------------------------------------------------------------------------
-    flux_guidance_mode: Literal["constant", "random-range"] = "constant"
-    """Guidance value fed to FLUX.2-dev's guidance embedding while training: "constant" uses
-    flux_guidance_value; "random-range" draws uniformly from [flux_guidance_min, flux_guidance_max] per sample."""
-    flux_guidance_value: float = 1.0
-    """Guidance for "constant" mode. >= 0. 1.0 keeps the guidance distillation intact; use 3-5 at inference."""
-    flux_guidance_min: float = 0.0
-    """Lower bound for "random-range" mode. >= 0 and <= flux_guidance_max."""
-    flux_guidance_max: float = 4.0
-    """Upper bound for "random-range" mode. >= flux_guidance_min."""
-    flow_schedule_shift: float = 3.0
-    """Timestep shift: s -> shift*s / (1 + (shift-1)*s) after s ~ sigmoid(N(0, 1)). > 0; 1 = no shift;
-    higher values train more at high noise (composition)."""
-    flow_schedule_auto_shift: bool = False
-    """Use a resolution-dependent shift computed from each batch's image-token count instead of
-    flow_schedule_shift (the empirical mu of FLUX.2's sampler)."""
-    reference_timestep: Literal["shared", "zero"] = "shared"
-    """Edit/reference LoRAs (not a SimpleTuner key): the timestep that modulates the reference-image tokens.
-    "shared" gives them the sample's timestep, as Flux2Pipeline and ComfyUI do when they sample FLUX.2-dev
-    with reference images, so the LoRA trains under the conditions it is used in; the default. "zero"
-    modulates them as at timestep 0 (clean images; the guidance embedding unchanged), as SimpleTuner trains
-    FLUX.2; validation images then use it too. Has no effect on a dataset without references."""
-
-    # -- memory ------------------------------------------------------------------------------------
-    mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
-    """Compute precision of the frozen base: "bf16", "fp16", or "no" (fp32, for CPU tests). LoRA weights stay fp32."""
-    gradient_checkpointing: bool = True
-    """Recompute block activations in backward: much less memory, about 30% slower."""
-    gradient_checkpointing_interval: int | None = None
-    """Checkpoint every N-th block (blocks 0, N, 2N, ... over double then single blocks), as SimpleTuner does;
-    the others keep their activations: faster, more memory. >= 1, or null for every block."""
-
-    # -- checkpoints -------------------------------------------------------------------------------
-    checkpointing_steps: int = 500
-    """Save a resumable checkpoint-<step> folder every this many steps (SimpleTuner: checkpoint_step_interval). >= 1."""
-    checkpoints_total_limit: int | None = 5
-    """Keep at most this many checkpoints, deleting the oldest. >= 1, or null to keep all (SimpleTuner's 0)."""
-    resume_from_checkpoint: str | None = None
-    """null: start fresh; "latest": resume from the newest checkpoint in output_dir, or start fresh when
-    there is none; otherwise a checkpoint folder, as a path or a checkpoint-<step> name inside output_dir."""
-
-    # -- validation --------------------------------------------------------------------------------
-    validation_prompt: str | None = None
-    """Prompt rendered with the LoRA during training. null (or empty) and no user_prompt_library: no validation.
-    May contain <subject>."""
-    user_prompt_library: str | None = None
-    """JSON file of {name: prompt} rendered at each validation, besides validation_prompt. Prompts may
-    contain <subject>."""
-    validation_subject: str | None = None
-    """Replaces <subject> in validation_prompt and user_prompt_library prompts (not a SimpleTuner key).
-    Required when any prompt contains <subject>."""
-    validation_steps: int = 100
-    """Render validation images every this many steps and after the last step; 0: only after the last
-    step (SimpleTuner: validation_step_interval). >= 0."""
-    validation_resolution: str = "1024"
-    """Validation image size: "1024" (square) or "WIDTHxHEIGHT" ("1024x768"), multiples of 16."""
-    validation_num_inference_steps: int = 20
-    """Euler sampling steps for validation images. >= 1."""
-    validation_guidance: float = 4.0
-    """Guidance value (FLUX.2-dev's guidance embedding, not CFG) for validation images. > 0."""
-    validation_seed: int | None = None
-    """Seed for validation noise (the same images every time); null uses seed. In [0, 2**31 - 1]."""
-    validation_reference_images: str | tuple[str, ...] | None = None
-    """Edit/reference LoRAs (not a SimpleTuner key): an image file, or a list of them, given to every validation
-    prompt as FLUX.2 reference images (image k at time position 10 + 10k), prepared as Flux2Pipeline prepares
-    `image=` (shrunk to about 1024x1024 pixels when larger, centre-cropped to multiples of 16), encoded once at
-    run start and modulated with reference_timestep. null: validation renders without references."""
-
-    # -- ours: processes and failures --------------------------------------------------------------
-    distributed: Literal["fsdp2", "ddp", "none"] = "fsdp2"
-    """How torchrun's processes share the model: "fsdp2" shards each block (for models that do not fit
-    one GPU), "ddp" replicates it (faster when it fits), "none" runs one process. torchrun decides the
-    process count; with one process fsdp2 and ddp run unwrapped."""
-    nan_policy: Literal["stop", "skip_batch"] = "stop"
-    """On a non-finite loss or gradient: "stop" ends the run with an error naming the step;
-    "skip_batch" skips that optimizer step, reports it, and goes on."""
-    collective_timeout_s: float = 600.0
-    """Seconds a process waits in a collective (all-reduce, barrier) for the others before the run fails:
-    a crashed or hung process then ends the run with an error instead of hanging it. > 0. Raise it when
-    rank 0 alone does long work (a first text-encoder load from a slow disk) while the others wait."""
-
-    # -- speed and memory features -----------------------------------------------------------------
-    tread_config: TreadConfig | None = None
+    model: ModelConfig
+    data: DataConfig
+    checkpoint: CheckpointConfig
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    optim: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
+    parallelism: ParallelismConfig = dataclasses.field(default_factory=ParallelismConfig)
+    validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
+    quantization: QuantizationConfig = dataclasses.field(default_factory=QuantizationConfig)
+    offload: OffloadConfig = dataclasses.field(default_factory=OffloadConfig)
+    tread: TreadConfig | None = setting("tread_config", None)
     """TREAD token routing during training, SimpleTuner's spelling:
     {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]}. null disables it."""
-    base_model_precision: QuantPrecision = "no_change"
-    """Weight quantization of the frozen transformer with optimum-quanto: "no_change", "int8-quanto",
-    "int4-quanto". Cannot be combined with distributed "fsdp2" or with group offload."""
-    text_encoder_1_precision: QuantPrecision = "no_change"
-    """Weight quantization of the Mistral text encoder while it caches embeddings, same choices."""
-    base_model_default_dtype: Literal["bf16", "fp32"] = "bf16"
-    """dtype of the transformer weights that quantization leaves unquantized (norms, embeddings)."""
-    quantize_via: Literal["cpu", "accelerator"] = "accelerator"
-    """Where weights are quantized: "cpu" (slower, for GPUs that cannot hold the unquantized model) or
-    "accelerator" (the training GPU)."""
-    enable_group_offload: bool = False
-    """Keep the transformer's blocks in CPU memory and move them to the GPU group by group (diffusers
-    group offloading), in forward and backward."""
-    group_offload_type: Literal["block_level", "leaf_level"] = "block_level"
-    """Offload granularity: "block_level" (groups of blocks, faster) or "leaf_level" (each layer, least memory)."""
-    group_offload_blocks_per_group: int = 1
-    """Blocks moved together with block_level offload; more is faster but uses more memory. >= 1."""
-    group_offload_use_stream: bool = False
-    """Overlap transfers with compute on a CUDA stream (CUDA only)."""
-    group_offload_text_encoder: bool = False
-    """Also group-offload the text encoder while it caches embeddings."""
-    group_offload_vae: bool = False
-    """Also group-offload the VAE while it caches latents."""
-    offload_during_startup: bool = False
-    """Keep the text encoder in CPU memory while the VAE caches latents (less GPU memory at start-up)."""
+    seed: int = setting("seed", 42, ge=0, le=SEED_MAX)
+    """Seed for data order, noise, timesteps and LoRA init; each rank derives its own stream from it.
+    In [0, 2**31 - 1]."""
+    nan_policy: Literal["stop", "skip_batch"] = setting("nan_policy", "stop")
+    """On a non-finite loss or gradient: "stop" ends the run with an error naming the step;
+    "skip_batch" skips that optimizer step, reports it, and goes on."""
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = _convert(f.name, getattr(self, f.name), _HINTS[f.name], from_json=False)
-            object.__setattr__(self, f.name, value)
-        self._check_fields()
-        self._check_cross_fields()
+        for name in _GROUPS:
+            if not isinstance(getattr(self, name), _GROUPS[name]):
+                raise ValueError(f"TrainConfig.{name} must be a {_GROUPS[name].__name__}, got {getattr(self, name)!r}.")
+        check_fields(self)
+        if self.validation.seed is None:  # resolved once: validation renders with a number
+            object.__setattr__(self, "validation", dataclasses.replace(self.validation, seed=self.seed))
+        self.check_processes(None)
         self._warn_unused()
 
-    # -- per-field checks --------------------------------------------------------------------------
+    def check_processes(self, world_size: int | None) -> None:
+        """The rules across sub-configs that depend on the process count (None: not known yet), asked when the
+        config is read, at launch (run.run_training) and in model.build_model with the device too."""
+        self.quantization.check_compatible(mixed_precision=self.memory.mixed_precision,
+                                           distributed=self.parallelism.distributed, world_size=world_size,
+                                           offload=self.offload)
+        self.offload.check_compatible(gradient_checkpointing=self.memory.gradient_checkpointing,
+                                      distributed=self.parallelism.distributed, world_size=world_size, device=None)
 
-    def _check_fields(self) -> None:
-        self._check_model_path()
-        for key in ("pretrained_transformer_model_name_or_path", "pretrained_vae_model_name_or_path"):
-            _check_file(key, getattr(self, key), what="a local single-file .safetensors", suffix=".safetensors")
-        if not self.output_dir.strip():
-            raise ValueError("output_dir is empty; give the folder for checkpoints and the LoRA file.")
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", self.output_name):
-            raise ValueError(f"output_name {self.output_name!r} may hold only letters, digits, - and _ (and not start with - or _).")
-        for manifest in _as_paths(self.dataset_manifest):
-            _check_file("dataset_manifest", manifest, what="the manifest written by Build Dataset")
-        _check_file("data_backend_config", self.data_backend_config, what="a multidatabackend.json file")
-        _check_file("user_prompt_library", self.user_prompt_library, what="a JSON file of {name: prompt}")
-        for image in _as_paths(self.validation_reference_images):
-            _check_reference_image("validation_reference_images", image)
-
-        for key in ("vae_batch_size", "train_batch_size", "gradient_accumulation_steps", "lora_rank",
-                    "max_train_steps", "checkpointing_steps", "validation_num_inference_steps",
-                    "group_offload_blocks_per_group"):
-            _at_least(key, getattr(self, key), 1)
-        for key in ("lr_warmup_steps", "validation_steps", "seed"):
-            _at_least(key, getattr(self, key), 0)
-        _at_most("seed", self.seed, SEED_MAX)
-        if self.validation_seed is not None:
-            _at_least("validation_seed", self.validation_seed, 0)
-            _at_most("validation_seed", self.validation_seed, SEED_MAX)
-        if self.gradient_checkpointing_interval is not None:
-            _at_least("gradient_checkpointing_interval", self.gradient_checkpointing_interval, 1,
-                      fix="use null to checkpoint every block")
-        if self.checkpoints_total_limit is not None:
-            _at_least("checkpoints_total_limit", self.checkpoints_total_limit, 1,
-                      fix="use null to keep every checkpoint (SimpleTuner's 0)")
-
-        _positive("learning_rate", self.learning_rate)
-        _positive("adam_epsilon", self.adam_epsilon)
-        _positive("flow_schedule_shift", self.flow_schedule_shift, fix="1.0 means no shift")
-        _positive("validation_guidance", self.validation_guidance)
-        _positive("collective_timeout_s", self.collective_timeout_s, fix="600 is the default")
-        if self.lora_alpha is not None:
-            _positive("lora_alpha", self.lora_alpha, fix="use null for alpha = lora_rank")
-        for key in ("adam_weight_decay", "max_grad_norm", "flux_guidance_value", "flux_guidance_min", "flux_guidance_max"):
-            _at_least(key, getattr(self, key), 0.0)
-        for key in ("adam_beta1", "adam_beta2", "lora_dropout"):
-            _in_unit(key, getattr(self, key), upper_open=True)
-        _in_unit("caption_dropout_probability", self.caption_dropout_probability, upper_open=False)
-
-        if self.resume_from_checkpoint is not None and self.resume_from_checkpoint != "latest":
-            self._check_resume_path()
-        for key in ("validation_prompt", "validation_subject"):
-            value = getattr(self, key)
-            if value is not None and not value.strip():
-                raise ValueError(f"{key} is blank; use null for none.")
-        parse_resolution(self.validation_resolution, key="validation_resolution")
-
-    def _check_model_path(self) -> None:
-        value = self.pretrained_model_name_or_path
-        path = Path(value).expanduser()
-        if not value.strip() or not path.exists():
-            raise ValueError(
-                f"pretrained_model_name_or_path {value!r} is not an existing local folder. This trainer cannot "
-                "download weights: give the path of the local diffusers FLUX.2 folder (model_index.json, "
-                "transformer/, vae/, text_encoder/, tokenizer/, scheduler/)."
-            )
-        if not path.is_dir():
-            raise ValueError(
-                f"pretrained_model_name_or_path {value!r} is a file; give the diffusers FLUX.2 folder, and a "
-                "single-file transformer as pretrained_transformer_model_name_or_path."
-            )
-
-    def _check_resume_path(self) -> None:
-        value = self.resume_from_checkpoint
-        assert value is not None
-        path = Path(value).expanduser()
-        if not path.is_absolute() and re.fullmatch(r"checkpoint-\d+", value):
-            path = Path(self.output_dir).expanduser() / value
-        if not path.is_dir():
-            raise ValueError(
-                f"resume_from_checkpoint {value!r}: no checkpoint folder at {path}; use null to start fresh, "
-                "'latest' for the newest checkpoint in output_dir, or an existing checkpoint-<step> folder."
-            )
-
-    # -- checks across fields ----------------------------------------------------------------------
-
-    def _check_cross_fields(self) -> None:
-        if self.dataset_manifest is None and self.data_backend_config is None:
-            raise ValueError("dataset_manifest or data_backend_config is required: give the dataset to train on.")
-        if self.dataset_manifest is not None and self.data_backend_config is not None:
-            raise ValueError("dataset_manifest and data_backend_config are both set; give one dataset source.")
-        if self.flux_guidance_min > self.flux_guidance_max:
-            raise ValueError(
-                f"flux_guidance_min {self.flux_guidance_min} is above flux_guidance_max {self.flux_guidance_max}; "
-                "the random-range draws from [min, max]."
-            )
-        if self.lr_warmup_steps > self.max_train_steps:
-            raise ValueError(
-                f"lr_warmup_steps {self.lr_warmup_steps} is more than max_train_steps {self.max_train_steps}; "
-                "the learning rate would never reach learning_rate. Lower lr_warmup_steps."
-            )
-        if self.base_model_precision != "no_change" and self.distributed == "fsdp2":
-            raise ValueError(
-                f"base_model_precision {self.base_model_precision!r} cannot be combined with distributed 'fsdp2' "
-                "(FSDP2 cannot shard quanto's quantized weights): set distributed to 'ddp' or 'none', or "
-                "base_model_precision to 'no_change'."
-            )
-        if self.base_model_precision != "no_change" and self.enable_group_offload:
-            raise ValueError(
-                f"base_model_precision {self.base_model_precision!r} cannot be combined with enable_group_offload "
-                "(quanto's quantized layers cannot be moved by group offload hooks): disable one of them."
-            )
-        if self.validation_prompt is not None or self.user_prompt_library is not None:
-            self.validation_prompts()  # reads the library now so a bad file fails before training
+    def __getattr__(self, name: str) -> Any:
+        """A setting by its flat JSON key, as the file spells it: config.learning_rate is config.optim.learning_rate,
+        config.dataset_manifest a path string (or a list). The trainer itself reads the typed sub-configs."""
+        where = KEYS.get(name)
+        if where is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return to_json_value(_read(self, where))
 
     def _warn_unused(self) -> None:
         """Settings the chosen modes ignore: harmless, but probably not what the user meant (STYLE §4)."""
-        defaults = _DEFAULTS
+        changed = {key for key, where in KEYS.items() if _read(self, where) != DEFAULTS.get(key, dataclasses.MISSING)}
         unused: list[tuple[str, str]] = []
-        if self.lr_scheduler == "constant" and self.lr_warmup_steps > 0:
+        if self.schedule.scheduler == "constant" and self.schedule.warmup_steps > 0:
             unused.append(("lr_warmup_steps", "lr_scheduler is 'constant' (use 'constant_with_warmup' for a warm-up)"))
-        if self.flux_guidance_mode == "constant":
+        if self.objective.guidance.mode == "constant":
             unused += [(k, "flux_guidance_mode is 'constant'") for k in ("flux_guidance_min", "flux_guidance_max")
-                       if getattr(self, k) != defaults[k]]
-        elif self.flux_guidance_value != defaults["flux_guidance_value"]:
+                       if k in changed]
+        elif "flux_guidance_value" in changed:
             unused.append(("flux_guidance_value", "flux_guidance_mode is 'random-range'"))
-        if self.flow_schedule_auto_shift and self.flow_schedule_shift != defaults["flow_schedule_shift"]:
+        if self.objective.auto_shift and "flow_schedule_shift" in changed:
             unused.append(("flow_schedule_shift", "flow_schedule_auto_shift is on"))
-        if not self.gradient_checkpointing and self.gradient_checkpointing_interval is not None:
+        if not self.memory.gradient_checkpointing and self.memory.gradient_checkpointing_interval is not None:
             unused.append(("gradient_checkpointing_interval", "gradient_checkpointing is off"))
-        if not self.enable_group_offload:
-            unused += [(k, "enable_group_offload is off") for k in _GROUP_OFFLOAD_KEYS if getattr(self, k) != defaults[k]]
-        if self.base_model_precision == "no_change" and self.text_encoder_1_precision == "no_change":
-            unused += [(k, "nothing is quantized") for k in ("base_model_default_dtype", "quantize_via")
-                       if getattr(self, k) != defaults[k]]
-        if self.validation_subject is not None and not any(
-            SUBJECT_PLACEHOLDER in p for p in self._raw_prompts().values()
+        if not self.offload.enabled:
+            unused += [(k, "enable_group_offload is off") for k in _GROUP_OFFLOAD_KEYS if k in changed]
+        if not self.quantization.base_quantized and self.quantization.text_encoder_precision == "no_change":
+            unused += [(k, "nothing is quantized") for k in ("base_model_default_dtype", "quantize_via") if k in changed]
+        if self.validation.subject is not None and not any(
+            SUBJECT_PLACEHOLDER in p for p in self.validation.raw_prompts().values()
         ):
             unused.append(("validation_subject", f"no validation prompt contains {SUBJECT_PLACEHOLDER}"))
-        if self.validation_reference_images is not None and self.validation_prompt is None \
-                and self.user_prompt_library is None:
+        if self.validation.reference_images and not self.validation.enabled:
             unused.append(("validation_reference_images", "there is no validation prompt"))
         for key, why in unused:
             log.warning("config: %s=%r has no effect because %s.", key, getattr(self, key), why)
@@ -691,23 +650,26 @@ class TrainConfig:
         """Build from a flat dict of SimpleTuner-named keys ("--key" or "key")."""
         if not isinstance(data, dict):
             raise ValueError(f"the config must be a JSON object of keys, got {type(data).__name__}.")
-        kwargs: dict[str, Any] = {}
+        values: dict[str, Any] = {}
         given_as: dict[str, str] = {}
         for raw_key, value in data.items():
             if not isinstance(raw_key, str):
                 raise ValueError(f"config key {raw_key!r} is not a string.")
             key = raw_key[2:] if raw_key.startswith("--") else raw_key
             key = ALIASES.get(key, key)
-            if key not in KNOWN_KEYS:
-                raise ValueError(_unknown_key_message(raw_key))
+            if key not in KEYS:
+                raise ValueError(unknown_key_message(raw_key, known=KNOWN_KEYS))
             if key in given_as:
                 raise ValueError(f"config keys {given_as[key]!r} and {raw_key!r} both set {key}; keep one.")
             given_as[key] = raw_key
-            kwargs[key] = _convert(key, value, _HINTS[key], from_json=True)
-        missing = [k for k in _REQUIRED if k not in kwargs]
+            spec, hint = _SPECS[key], _HINTS[key]
+            values[key] = convert(key, value, hint, from_json=True, default=DEFAULTS.get(key, dataclasses.MISSING),
+                                  why_refused=choice_hint, empty_means_null=spec.empty_means_null,
+                                  number_as_text=spec.number_as_text)
+        missing = [k for k in _REQUIRED if k not in values]
         if missing:
             raise ValueError(f"config is missing required key(s) {missing}: {_REQUIRED_HELP}")
-        return cls(**kwargs)
+        return _build(cls, values)
 
     @classmethod
     def from_json(cls, path: str | Path) -> TrainConfig:
@@ -730,233 +692,72 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Flat, JSON-serialisable dict of every key; from_dict(to_dict()) == self."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = value.to_dict() if isinstance(value, TreadConfig) else value
-        return out
+        return {key: to_json_value(_read(self, where)) for key, where in KEYS.items()}
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
-    # -- derived values ----------------------------------------------------------------------------
-
-    def validation_size(self) -> tuple[int, int]:
-        """(width, height) of validation images."""
-        return parse_resolution(self.validation_resolution, key="validation_resolution")
-
-    def validation_prompts(self) -> dict[str, str]:
-        """Name -> prompt for each validation image, with <subject> replaced by validation_subject.
-
-        validation_prompt comes first under the name "validation_prompt", then user_prompt_library in file order.
-        """
-        prompts = self._raw_prompts()
-        if self.validation_subject is None:
-            needing = [name for name, p in prompts.items() if SUBJECT_PLACEHOLDER in p]
-            if needing:
-                raise ValueError(
-                    f"validation prompt(s) {needing} contain {SUBJECT_PLACEHOLDER} but validation_subject is null; "
-                    "set validation_subject to the words that should replace it."
-                )
-            return prompts
-        return {name: p.replace(SUBJECT_PLACEHOLDER, self.validation_subject) for name, p in prompts.items()}
-
-    def _raw_prompts(self) -> dict[str, str]:
-        prompts: dict[str, str] = {}
-        if self.validation_prompt is not None:
-            prompts["validation_prompt"] = self.validation_prompt
-        if self.user_prompt_library is not None:
-            library = _read_prompt_library(Path(self.user_prompt_library).expanduser())
-            clash = set(library) & set(prompts)
-            if clash:
-                raise ValueError(f"user_prompt_library uses the reserved name(s) {sorted(clash)}; rename those entries.")
-            prompts.update(library)
-        return prompts
-
-    # -- grouped views -----------------------------------------------------------------------------
-
-    @property
-    def model(self) -> ModelSettings:
-        return ModelSettings(
-            root=Path(self.pretrained_model_name_or_path).expanduser(),
-            transformer_file=_opt_path(self.pretrained_transformer_model_name_or_path),
-            vae_file=_opt_path(self.pretrained_vae_model_name_or_path),
-            flavour=self.model_flavour,
-        )
-
-    @property
-    def lora(self) -> LoraSettings:
-        alpha = float(self.lora_rank) if self.lora_alpha is None else self.lora_alpha
-        return LoraSettings(rank=self.lora_rank, alpha=alpha, dropout=self.lora_dropout,
-                            init=self.lora_init_type, target=self.flux_lora_target)
-
-    @property
-    def optim(self) -> OptimSettings:
-        return OptimSettings(optimizer=self.optimizer, learning_rate=self.learning_rate, adam_beta1=self.adam_beta1,
-                             adam_beta2=self.adam_beta2, adam_weight_decay=self.adam_weight_decay,
-                             adam_epsilon=self.adam_epsilon, max_grad_norm=self.max_grad_norm)
-
-    @property
-    def schedule(self) -> ScheduleSettings:
-        return ScheduleSettings(scheduler=self.lr_scheduler, warmup_steps=self.lr_warmup_steps,
-                                total_steps=self.max_train_steps)
-
-    @property
-    def guidance(self) -> GuidanceSettings:
-        return GuidanceSettings(mode=self.flux_guidance_mode, value=self.flux_guidance_value,
-                                minimum=self.flux_guidance_min, maximum=self.flux_guidance_max)
-
-    @property
-    def objective(self) -> ObjectiveSettings:
-        return ObjectiveSettings(shift=self.flow_schedule_shift, auto_shift=self.flow_schedule_auto_shift,
-                                 guidance=self.guidance, caption_dropout_probability=self.caption_dropout_probability,
-                                 reference_timestep=self.reference_timestep)
-
-    @property
-    def checkpoint(self) -> CheckpointSettings:
-        return CheckpointSettings(output_dir=Path(self.output_dir).expanduser(), every_steps=self.checkpointing_steps,
-                                  total_limit=self.checkpoints_total_limit, resume_from=self.resume_from_checkpoint)
-
-    @property
-    def validation(self) -> ValidationSettings:
-        width, height = self.validation_size()
-        return ValidationSettings(
-            prompt=self.validation_prompt, prompt_library=_opt_path(self.user_prompt_library),
-            subject=self.validation_subject, every_steps=self.validation_steps, width=width, height=height,
-            num_inference_steps=self.validation_num_inference_steps, guidance=self.validation_guidance,
-            seed=self.seed if self.validation_seed is None else self.validation_seed,
-            reference_images=tuple(Path(p).expanduser() for p in _as_paths(self.validation_reference_images)),
-        )
-
-    @property
-    def memory(self) -> MemorySettings:
-        return MemorySettings(gradient_checkpointing=self.gradient_checkpointing,
-                              gradient_checkpointing_interval=self.gradient_checkpointing_interval,
-                              mixed_precision=self.mixed_precision)
-
-    @property
-    def offload(self) -> OffloadSettings:
-        return OffloadSettings(enabled=self.enable_group_offload, offload_type=self.group_offload_type,
-                               blocks_per_group=self.group_offload_blocks_per_group,
-                               use_stream=self.group_offload_use_stream, text_encoder=self.group_offload_text_encoder,
-                               vae=self.group_offload_vae, during_startup=self.offload_during_startup)
-
-    @property
-    def quantization(self) -> QuantizationSettings:
-        return QuantizationSettings(base_model_precision=self.base_model_precision,
-                                    text_encoder_precision=self.text_encoder_1_precision,
-                                    base_model_default_dtype=self.base_model_default_dtype,
-                                    quantize_via=self.quantize_via)
-
-    @property
-    def tread(self) -> TreadConfig | None:
-        return self.tread_config
-
-    @property
-    def data(self) -> DataSettings:
-        return DataSettings(dataset_manifests=tuple(Path(p).expanduser() for p in _as_paths(self.dataset_manifest)),
-                            data_backend_config=_opt_path(self.data_backend_config),
-                            train_batch_size=self.train_batch_size,
-                            gradient_accumulation_steps=self.gradient_accumulation_steps,
-                            vae_batch_size=self.vae_batch_size)
-
 
 # ---------------------------------------------------------------------------------------------------
-# Tables derived from the dataclass, so the keys, the choices and the docs cannot drift apart
+# The key table, derived from the declarations above so keys, types, defaults and docs cannot drift apart
 # ---------------------------------------------------------------------------------------------------
 
-_HINTS: dict[str, Any] = typing.get_type_hints(TrainConfig)
-KNOWN_KEYS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(TrainConfig))
-_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(TrainConfig)
-                             if f.default is not dataclasses.MISSING}
-_REQUIRED: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in _DEFAULTS)
+
+_GROUPS: dict[str, type] = {f.name: typing.get_type_hints(TrainConfig)[f.name]
+                            for f in dataclasses.fields(TrainConfig) if field_setting(f) is None}
+
+
+def _walk(cls: type, path: tuple[str, ...]) -> typing.Iterator[tuple[str, tuple[str, ...], dataclasses.Field, Any]]:
+    """(flat key, attribute path, field, type hint) of every setting under cls, nested groups included."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        spec = field_setting(f)
+        if spec is not None:
+            yield spec.key, path + (f.name,), f, hints[f.name]
+        elif dataclasses.is_dataclass(hints[f.name]):
+            yield from _walk(hints[f.name], path + (f.name,))
+
+
+_TABLE = list(_walk(TrainConfig, ()))
+KEYS: dict[str, tuple[str, ...]] = {key: where for key, where, _, _ in _TABLE}
+"""Flat JSON key -> attribute path in TrainConfig (e.g. "lora_rank" -> ("lora", "rank"))."""
+KNOWN_KEYS: frozenset[str] = frozenset(KEYS)
+DEFAULTS: dict[str, Any] = {key: f.default for key, _, f, _ in _TABLE if f.default is not dataclasses.MISSING}
+_SPECS: dict[str, Setting] = {key: field_setting(f) for key, _, f, _ in _TABLE}
+_HINTS: dict[str, Any] = {key: hint for key, _, _, hint in _TABLE}
+_REQUIRED: tuple[str, ...] = tuple(k for k in KEYS if k not in DEFAULTS)
 _REQUIRED_HELP = ("pretrained_model_name_or_path is the local diffusers FLUX.2 folder and output_dir the folder "
                   "for checkpoints and the LoRA file.")
 _GROUP_OFFLOAD_KEYS = ("group_offload_type", "group_offload_blocks_per_group", "group_offload_use_stream",
                        "group_offload_text_encoder", "group_offload_vae")
-
-
-def _literal_choices(hint: Any) -> tuple[str, ...] | None:
-    if typing.get_origin(hint) is Literal:
-        return tuple(typing.get_args(hint))
-    return None
-
+assert len(KEYS) == len(_TABLE), "a flat key is declared twice"
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    name: choices for name, hint in _HINTS.items() if (choices := _literal_choices(hint)) is not None
+    key: choices for key, hint in _HINTS.items() if (choices := literal_choices(hint)) is not None
 }
 """Key -> allowed strings, in display order; node combo widgets use these lists."""
 
-ALIASES: dict[str, str] = {
-    "checkpoint_step_interval": "checkpointing_steps",
-    "validation_step_interval": "validation_steps",
-}
-"""SimpleTuner's current names for keys this trainer spells the older SimpleTuner way."""
 
-_NO_HUB = "this trainer never talks to the Hugging Face Hub; upload the LoRA file yourself"
-_NO_TRACKER = "progress goes to events.jsonl in output_dir (charted live by the Train LoRA node); there is no tracker integration"
-_DATASET = "dataset settings belong to the dataset (the Build Dataset node, or the entries of data_backend_config)"
-_NO_CFG = "validation samples FLUX.2-dev through its guidance embedding (validation_guidance) without true CFG or a negative prompt"
-_LORA_ONLY = "this trainer trains standard PEFT LoRA only (no LyCORIS / LoKr)"
-_SCHEDULERS = "only the lr_scheduler choices constant, constant_with_warmup, cosine and linear exist"
+def _read(config: Any, where: tuple[str, ...]) -> Any:
+    for name in where:
+        config = object.__getattribute__(config, name)
+    return config
 
-UNSUPPORTED_KEYS: dict[str, str] = {
-    "report_to": _NO_TRACKER, "tracker_project_name": _NO_TRACKER, "tracker_run_name": _NO_TRACKER,
-    "tracker_image_layout": _NO_TRACKER, "logging_dir": _NO_TRACKER, "webhook_config": _NO_TRACKER,
-    "push_to_hub": _NO_HUB, "push_checkpoints_to_hub": _NO_HUB, "hub_model_id": _NO_HUB,
-    "model_card_safe_for_work": _NO_HUB, "model_card_note": _NO_HUB,
-    "num_train_epochs": "training length is set by max_train_steps only",
-    "lora_type": _LORA_ONLY, "lycoris_config": _LORA_ONLY, "init_lokr_norm": _LORA_ONLY,
-    "lora_format": "the saved LoRA layout is chosen by this trainer (ComfyUI/BFL keys that load in stock ComfyUI)",
-    "use_ema": "EMA weights are not implemented", "ema_decay": "EMA weights are not implemented",
-    "grad_clip_method": "max_grad_norm always clips the global gradient norm (SimpleTuner's default 'value' clips each element)",
-    "validation_negative_prompt": _NO_CFG, "validation_guidance_real": _NO_CFG,
-    "validation_no_cfg_until_timestep": _NO_CFG, "validation_guidance_rescale": _NO_CFG,
-    "validation_disable_unconditional": _NO_CFG,
-    "validation_prompt_library": "SimpleTuner's built-in prompt library is not shipped; use user_prompt_library",
-    "validation_torch_compile": "validation runs the pipeline uncompiled",
-    "num_eval_images": "evaluation metrics are not implemented",
-    "eval_steps_interval": "evaluation metrics are not implemented",
-    "resolution": _DATASET, "resolution_type": _DATASET, "minimum_image_size": _DATASET,
-    "maximum_image_size": _DATASET, "target_downsample_size": _DATASET, "aspect_bucket_rounding": _DATASET,
-    "disable_bucket_pruning": _DATASET, "crop": _DATASET, "crop_style": _DATASET, "crop_aspect": _DATASET,
-    "caption_strategy": _DATASET, "instance_data_dir": _DATASET, "repeats": _DATASET,
-    "cache_dir": _DATASET, "cache_dir_vae": _DATASET, "cache_dir_text": _DATASET,
-    "lr_end": _SCHEDULERS, "lr_power": _SCHEDULERS, "lr_num_cycles": _SCHEDULERS,
-    "optimizer_config": "the optimizer is AdamW with the adam_* keys",
-    "use_8bit_adam": "the optimizer is torch AdamW (optimizer 'adamw')",
-    "fuse_qkv_projections": "attention runs with the separate q/k/v projections the LoRA targets",
-    "fused_qkv_projections": "attention runs with the separate q/k/v projections the LoRA targets",
-    "controlnet": "ControlNet training is not implemented",
-    "train_text_encoder": "only the transformer is trained; the text encoder only caches embeddings",
-    "text_encoder_2_precision": "FLUX.2 has one text encoder: use text_encoder_1_precision",
-    "text_encoder_3_precision": "FLUX.2 has one text encoder: use text_encoder_1_precision",
-    "text_encoder_4_precision": "FLUX.2 has one text encoder: use text_encoder_1_precision",
-    "pretrained_transformer_subfolder": ("the transformer is read from the model folder's transformer/ subfolder "
-                                         "or from pretrained_transformer_model_name_or_path"),
-    "custom_text_encoder_intermediary_layers": "text features are the Mistral hidden states 10, 20 and 30, as FLUX.2-dev expects",
-    "flux_attention_masked_training": "a FLUX.1 option; FLUX.2-dev does not mask text padding",
-    "flux_fast_schedule": "a FLUX.1 schnell option",
-    "snr_gamma": "the loss is plain flow-matching MSE", "noise_offset": "the loss is plain flow-matching MSE",
-    "input_perturbation": "the loss is plain flow-matching MSE",
-    "attention_mechanism": "attention uses diffusers' default (PyTorch SDPA)",
-    "disable_benchmark": "there is no start-up benchmark to disable",
-    "i_know_what_i_am_doing": "every supported key is always available",
-}
-"""SimpleTuner options this trainer deliberately does not implement, with the reason given to the user."""
 
-_CHOICE_HINTS: dict[str, dict[str, str]] = {
-    "model_type": {"full": "full fine-tuning is not supported; this trainer trains LoRA adapters only"},
-    "model_family": {"flux": "this trainer is for FLUX.2; FLUX.1 is model_family 'flux' in SimpleTuner"},
-    "model_flavour": {
-        "klein-4b": "FLUX.2-klein uses a Qwen3 text encoder and has no guidance embedding; only FLUX.2-dev is supported",
-        "klein-9b": "FLUX.2-klein uses a Qwen3 text encoder and has no guidance embedding; only FLUX.2-dev is supported",
-    },
-    "optimizer": {"adamw_bf16": "SimpleTuner's bf16 AdamW is not implemented; 'adamw' keeps fp32 LoRA weights"},
-    "mixed_precision": {"fp8": "fp8 training is not implemented"},
-    "lora_init_type": {k: "only PEFT's default and gaussian initialisations are supported" for k in ("loftq", "olora", "pissa")},
-}
-_QUANT_HINT = "only optimum-quanto int8/int4 weight quantization is implemented"
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    """cls built from the converted flat values: each nested group from the keys under it."""
+    kwargs: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        spec = field_setting(f)
+        if spec is not None:
+            if spec.key in values:
+                kwargs[f.name] = values[spec.key]
+        elif dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], values)
+    return cls(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -987,207 +788,3 @@ def parse_resolution(value: str | int, *, key: str = "validation_resolution") ->
             raise ValueError(f"{key} {value!r}: {name} {side} is above {MAX_VALIDATION_SIDE} pixels; FLUX.2 renders up to "
                              "about 4 megapixels (e.g. 2048x2048).")
     return width, height
-
-
-def _unknown_key_message(raw_key: str) -> str:
-    key = raw_key[2:] if raw_key.startswith("--") else raw_key
-    if key in UNSUPPORTED_KEYS:
-        return (f"config key {raw_key!r} is a SimpleTuner option that this trainer does not support: "
-                f"{UNSUPPORTED_KEYS[key]}. Remove it from the config.")
-    if key.startswith("sdnq_"):
-        return f"config key {raw_key!r} is a SimpleTuner SDNQ option, not supported: {_QUANT_HINT}. Remove it."
-    return (f"unknown config key {raw_key!r}{_closest(key, sorted(KNOWN_KEYS | set(ALIASES)))} "
-            "Keys follow SimpleTuner's names; see trainer/config.py TrainConfig for the list.")
-
-
-def _closest(key: str, candidates: list[str]) -> str:
-    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.0)
-    return f"; did you mean {match[0]!r}?" if match else ""
-
-
-def _type_name(hint: Any) -> str:
-    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(hint, str(hint))
-
-
-def _split_optional(hint: Any) -> tuple[Any, bool]:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(hint)) == 2:
-            return args[0], True
-    return hint, False
-
-
-def _convert(key: str, value: Any, hint: Any, *, from_json: bool) -> Any:
-    """The value as the field's type. from_json also accepts SimpleTuner's string spellings ("1e-4", "true")."""
-    if hint == _PATHS_HINT:
-        return _convert_paths(key, value)
-    base, optional = _split_optional(hint)
-    if value is None:
-        if optional:
-            return None
-        default = _DEFAULTS.get(key, dataclasses.MISSING)
-        fix = f"; remove the key to use the default {default!r}" if default is not dataclasses.MISSING else ""
-        raise ValueError(f"{key} must be {_expected(base)}, got null{fix}.")
-    choices = _literal_choices(base)
-    if choices is not None:
-        if not isinstance(value, str) or value not in choices:
-            hint_text = _CHOICE_HINTS.get(key, {}).get(value) if isinstance(value, str) else None
-            if hint_text is None and key in ("base_model_precision", "text_encoder_1_precision") and isinstance(value, str):
-                hint_text = _QUANT_HINT
-            extra = f" ({hint_text})" if hint_text else ""
-            raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}{extra}.")
-        return value
-    if base is TreadConfig:
-        if isinstance(value, TreadConfig):
-            return value
-        if from_json:
-            return TreadConfig.from_dict(value)
-        raise ValueError(f"tread_config must be a TreadConfig (use TrainConfig.from_dict for JSON), got {value!r}.")
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if from_json and isinstance(value, str) and value.strip().lower() in ("true", "false"):
-            return value.strip().lower() == "true"
-        raise ValueError(f"{key} must be true or false, got {value!r}.")
-    if base is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if from_json and isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-            return int(value)
-        raise ValueError(f"{key} must be a whole number, got {value!r}.")
-    if base is float:
-        number: Any = value
-        if from_json and isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                raise ValueError(f"{key} must be a number, got {value!r}.") from None
-        if isinstance(number, bool) or not isinstance(number, (int, float)):
-            raise ValueError(f"{key} must be a number, got {value!r}.")
-        if not math.isfinite(number):
-            raise ValueError(f"{key} must be a finite number, got {value!r}.")
-        return float(number)
-    if base is str:
-        if isinstance(value, str):
-            if from_json and optional and not value.strip() and key in _EMPTY_MEANS_NULL:
-                return None  # SimpleTuner writes "" for "none" in these keys
-            return value
-        if from_json and key == "validation_resolution" and isinstance(value, int) and not isinstance(value, bool):
-            return str(value)  # SimpleTuner accepts a bare number of pixels
-        raise ValueError(f"{key} must be a string, got {value!r}.")
-    raise AssertionError(f"config field {key} has an unhandled type {hint!r}")
-
-
-_PATHS_HINT = str | tuple[str, ...] | None
-
-
-def _convert_paths(key: str, value: Any) -> str | tuple[str, ...] | None:
-    """One path (a string) or several (a JSON list of strings, kept as a tuple)."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v.strip() for v in value):
-        if len(set(value)) != len(value):
-            fix = "give each dataset once (repeats weights it)" if key == "dataset_manifest" else "give each file once"
-            raise ValueError(f"{key} lists a path twice ({list(value)}); {fix}.")
-        return tuple(value)
-    raise ValueError(f"{key} must be a path or a non-empty list of paths, got {value!r}.")
-
-
-def _as_paths(value: str | tuple[str, ...] | None) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    return (value,) if isinstance(value, str) else value
-
-
-_EMPTY_MEANS_NULL = frozenset({"resume_from_checkpoint", "validation_prompt", "validation_subject",
-                               "user_prompt_library", "pretrained_transformer_model_name_or_path",
-                               "pretrained_vae_model_name_or_path"})
-
-
-def _expected(base: Any) -> str:
-    choices = _literal_choices(base)
-    if choices is not None:
-        return f"one of {list(choices)}"
-    if base is TreadConfig:
-        return 'an object like {"routes": [...]}'
-    return _type_name(base)
-
-
-def _at_least(key: str, value: float, lo: float, *, fix: str | None = None) -> None:
-    if value < lo:
-        raise ValueError(f"{key} must be >= {lo}, got {value!r}" + (f"; {fix}." if fix else "."))
-
-
-def _at_most(key: str, value: float, hi: float) -> None:
-    if value > hi:
-        raise ValueError(f"{key} must be <= {hi}, got {value!r}.")
-
-
-def _positive(key: str, value: float, *, fix: str | None = None) -> None:
-    if not value > 0:
-        raise ValueError(f"{key} must be > 0, got {value!r}" + (f"; {fix}." if fix else "."))
-
-
-def _in_unit(key: str, value: float, *, upper_open: bool) -> None:
-    ok = 0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0
-    if not ok:
-        bounds = "[0, 1)" if upper_open else "[0, 1]"
-        raise ValueError(f"{key} must be in {bounds}, got {value!r}.")
-
-
-def _check_file(key: str, value: str | None, *, what: str, suffix: str | None = None) -> None:
-    if value is None:
-        return
-    path = Path(value).expanduser()
-    if not path.is_file():
-        state = "is a folder" if path.is_dir() else "does not exist"
-        raise ValueError(f"{key} {value!r} {state}; give {what}.")
-    if suffix is not None and path.suffix.lower() != suffix:
-        raise ValueError(f"{key} {value!r} is not a {suffix} file; give {what}.")
-
-
-def _check_reference_image(key: str, value: str) -> None:
-    """An existing image file PIL can decode, usable as a FLUX.2 reference (flux2.prepare_reference_pixels)."""
-    if not value.strip():
-        raise ValueError(f"{key} holds a blank path; give image files, or null for none.")
-    _check_file(key, value, what="an image file (PNG, JPEG, WebP)")
-    # Lazy: this module imports only the standard library (ComfyUI imports it at start-up).
-    from PIL import Image, UnidentifiedImageError
-
-    from .flux2 import prepare_reference_pixels
-
-    try:
-        with Image.open(Path(value).expanduser()) as image:
-            image.load()  # decodes every pixel: a truncated file fails here, not at the first validation
-            prepare_reference_pixels([image], input_name=f"{key} {value!r}")
-    except UnidentifiedImageError:
-        raise ValueError(f"{key} {value!r} is not an image file PIL can read; {_IMAGE_FIX}.") from None
-    except (OSError, SyntaxError) as exc:
-        raise ValueError(f"{key} {value!r} cannot be read as an image ({exc}); {_IMAGE_FIX}.") from None
-
-
-_IMAGE_FIX = "give a PNG, JPEG or WebP image"
-
-
-def _read_prompt_library(path: Path) -> dict[str, str]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"user_prompt_library {path} is not valid JSON: {exc.msg} at line {exc.lineno}.") from exc
-    except OSError as exc:
-        raise ValueError(f"user_prompt_library {path} cannot be read: {exc.strerror or exc}.") from exc
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"user_prompt_library {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 JSON.") from None
-    if not isinstance(data, dict) or not data:
-        raise ValueError(f"user_prompt_library {path} must be a non-empty JSON object of {{name: prompt}}.")
-    for name, prompt in data.items():
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"user_prompt_library {path}: entry {name!r} must be a non-empty prompt string, got {prompt!r}.")
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-            raise ValueError(f"user_prompt_library {path}: name {name!r} may hold only letters, digits, ., - and _ "
-                             "(it names the image files).")
-    return dict(data)
-
-
-def _opt_path(value: str | None) -> Path | None:
-    return None if value is None else Path(value).expanduser()

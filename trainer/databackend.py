@@ -31,7 +31,8 @@ Differences from SimpleTuner, each deliberate:
   probability 0 leaves the dataset out of training.
 
 Unknown keys, SimpleTuner options this trainer does not implement and bad values raise ValueError naming the
-dataset id and the key. This module imports only the standard library (ComfyUI imports it at start-up).
+dataset id and the key. This module imports only the standard library and captions.py (ComfyUI imports it at
+start-up).
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .captions import CAPTION_STRATEGIES
+
 DATASET_TYPES: tuple[str, ...] = ("image", "conditioning", "text_embeds")
 CONDITIONING_TYPES: tuple[str, ...] = ("reference_strict", "reference_loose")
 CONDITIONING_SAMPLING: tuple[str, ...] = ("combined", "random")
-CAPTION_STRATEGIES: tuple[str, ...] = ("textfile", "filename", "instanceprompt")
 RESOLUTION_TYPES: tuple[str, ...] = ("pixel_area", "area", "pixel")
 CROP_ASPECTS: tuple[str, ...] = ("square", "preserve", "closest", "random")
 CROP_STYLES: tuple[str, ...] = ("center", "random", "corner")
@@ -159,6 +161,9 @@ class BackendConfig:
     disabled: tuple[str, ...] = ()
     """ids of datasets marked disabled (listed in the report, not built)."""
     warnings: tuple[str, ...] = field(default=())
+    from_folder: bool = False
+    """One image folder given directly (single_folder_config) rather than a file: the build's messages leave
+    out the dataset id, which the user never chose."""
 
     def text_spec_for(self, dataset: ImageDatasetSpec) -> TextEmbedsSpec:
         if dataset.text_embeds is not None:
@@ -184,6 +189,40 @@ class BackendConfig:
                              "write_batch_size": t.write_batch_size, "default": t.default} for t in self.text_embeds],
             "disabled": list(self.disabled),
         }
+
+
+def single_folder_config(
+    image_dir: str | Path,
+    *,
+    resolution: int = 512,
+    repeats: int = 1,
+    caption_strategy: str = "textfile",
+    instance_prompt: str | None = None,
+    crop_aspect: str = "closest",
+    crop_style: str = "center",
+    minimum_image_size: float | None = None,
+    disable_multiline_split: bool = False,
+    text_batch_size: int = 4,
+) -> BackendConfig:
+    """One image folder as a BackendConfig of one dataset (id "default"): Build Dataset's widgets, the CLI's
+    --images. repeats counts appearances per epoch (1 = once); resolution is a side in pixels (buckets of
+    about resolution^2 pixels); minimum_image_size 0 or None keeps every size; its embeddings go to the build's
+    text/ folder, text_batch_size at a time."""
+    if not isinstance(resolution, int) or resolution < 16 or resolution % 16:
+        raise ValueError(
+            f"resolution {resolution!r} must be a multiple of 16 and >= 16; FLUX.2 LoRAs train at 512-1024."
+        )
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats {repeats!r} must be an integer >= 1 (how often each image appears per epoch).")
+    if text_batch_size < 1:
+        raise ValueError(f"text_batch_size must be >= 1, got {text_batch_size}.")
+    spec = ImageDatasetSpec(id="default", instance_data_dir=Path(image_dir).expanduser(),
+                            caption_strategy=caption_strategy, instance_prompt=instance_prompt,
+                            resolution=resolution, repeats=repeats - 1, crop_aspect=crop_aspect, crop_style=crop_style,
+                            minimum_image_size=float(minimum_image_size) if minimum_image_size else None,
+                            disable_multiline_split=disable_multiline_split)
+    return BackendConfig(path=None, datasets=(spec,), conditioning={}, from_folder=True,
+                         text_embeds=(TextEmbedsSpec(id="text", write_batch_size=text_batch_size, default=True),))
 
 
 # ------------------------------------------------------------------------------------------------ keys

@@ -19,6 +19,10 @@ _DIST_MARKERS = ("connection closed by peer", "connection reset by peer", "timed
                  "broken pipe", "nccl", "gloo")
 
 
+class NonFiniteLossError(RuntimeError):
+    """A non-finite loss or gradient under nan_policy "stop": the run ends before the optimizer step."""
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     torch = sys.modules.get("torch")
     oom_type = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
@@ -74,23 +78,23 @@ def peak_memory_text(device: Any = None) -> str:
 def memory_advice(config: Any) -> list[str]:
     """The config changes that lower training memory, skipping those already in effect; exact keys."""
     tips = []
-    if not config.gradient_checkpointing:
+    if not config.memory.gradient_checkpointing:
         tips.append("gradient_checkpointing: true (recompute activations in backward)")
-    if config.base_model_precision == "no_change":
+    if not config.quantization.base_quantized:
         tips.append('base_model_precision: "int8-quanto" (or "int4-quanto"; needs distributed "ddp" or "none")')
-    if not config.enable_group_offload:
+    if not config.offload.enabled:
         tips.append("enable_group_offload: true (blocks wait in CPU memory; not with quantization)")
-    if config.train_batch_size > 1:
-        tips.append(f"a smaller train_batch_size (now {config.train_batch_size}; raise gradient_accumulation_steps "
+    if config.data.train_batch_size > 1:
+        tips.append(f"a smaller train_batch_size (now {config.data.train_batch_size}; raise gradient_accumulation_steps "
                     "to keep the effective batch)")
     tips.append("a lower dataset resolution (Build Dataset resolution / build-dataset --resolution)")
-    if config.tread_config is None:
+    if config.tread is None:
         tips.append('tread_config: {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]}')
-    if config.mixed_precision == "no":
+    if config.memory.mixed_precision == "no":
         tips.append('mixed_precision: "bf16"')
-    if config.distributed != "fsdp2":
+    if config.parallelism.distributed != "fsdp2":
         tips.append('distributed: "fsdp2" over more GPUs (num_processes) to shard the model')
-    if config.validation_prompt is not None or config.user_prompt_library is not None:
+    if config.validation.enabled:
         tips.append("a smaller validation_resolution")
     return tips
 
@@ -117,8 +121,6 @@ def _where(step: int | None, phase: str) -> str:
 def failure_report(exc: BaseException, *, step: int | None, phase: str, rank: int, config: Any,
                    out_dir: Path | None) -> dict[str, Any]:
     """Fields of the "error" event for the exception that ended this rank: message, kind, step, rank."""
-    from .loop import NonFiniteLossError
-
     note, last = _checkpoint_note(out_dir)
     where = _where(step, phase)
     original = f"{type(exc).__name__}: {str(exc)[:_TEXT_LIMIT]}"
@@ -137,7 +139,7 @@ def failure_report(exc: BaseException, *, step: int | None, phase: str, rank: in
         kind = "disk"
         message = f"cannot write {path} {where}: {exc.strerror or exc} (errno {exc.errno}); {fix}, then run again."
     elif _is_distributed_error(exc):
-        timeout = getattr(config, "collective_timeout_s", None)
+        timeout = config.parallelism.collective_timeout_s if config is not None else None
         kind = "distributed"
         message = (f"a collective operation failed {where} on rank {rank}: another rank crashed or hung (its own "
                    f"error, if it could write one, is the first error in events.jsonl)"

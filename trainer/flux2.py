@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -279,6 +280,22 @@ def encode_images(vae, images: Tensor) -> Tensor:
 
 REFERENCE_MAX_AREA = 1024 * 1024
 """Flux2Pipeline shrinks a reference image above this many pixels to about this area (Lanczos)."""
+
+
+def check_reference_image(path: Path, *, input_name: str) -> None:
+    """Refuse (ValueError naming input_name) an image file PIL cannot decode or prepare_reference_pixels refuses;
+    decodes every pixel, so a truncated file fails when the setting is read, not at the first use."""
+    import PIL.Image
+
+    fix = "give a PNG, JPEG or WebP image"
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+            prepare_reference_pixels([image], input_name=input_name)
+    except PIL.UnidentifiedImageError:
+        raise ValueError(f"{input_name} is not an image file PIL can read; {fix}.") from None
+    except (OSError, SyntaxError) as exc:
+        raise ValueError(f"{input_name} cannot be read as an image ({exc}); {fix}.") from None
 
 
 def prepare_reference_pixels(

@@ -6,6 +6,7 @@ The text encoder and the transformer are never held at once: loading one release
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import json
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .config import OffloadConfig, QuantizationConfig
 from .model_files import ModelFolder, load_text_encoder, load_tokenizer, load_transformer, load_vae
 
 if TYPE_CHECKING:
@@ -46,19 +48,18 @@ class Flux2ModelSpec:
     """Weights dtype for the transformer and text encoder: bf16, fp16 or fp32."""
     vae_precision: str = "fp32"
     loras: tuple[LoraRef, ...] = field(default_factory=tuple)
-    encoders: Any = None
-    """offload.EncoderSettings for the text encoder (text_encoder_1_precision, group_offload_text_encoder), or None."""
+    quantization: QuantizationConfig | None = None
+    """How the text encoder is quantized (text_encoder_1_precision, quantize_via), or None for not at all."""
+    offload: OffloadConfig | None = None
+    """How the text encoder is group-offloaded (group_offload_text_encoder), or None for not at all."""
 
     def with_lora(self, lora: LoraRef) -> "Flux2ModelSpec":
-        return Flux2ModelSpec(
-            folder=self.folder, precision=self.precision, vae_precision=self.vae_precision, loras=self.loras + (lora,),
-            encoders=self.encoders,
-        )
+        return dataclasses.replace(self, loras=self.loras + (lora,))
 
     @property
     def text_precision_tag(self) -> str:
         """The text encoder's precision in cache keys (a quantized encoder gives other embeddings)."""
-        return self.precision if self.encoders is None else self.encoders.text_cache_tag(self.precision)
+        return self.precision if self.quantization is None else self.quantization.text_cache_tag(self.precision)
 
 
 # One loaded model set per process; guarded because ComfyUI may run nodes from another thread.
@@ -89,7 +90,7 @@ def release_all() -> None:
 
 def _text_key(spec: Flux2ModelSpec) -> str:
     ident = {"te": spec.folder.text_encoder_config(), "w": spec.folder.identity()["text_encoder_weights"]}
-    return hashlib.sha256(json.dumps([ident, spec.precision, str(spec.folder.root), repr(spec.encoders)],
+    return hashlib.sha256(json.dumps([ident, spec.precision, str(spec.folder.root), repr(spec.quantization), repr(spec.offload)],
                                      default=str).encode()).hexdigest()
 
 
@@ -150,16 +151,18 @@ def encode_prompts_cached(
     *,
     cache_dir: Path,
     device: str = "cpu",
-    max_length: int = 512,
+    max_length: int | None = None,
 ) -> tuple[Any, list[bool]]:
     """Embeddings (B, 512, 3*hidden) for prompts, computing only those not cached on disk.
 
-    Returns the stacked embeddings and, per prompt, whether it was truncated to max_length tokens.
+    Returns the stacked embeddings and, per prompt, whether it was truncated to max_length tokens
+    (flux2.MAX_TEXT_TOKENS when None).
     """
     import torch
 
     from . import flux2
 
+    max_length = flux2.MAX_TEXT_TOKENS if max_length is None else max_length
     keys = [text_embedding_cache_key(spec, p, max_length=max_length) for p in prompts]
     found: dict[str, Any] = {}
     truncated: dict[str, bool] = {}
@@ -175,13 +178,13 @@ def encode_prompts_cached(
             _release("image")  # never hold the transformer and the text encoder at once
             if _loaded.get("text_key") != _text_key(spec) or "text" not in _loaded:
                 _release("text")
-                if spec.encoders is None:
+                if spec.quantization is None and spec.offload is None:
                     text_encoder = load_text_encoder(spec.folder, precision=spec.precision, device=device)
                 else:  # quantized and/or group-offloaded as the run's config says
                     from . import offload
 
                     text_encoder = offload.load_text_encoder(spec.folder, precision=spec.precision, device=device,
-                                                             encoders=spec.encoders)
+                                                             quantization=spec.quantization, offload=spec.offload)
                 _loaded["text"] = (text_encoder, load_tokenizer(spec.folder))
                 _loaded["text_key"] = _text_key(spec)
             text_encoder, tokenizer = _loaded["text"]

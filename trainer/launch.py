@@ -1,8 +1,8 @@
 """Starting, following and stopping a training run as its own process group (torchrun).
 
-The ComfyUI node is only a supervisor: it builds the torchrun argument list here, starts it in a new
-process group (session on POSIX, CREATE_NEW_PROCESS_GROUP on Windows), follows events.jsonl, and on
-Cancel stops the whole group so no rank is left behind.
+run.py (the launcher of the Train LoRA node and of `train --num-processes`) is only a supervisor: it builds
+the torchrun argument list here, starts it in a new process group (session on POSIX, CREATE_NEW_PROCESS_GROUP
+on Windows), follows events.jsonl, and on Cancel stops the whole group so no rank is left behind.
 """
 
 from __future__ import annotations
@@ -63,6 +63,20 @@ def torchrun_command(
 def command_text(cmd: list[str], *, cwd: Path = PACK_ROOT) -> str:
     """The command as a user pastes it into a shell (display only; never executed through a shell)."""
     return f"cd {shlex.quote(str(cwd))} && {shlex.join(cmd)}"
+
+
+def export_instructions(*, config_path: Path, num_processes: int) -> str:
+    """How to run a prepared run.json on a cluster: the torchrun commands for one node and for several."""
+    single = command_text(torchrun_command(config_path=config_path, nproc_per_node=num_processes))
+    multi = command_text(torchrun_command(config_path=config_path, nproc_per_node=num_processes, nnodes=2,
+                                          node_rank=0, rdzv_endpoint="NODE0_HOST:29500"))
+    return (
+        f"run.json: {config_path}\n"
+        f"One node ({num_processes} processes):\n  {single}\n"
+        f"Several nodes (run on each node with its --node_rank; NODE0_HOST is node 0's address):\n  {multi}\n"
+        f"Copy the pack folder ({PACK_ROOT.name}), the model and the dataset folders to the same paths on the cluster, "
+        "or edit run.json. Afterwards use launch=attach with the run folder."
+    )
 
 
 @dataclass

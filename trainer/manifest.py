@@ -1,6 +1,6 @@
 """The dataset manifest a build writes and every training process reads, and batches loaded from its caches.
 
-A manifest (manifest.json, written by trainer/data.py's build) lists data sources (image folders with their
+A manifest (manifest.json, written by trainer/build.py) lists data sources (image folders with their
 settings) and items (an image, its captions, bucket, crop, repeats and references) with the cache file of each
 latent and caption embedding. Cache paths are relative to the manifest's folder (or absolute when a cache
 directory lies elsewhere), so a dataset folder can be copied to another machine as a whole.

@@ -3,7 +3,7 @@
 `estimate_peak_memory` counts every parameter of the transformer exactly (it builds the model from its
 config on the meta device, which allocates nothing) and adds:
 
-- weights: the frozen base in its storage dtype (bf16/fp16; fp32 master shards under FSDP2), or int8 /
+- weights: the frozen base in its storage dtype (bf16/fp16; bf16 shards under FSDP2 with bf16), or int8 /
   int4 for the quantized block Linears (quantize.py) plus their scales and one dequantized Linear (quanto
   dequantizes a weight for its matmul); under FSDP2 1/world of it plus the blocks gathered for compute;
   with group offload only the groups on the device plus what never leaves it;
@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .flux2 import MAX_TEXT_TOKENS, PIXELS_PER_TOKEN
+
 GB = 1024**3
-TEXT_TOKENS = 512
-PIXELS_PER_TOKEN = 16
 CUDA_CONTEXT_GB = 1.0
 FRAGMENTATION = 0.10
 
@@ -162,7 +162,7 @@ def estimate_peak_memory(
     batch_size: int = 1,
     image_tokens: int | None = None,
     resolution: tuple[int, int] = (1024, 1024),
-    text_tokens: int = TEXT_TOKENS,
+    text_tokens: int = MAX_TEXT_TOKENS,
     gradient_checkpointing: bool = True,
     group_offload: bool = False,
     group_offload_type: str = "block_level",
@@ -195,10 +195,10 @@ def estimate_peak_memory(
 
     # -- weights ---------------------------------------------------------------------------------------
     if fsdp:
-        # fp32 master weights sharded; the root's own layers and up to two blocks (current + prefetch)
-        # gathered in the compute dtype.
+        # The frozen base sharded in its storage dtype (bf16 under bf16 mixed precision, else fp32: model.py's
+        # _SHARD_DTYPES); the root's own layers and up to two blocks (current + prefetch) gathered for compute.
         gathered = (counts.outside + 2 * counts.largest_block) * act_bytes
-        weights = counts.total * 4 / world_size + gathered
+        weights = counts.total * (2 if mixed_precision == "bf16" else 4) / world_size + gathered
     else:
         storage = base_model_default_dtype if quantized else ("fp32" if mixed_precision == "no" else mixed_precision)
         rest_bytes = _BYTES[storage]
@@ -294,7 +294,7 @@ def estimate_for_config(config: Any, *, world_size: int, device: str = "cuda") -
         gradient_checkpointing=config.memory.gradient_checkpointing, group_offload=config.offload.enabled,
         group_offload_type=config.offload.offload_type,
         group_offload_blocks_per_group=config.offload.blocks_per_group,
-        group_offload_use_stream=config.offload.use_stream, distributed=config.distributed,
+        group_offload_use_stream=config.offload.use_stream, distributed=config.parallelism.distributed,
         world_size=world_size, device=device, extra_weights_gb=extra,
     )
 

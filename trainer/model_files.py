@@ -238,3 +238,79 @@ def load_transformer(folder: ModelFolder, *, precision: str = "bf16", device: st
 
 def scheduler_config(folder: ModelFolder) -> dict[str, Any]:
     return _read_json(folder.scheduler_dir / "scheduler_config.json", what="scheduler config")
+
+
+# ------------------------------------------------------------------------------ loading without a full copy
+
+
+def empty_transformer(folder: ModelFolder):
+    """The transformer with uninitialised fp32 CPU weights: the operating system backs them with memory only
+    where they are written, so a rank that then shards it (FSDP2) never holds the full model.
+
+    Fill the frozen weights with fill_from_safetensors once they are sharded (or replaced by tensors of their
+    final dtype); LoRA layers added in between are ordinary, initialised tensors.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import Flux2Transformer2DModel
+
+    config = {k: v for k, v in folder.transformer_config().items() if not k.startswith("_")}
+    with init_empty_weights():
+        model = Flux2Transformer2DModel.from_config(config)
+    return model.to_empty(device="cpu").float().eval().requires_grad_(False)
+
+
+def transformer_weight_files(folder: ModelFolder) -> dict[str, Path]:
+    """Tensor name -> the safetensors file of the folder's transformer/ that holds it (one file or an index)."""
+    index = folder.transformer_dir / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index, what="transformer weight index")["weight_map"]
+        return {name: folder.transformer_dir / file for name, file in weight_map.items()}
+    single = folder.transformer_dir / "diffusion_pytorch_model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as handle:
+        return {name: single for name in handle.keys()}
+
+
+def fill_from_safetensors(model: Any, folder: ModelFolder) -> int:
+    """Read every frozen weight of `model` (plain, or an FSDP2 DTensor shard on dim 0) from the folder's
+    safetensors files: a shard reads only its own rows. PEFT's `.base_layer` is not part of the file's names.
+    Returns the bytes read. Raises ValueError naming a weight the files do not hold or hold in another shape."""
+    import torch
+    from safetensors import safe_open
+
+    files = transformer_weight_files(folder)
+    wanted = [(name, p) for name, p in model.named_parameters() if not p.requires_grad]
+    by_file: dict[Path, list[tuple[str, str, Any]]] = {}
+    for name, param in wanted:
+        key = name.replace(".base_layer.", ".")
+        if key not in files:
+            raise ValueError(f"{folder.transformer_dir}: the transformer weights have no tensor {key!r}; the folder "
+                             "does not match its config.json (re-download or re-convert it).")
+        by_file.setdefault(files[key], []).append((name, key, param))
+    read = 0
+    with torch.no_grad():
+        for path, entries in by_file.items():
+            with safe_open(path, framework="pt") as handle:
+                for name, key, param in entries:
+                    local, start = _local_rows(param)
+                    source = handle.get_slice(key)
+                    if tuple(source.get_shape()) != tuple(param.shape):
+                        raise ValueError(f"{path}: {key} has shape {tuple(source.get_shape())}, the model expects "
+                                         f"{tuple(param.shape)}; the weights do not match config.json.")
+                    if local.numel():
+                        rows = source[start:start + local.shape[0]]
+                        local.copy_(rows.to(local.dtype))
+                        read += rows.numel() * rows.element_size()
+    return read
+
+
+def _local_rows(param: Any) -> tuple[Any, int]:
+    """(this process's part of param, its first row): an FSDP2 Shard(0) DTensor holds torch.chunk's rows."""
+    import math
+
+    if not hasattr(param, "to_local"):
+        return param.data, 0
+    rank = param.device_mesh.get_local_rank()
+    chunk = math.ceil(param.shape[0] / param.device_mesh.size())
+    return param.to_local(), min(rank * chunk, param.shape[0])

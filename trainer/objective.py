@@ -11,49 +11,24 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from . import flux2
-from .blocks import ReferenceTimestep, check_reference_timestep
+from .config import GuidanceConfig, ObjectiveConfig, ReferenceTimestep
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class GuidanceSpec:
-    mode: Literal["constant", "random-range"] = "constant"
-    value: float = 1.0
-    minimum: float = 1.0
-    maximum: float = 1.0
-
-    def sample(self, generators: list[torch.Generator]) -> torch.Tensor:
-        """One guidance value per sample (each sample has its own generator)."""
-        if self.mode == "constant":
-            return torch.full((len(generators),), float(self.value))
-        if self.mode == "random-range":
-            u = torch.cat([torch.rand(1, generator=g) for g in generators])
-            return self.minimum + (self.maximum - self.minimum) * u
-        raise ValueError(f"flux_guidance_mode {self.mode!r} must be 'constant' or 'random-range'.")
+def sample_guidance(guidance: GuidanceConfig, generators: list[torch.Generator]) -> torch.Tensor:
+    """One guidance value per sample (each sample has its own generator): constant, or uniform in [min, max]."""
+    if guidance.mode == "constant":
+        return torch.full((len(generators),), float(guidance.value))
+    u = torch.cat([torch.rand(1, generator=g) for g in generators])
+    return guidance.minimum + (guidance.maximum - guidance.minimum) * u
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ObjectiveSpec:
-    shift: float = 3.0
-    """Static timestep shift (flow_schedule_shift)."""
-    auto_shift: bool = False
-    """Use the resolution-dependent shift for the batch's token count instead (flow_schedule_auto_shift)."""
-    guidance: GuidanceSpec = GuidanceSpec()
-    caption_dropout_probability: float = 0.0
-    reference_timestep: ReferenceTimestep = "shared"
-    """Timestep of the reference tokens' modulation: "shared" (the sample's) or "zero" (reference_timestep)."""
-
-    def __post_init__(self) -> None:
-        check_reference_timestep(self.reference_timestep)
-
-
-def warn_unused_reference_timestep(spec: ObjectiveSpec, *, has_references: bool) -> None:
+def warn_unused_reference_timestep(spec: ObjectiveConfig, *, has_references: bool) -> None:
     """Warn (STYLE §4: harmless but probably not meant) when reference_timestep is set for a dataset without
     references; only the manifest knows, so the loop calls this at run start."""
     if spec.reference_timestep != "shared" and not has_references:
@@ -87,7 +62,7 @@ class PreparedBatch:
     num_target_tokens: int
     sigmas: torch.Tensor
     reference_timestep: ReferenceTimestep = "shared"
-    """How the model modulates the reference tokens (ObjectiveSpec.reference_timestep)."""
+    """How the model modulates the reference tokens (ObjectiveConfig.reference_timestep)."""
 
 
 def prepare_batch(
@@ -95,7 +70,7 @@ def prepare_batch(
     latents: torch.Tensor,
     prompt_embeds: torch.Tensor,
     empty_embeds: torch.Tensor | None,
-    spec: ObjectiveSpec,
+    spec: ObjectiveConfig,
     generators: list[torch.Generator],
     reference_latents: list[torch.Tensor] | None = None,
 ) -> PreparedBatch:
@@ -129,7 +104,7 @@ def prepare_batch(
         hidden_states=tokens,
         encoder_hidden_states=embeds,
         timestep=sigmas,
-        guidance=spec.guidance.sample(generators),
+        guidance=sample_guidance(spec.guidance, generators),
         img_ids=img_ids,
         txt_ids=flux2.text_position_ids(batch, embeds.shape[1]),
         target=target,

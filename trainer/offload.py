@@ -52,12 +52,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .config import OffloadConfig, QuantizationConfig, check_stream_device
+
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-OFFLOAD_TYPES: tuple[str, ...] = ("block_level", "leaf_level")
 _HOOK_NAME = "flux2_lora_group_offload"
 _RESET_HOOK_NAME = "flux2_lora_group_offload_reset"
 # Mistral3ForConditionalGeneration: recurse into model and language_model to reach the decoder layers; the
@@ -66,48 +67,6 @@ _TEXT_ENCODER_BLOCK_MODULES = ["model", "language_model", "vision_tower", "multi
 # AutoencoderKLFlux2: quant_conv and post_quant_conv run outside forward() (encode/decode call them), so they
 # need their own hooks, as diffusers lists them for AutoencoderKL.
 _VAE_BLOCK_MODULES = ["quant_conv", "post_quant_conv", "encoder", "decoder"]
-
-
-def _check_stream(use_stream: bool, *, device: torch.device, key: str) -> None:
-    if use_stream and device.type != "cuda":
-        raise ValueError(
-            f"{key} is true but this process computes on {device.type!r}: CUDA streams need a CUDA device. "
-            f"Set {key} to false."
-        )
-
-
-def check_offload(settings: Any, *, device: torch.device | str, distributed: str, world_size: int,
-                  gradient_checkpointing: bool, quantized: bool) -> None:
-    """Refuse a group-offload setting for the training transformer that cannot work, before weights load.
-
-    settings: config.OffloadSettings (enabled, offload_type, blocks_per_group, use_stream, ...).
-    """
-    import torch
-
-    if not settings.enabled:
-        return
-    device = torch.device(device)
-    if settings.offload_type not in OFFLOAD_TYPES:
-        raise ValueError(f"group_offload_type must be one of {list(OFFLOAD_TYPES)}, got {settings.offload_type!r}.")
-    if settings.blocks_per_group < 1:
-        raise ValueError(f"group_offload_blocks_per_group must be >= 1, got {settings.blocks_per_group}.")
-    _check_stream(settings.use_stream, device=device, key="group_offload_use_stream")
-    if quantized:
-        raise ValueError(
-            "enable_group_offload cannot be combined with a quantized base_model_precision (diffusers' offload "
-            "hooks cannot move quanto's quantized weights); disable one of them."
-        )
-    if distributed == "fsdp2" and world_size > 1:
-        raise ValueError(
-            f"enable_group_offload cannot be combined with distributed 'fsdp2' over {world_size} processes: FSDP2 "
-            "already shards the weights and owns their placement. Use distributed 'ddp' (or one process), or "
-            "disable enable_group_offload."
-        )
-    if not gradient_checkpointing:
-        raise ValueError(
-            "enable_group_offload needs gradient_checkpointing true: without it autograd keeps every block's "
-            "weights on the accelerator until backward, so offloading them would save no memory."
-        )
 
 
 # ------------------------------------------------------------------------------------ training transformer
@@ -249,10 +208,10 @@ class GroupOffload:
     """Parameter and buffer names that live in CPU memory between uses."""
 
 
-def apply_group_offload(transformer: torch.nn.Module, *, settings: Any, device: torch.device | str) -> GroupOffload:
+def apply_group_offload(transformer: torch.nn.Module, *, settings: OffloadConfig, device: torch.device | str) -> GroupOffload:
     """Group-offload the frozen block weights of a LoRA-injected FLUX.2 transformer (see the module doc).
 
-    settings: config.OffloadSettings. Call after LoRA, our block forward and checkpointing are in place,
+    settings: config.OffloadConfig. Call after LoRA, our block forward and checkpointing are in place,
     and before DDP wraps the model (DDP must be told to ignore the CPU-resident weights when it is built).
     The transformer may be anywhere (load it on the CPU); it ends with the groups offloaded and everything
     else on `device`.
@@ -262,9 +221,7 @@ def apply_group_offload(transformer: torch.nn.Module, *, settings: Any, device: 
     from diffusers.hooks.hooks import HookRegistry
 
     device = torch.device(device)
-    if settings.offload_type not in OFFLOAD_TYPES:
-        raise ValueError(f"group_offload_type must be one of {list(OFFLOAD_TYPES)}, got {settings.offload_type!r}.")
-    _check_stream(settings.use_stream, device=device, key="group_offload_use_stream")
+    settings.check_stream(device=device)
     stream = torch.cuda.Stream(device=device) if settings.use_stream else None
     units = _group_units(transformer, offload_type=settings.offload_type, blocks_per_group=settings.blocks_per_group)
     groups = []
@@ -304,53 +261,6 @@ def apply_group_offload(transformer: torch.nn.Module, *, settings: Any, device: 
 # --------------------------------------------------------------------------------------------- encoders
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class EncoderSettings:
-    """How the text encoder and the VAE are loaded to fill caches (Build Dataset, data_backend_config at
-    trainer start-up, validation prompts) and to decode validation images. Field names follow the config keys."""
-
-    text_encoder_precision: str = "no_change"
-    """text_encoder_1_precision: "no_change", "int8-quanto" or "int4-quanto"."""
-    quantize_via: str = "accelerator"
-    offload_text_encoder: bool = False
-    """group_offload_text_encoder (with enable_group_offload in a training config)."""
-    offload_vae: bool = False
-    """group_offload_vae (with enable_group_offload in a training config)."""
-    offload_type: str = "block_level"
-    blocks_per_group: int = 1
-    use_stream: bool = False
-    during_startup: bool = False
-    """offload_during_startup: the validation VAE waits in CPU memory between validations."""
-
-    @classmethod
-    def from_config(cls, config: Any) -> EncoderSettings:
-        """From a TrainConfig: its quantization and offload groups."""
-        q, o = config.quantization, config.offload
-        return cls(text_encoder_precision=q.text_encoder_precision, quantize_via=q.quantize_via,
-                   offload_text_encoder=o.enabled and o.text_encoder, offload_vae=o.enabled and o.vae,
-                   offload_type=o.offload_type, blocks_per_group=o.blocks_per_group, use_stream=o.use_stream,
-                   during_startup=o.during_startup)
-
-    def text_cache_tag(self, precision: str) -> str:
-        """The precision recorded in text-cache keys: a quantized encoder gives other embeddings."""
-        return precision if self.text_encoder_precision == "no_change" else f"{precision}+{self.text_encoder_precision}"
-
-    def check(self, *, device: torch.device | str) -> None:
-        """Refuse what cannot run on this device, before an encoder loads."""
-        import torch
-
-        from .quantize import check_quantization
-
-        check_quantization(base_model_precision="no_change", text_encoder_precision=self.text_encoder_precision,
-                           quantize_via=self.quantize_via, group_offload_text_encoder=self.offload_text_encoder)
-        if self.offload_type not in OFFLOAD_TYPES:
-            raise ValueError(f"group_offload_type must be one of {list(OFFLOAD_TYPES)}, got {self.offload_type!r}.")
-        if self.blocks_per_group < 1:
-            raise ValueError(f"group_offload_blocks_per_group must be >= 1, got {self.blocks_per_group}.")
-        if self.offload_text_encoder or self.offload_vae:
-            _check_stream(self.use_stream, device=torch.device(device), key="group_offload_use_stream")
-
-
 def apply_encoder_offload(module: torch.nn.Module, *, kind: str, device: torch.device | str, offload_type: str,
                           blocks_per_group: int, use_stream: bool) -> None:
     """diffusers' group offloading on a frozen encoder ("text_encoder" or "vae"); it computes on `device`."""
@@ -361,7 +271,7 @@ def apply_encoder_offload(module: torch.nn.Module, *, kind: str, device: torch.d
     block_modules = {"text_encoder": _TEXT_ENCODER_BLOCK_MODULES, "vae": _VAE_BLOCK_MODULES}.get(kind)
     if block_modules is None:
         raise ValueError(f"apply_encoder_offload: kind must be 'text_encoder' or 'vae', got {kind!r}.")
-    _check_stream(use_stream, device=device, key="group_offload_use_stream")
+    check_stream_device(use_stream=use_stream, device=device)
     module.to("cpu")
     apply_group_offloading(
         module, onload_device=device, offload_device=torch.device("cpu"), offload_type=offload_type,
@@ -371,55 +281,63 @@ def apply_encoder_offload(module: torch.nn.Module, *, kind: str, device: torch.d
     )
 
 
-def load_text_encoder(folder: Any, *, precision: str, device: str, encoders: EncoderSettings | None = None):
-    """The Mistral text encoder in `precision`, computing on `device`: quantized and/or group-offloaded as
-    `encoders` says (loaded in CPU memory first, so the full-precision encoder never has to fit on the device)."""
+def check_encoders(*, quantization: QuantizationConfig, offload: OffloadConfig, device: torch.device | str) -> None:
+    """Refuse an encoder set-up that cannot run on this device, before an encoder loads (the configs' own rules)."""
+    quantization.check_text_encoder(offload=offload)
+    if offload.offloads_text_encoder or offload.offloads_vae:
+        check_stream_device(use_stream=offload.use_stream, device=device)
+
+
+def load_text_encoder(folder: Any, *, precision: str, device: str, quantization: QuantizationConfig | None = None,
+                      offload: OffloadConfig | None = None):
+    """The Mistral text encoder in `precision`, computing on `device`: quantized (text_encoder_1_precision) and/or
+    group-offloaded (group_offload_text_encoder), loaded in CPU memory first so the full-precision encoder never
+    has to fit on the device."""
     from . import model_files
 
-    encoders = encoders or EncoderSettings()
-    encoders.check(device=device)
-    if encoders.text_encoder_precision == "no_change" and not encoders.offload_text_encoder:
+    quantization, offload = quantization or QuantizationConfig(), offload or OffloadConfig()
+    check_encoders(quantization=quantization, offload=offload, device=device)
+    if quantization.text_encoder_precision == "no_change" and not offload.offloads_text_encoder:
         return model_files.load_text_encoder(folder, precision=precision, device=device)
     text_encoder = model_files.load_text_encoder(folder, precision=precision, device="cpu")
-    if encoders.text_encoder_precision != "no_change":
+    if quantization.text_encoder_precision != "no_change":
         from .quantize import apply_text_encoder_quantization
 
-        apply_text_encoder_quantization(text_encoder, precision=encoders.text_encoder_precision,
-                                        quantize_via=encoders.quantize_via, device=device)
+        apply_text_encoder_quantization(text_encoder, precision=quantization.text_encoder_precision,
+                                        quantize_via=quantization.quantize_via, device=device)
     else:
-        apply_encoder_offload(text_encoder, kind="text_encoder", device=device, offload_type=encoders.offload_type,
-                              blocks_per_group=encoders.blocks_per_group, use_stream=encoders.use_stream)
+        apply_encoder_offload(text_encoder, kind="text_encoder", device=device, offload_type=offload.offload_type,
+                              blocks_per_group=offload.blocks_per_group, use_stream=offload.use_stream)
     return text_encoder
 
 
-def load_vae(folder: Any, *, precision: str, device: str, encoders: EncoderSettings | None = None):
-    """The VAE in `precision`, computing on `device`, group-offloaded when `encoders.offload_vae`."""
+def load_vae(folder: Any, *, precision: str, device: str, offload: OffloadConfig | None = None):
+    """The VAE in `precision`, computing on `device`, group-offloaded when group_offload_vae takes effect."""
     from . import model_files
 
-    encoders = encoders or EncoderSettings()
-    encoders.check(device=device)
-    if not encoders.offload_vae:
+    offload = offload or OffloadConfig()
+    check_encoders(quantization=QuantizationConfig(), offload=offload, device=device)
+    if not offload.offloads_vae:
         return model_files.load_vae(folder, precision=precision, device=device)
     vae = model_files.load_vae(folder, precision=precision, device="cpu")
-    apply_encoder_offload(vae, kind="vae", device=device, offload_type=encoders.offload_type,
-                          blocks_per_group=encoders.blocks_per_group, use_stream=encoders.use_stream)
+    apply_encoder_offload(vae, kind="vae", device=device, offload_type=offload.offload_type,
+                          blocks_per_group=offload.blocks_per_group, use_stream=offload.use_stream)
     return vae
 
 
-def load_validation_vae(folder: Any, *, precision: str, device: str, encoders: EncoderSettings | None = None):
-    """The VAE that decodes validation images: in CPU memory when encoders.during_startup (see onloaded)."""
-    encoders = encoders or EncoderSettings()
-    if encoders.during_startup and not encoders.offload_vae:
-        return load_vae(folder, precision=precision, device="cpu", encoders=encoders)
-    return load_vae(folder, precision=precision, device=device, encoders=encoders)
+def load_validation_vae(folder: Any, *, precision: str, device: str, offload: OffloadConfig | None = None):
+    """The VAE that decodes validation images: in CPU memory with offload_during_startup (see onloaded)."""
+    offload = offload or OffloadConfig()
+    waits_on_cpu = offload.during_startup and not offload.offloads_vae
+    return load_vae(folder, precision=precision, device="cpu" if waits_on_cpu else device, offload=offload)
 
 
 @contextlib.contextmanager
 def onloaded(module: torch.nn.Module | None, *, device: torch.device | str,
-             encoders: EncoderSettings | None = None) -> Iterator[None]:
+             offload: OffloadConfig | None = None) -> Iterator[None]:
     """Move a CPU-waiting validation VAE (offload_during_startup) to `device` for the block, and back after."""
-    encoders = encoders or EncoderSettings()
-    if module is None or not encoders.during_startup or encoders.offload_vae:
+    offload = offload or OffloadConfig()
+    if module is None or not offload.during_startup or offload.offloads_vae:
         yield
         return
     module.to(device)

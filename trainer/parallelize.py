@@ -107,15 +107,16 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def full_lora_state(model: torch.nn.Module, *, env: DistEnv) -> dict[str, torch.Tensor]:
-    """All LoRA tensors on every... rank 0 (a collective under FSDP2: every rank must call it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    """Every LoRA tensor, whole, on every rank (a collective under FSDP2: every rank must call it).
 
-    inner = unwrap(model)
-    if env.world_size > 1:
-        state = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        state = inner.state_dict()
-    return {k.replace(".default", ""): v.detach().cpu() for k, v in state.items() if "lora_" in k}
+    Gathers the LoRA parameters one by one, never the frozen base: no rank holds the whole model to save.
+    """
+    state = {}
+    for name, param in unwrap(model).named_parameters():
+        if "lora_" in name:
+            whole = param.full_tensor() if hasattr(param, "full_tensor") else param  # FSDP2: a DTensor shard
+            state[name.replace(".default", "")] = whole.detach().cpu()
+    return state
 
 
 def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, env: DistEnv) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""Checks that run before any weights load: the output folder is writable and has room for the run,
-the LoRA rank fits the model, and a LoRA file fits the model it is applied to.
+"""Checks that run before any weights load: the run fits the GPU's memory, the output folder is writable and
+has room for the run, the LoRA rank fits the model, and a LoRA file fits the model it is applied to.
 
 Sizes come from the model's config alone: the transformer is built on the meta device (no memory, no
 weights read), LoRA is injected exactly as training does, and its trainable parameters are counted.
@@ -131,12 +131,12 @@ def check_free_space(out_dir: Path, *, estimate: SpaceEstimate) -> None:
 def check_run(config: Any, *, folder: Any, out_dir: Path, existing_checkpoints: int) -> SpaceEstimate:
     """Checked before weights load (after check_output_writable): rank vs model, free space."""
     size = lora_size(folder, lora=config.lora)
-    validation = config.validation
-    prompts = len(config.validation_prompts()) if validation.enabled else 0
+    validation, steps = config.validation, config.schedule.total_steps
+    prompts = len(validation.prompts()) if validation.enabled else 0
     every = validation.every_steps
-    renders = prompts * ((config.max_train_steps // every if every > 0 else 0) + 1)
+    renders = prompts * ((steps // every if every > 0 else 0) + 1)
     estimate = estimate_run_bytes(
-        lora_numel=size.numel, max_train_steps=config.max_train_steps,
+        lora_numel=size.numel, max_train_steps=steps,
         checkpointing_steps=config.checkpoint.every_steps, checkpoints_total_limit=config.checkpoint.total_limit,
         existing_checkpoints=existing_checkpoints, validation_images=renders,
         validation_pixels=validation.width * validation.height,
@@ -145,6 +145,23 @@ def check_run(config: Any, *, folder: Any, out_dir: Path, existing_checkpoints: 
     log.info("preflight: %d LoRA parameters; the run needs about %s in %s", size.numel,
              _gib(estimate.required_bytes), out_dir)
     return estimate
+
+
+def check_memory(config: Any, *, num_processes: int, enforce: bool) -> str:
+    """The estimated peak GPU memory per process, as text; with enforce, refuses a run that cannot fit this
+    machine's GPU (export mode does not enforce: the run goes to another machine)."""
+    from .memory import accelerator_memory_gb, estimate_for_config
+
+    estimate = estimate_for_config(config, world_size=num_processes)
+    log.info("Train LoRA: %s", estimate.summary())
+    available = accelerator_memory_gb()
+    if enforce and available is not None and not estimate.fits(available):
+        raise ValueError(
+            f"Train LoRA: {estimate.summary()}, more than this GPU's {available:.0f} GB. Turn on "
+            "gradient_checkpointing, set base_model_precision int8-quanto/int4-quanto (distributed ddp or none), "
+            "enable_group_offload, lower the resolution or train_batch_size, or use more GPUs with fsdp2."
+        )
+    return estimate.summary()
 
 
 @functools.lru_cache(maxsize=4)

@@ -30,24 +30,25 @@ int8 needs no compiled code; int4 compiles optimum-quanto's C++ extension on fir
 Quantized layers cannot be group-offloaded (diffusers' hooks cannot move quanto's tensors: "Couldn't swap
 QLinear.weight") and FSDP2's fully_shard turns quanto weights back into full-precision shards (measured:
 the local shard of a quantized to_q is a float32 tensor), so both combinations are refused before any weight
-loads (TrainConfig, check_quantization).
+loads (config.QuantizationConfig.check_compatible).
 """
 
 from __future__ import annotations
 
 import logging
+import typing
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-QuantPrecision = Literal["no_change", "int8-quanto", "int4-quanto"]
-QUANT_PRECISIONS: tuple[str, ...] = ("no_change", "int8-quanto", "int4-quanto")
-QUANTIZE_VIA: tuple[str, ...] = ("cpu", "accelerator")
-DEFAULT_DTYPES: tuple[str, ...] = ("bf16", "fp32")
+from .config import QuantizationConfig, QuantPrecision
+
+QUANTIZE_VIA: tuple[str, ...] = typing.get_args(typing.get_type_hints(QuantizationConfig)["quantize_via"])
+DEFAULT_DTYPES: tuple[str, ...] = typing.get_args(typing.get_type_hints(QuantizationConfig)["base_model_default_dtype"])
 
 BYTES_PER_WEIGHT = {"no_change": None, "int8-quanto": 1.0, "int4-quanto": 0.5}
 """Storage of one quantized weight (scales and int4 group shifts add about 3% on top, see memory.py)."""
@@ -62,48 +63,6 @@ def _qtype(precision: str, *, key: str):
             f"{key} {precision!r} is not a quanto precision; use one of {list(table)} (or 'no_change' for none)."
         )
     return table[precision]
-
-
-def check_quantization(*, base_model_precision: str, text_encoder_precision: str = "no_change",
-                       base_model_default_dtype: str = "bf16", quantize_via: str = "accelerator",
-                       mixed_precision: str = "bf16", distributed: str = "none", world_size: int = 1,
-                       group_offload: bool = False, group_offload_text_encoder: bool = False) -> None:
-    """Refuse a quantization setting that cannot run, before any weight loads (trainer start-up).
-
-    TrainConfig refuses fsdp2 and group offload with a quantized transformer already; this repeats those
-    checks for callers that do not go through TrainConfig and adds the ones that need the run's context.
-    """
-    for key, value in (("base_model_precision", base_model_precision),
-                       ("text_encoder_1_precision", text_encoder_precision)):
-        if value not in QUANT_PRECISIONS:
-            raise ValueError(f"{key} must be one of {list(QUANT_PRECISIONS)}, got {value!r}.")
-    if base_model_default_dtype not in DEFAULT_DTYPES:
-        raise ValueError(f"base_model_default_dtype must be one of {list(DEFAULT_DTYPES)}, got {base_model_default_dtype!r}.")
-    if quantize_via not in QUANTIZE_VIA:
-        raise ValueError(f"quantize_via must be one of {list(QUANTIZE_VIA)}, got {quantize_via!r}.")
-    if base_model_precision != "no_change":
-        if distributed == "fsdp2" and world_size > 1:
-            raise ValueError(
-                f"base_model_precision {base_model_precision!r} cannot be combined with distributed 'fsdp2': "
-                "fully_shard turns quanto's int8/int4 weights back into full-precision shards. Set distributed "
-                "to 'ddp' or 'none', or base_model_precision to 'no_change'."
-            )
-        if group_offload:
-            raise ValueError(
-                f"base_model_precision {base_model_precision!r} cannot be combined with enable_group_offload "
-                "(diffusers' offload hooks cannot move quanto's quantized weights); disable one of them."
-            )
-        if mixed_precision == "no" and base_model_default_dtype == "bf16":
-            raise ValueError(
-                "base_model_default_dtype 'bf16' with mixed_precision 'no': the unquantized layers would hold bf16 "
-                "weights while the model computes in fp32 without autocast. Set base_model_default_dtype to 'fp32' "
-                "(or mixed_precision to 'bf16')."
-            )
-    if text_encoder_precision != "no_change" and group_offload_text_encoder:
-        raise ValueError(
-            f"text_encoder_1_precision {text_encoder_precision!r} cannot be combined with group_offload_text_encoder "
-            "(diffusers' offload hooks cannot move quanto's quantized weights); disable one of them."
-        )
 
 
 def transformer_quantization_targets(transformer: torch.nn.Module) -> list[str]:

@@ -142,7 +142,7 @@ def install_tiny_model(base: Path, *, tiny_model_dir: Path, name: str = TINY_MOD
 
 def install_sample_dataset(base: Path, *, name: str = SAMPLE_DATASET_NAME) -> Path:
     """Write the demo's sample dataset (8 squares, 64 px, with captions) into base/input/name once."""
-    from trainer.sample_data import make_sample_dataset  # the repo root is on sys.path (tests/conftest.py)
+    from flux2_lora_pack.trainer.sample_data import make_sample_dataset  # the pack is registered by tests/conftest.py
 
     target = base / "input" / name
     if not target.is_dir():

@@ -25,8 +25,8 @@ from comfyui_harness import (
 from PIL import Image
 from safetensors import safe_open
 
-from trainer.checkpoint import list_checkpoints
-from trainer.events import EVENTS_FILE, read_events
+from flux2_lora_pack.trainer.checkpoint import list_checkpoints
+from flux2_lora_pack.trainer.events import EVENTS_FILE, read_events
 
 pytestmark = pytest.mark.e2e
 

@@ -51,13 +51,13 @@ def _trained_adapter(*, seed: int):
     from diffusers import Flux2Transformer2DModel
     from peft.tuners.lora import LoraLayer
 
-    from trainer.lora import (
+    from flux2_lora_pack.trainer.lora import (
         ADAPTER_NAME,
         adapted_module_names,
         apply_lora,
         lora_target_modules,
     )
-    from trainer.parallelize import DistEnv, full_lora_state
+    from flux2_lora_pack.trainer.parallelize import DistEnv, full_lora_state
 
     # diffusers' defaults are FLUX.2-dev's config; only the block counts differ.
     with init_empty_weights():
@@ -83,7 +83,7 @@ def _trained_adapter(*, seed: int):
 
 @pytest.fixture(scope="module")
 def lora_files(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from trainer.lora_keys import (
+    from flux2_lora_pack.trainer.lora_keys import (
         diffusers_to_comfy,
         lora_metadata,
         save_lora_file,
@@ -133,7 +133,7 @@ def probe_report(comfyui_install: ComfyInstall, lora_files: dict) -> dict:
 
 
 def _bfl_weight(module: str) -> str:
-    from trainer.lora_keys import diffusers_module_to_bfl
+    from flux2_lora_pack.trainer.lora_keys import diffusers_module_to_bfl
 
     return f"diffusion_model.{diffusers_module_to_bfl(module)[0]}.weight"
 

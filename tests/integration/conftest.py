@@ -22,6 +22,12 @@ def nodes(pack, comfy_root):
 
 
 @pytest.fixture
+def dataset_nodes(pack, comfy_root):
+    """The pack's dataset node module (Build Dataset), imported as ComfyUI imports the pack."""
+    return importlib.import_module(f"{pack.__name__}.nodes.dataset_nodes")
+
+
+@pytest.fixture
 def model_spec(pack, tiny_model_dir):
     """A FLUX2_MODEL of the tiny weights in fp32, as Load FLUX.2 returns it."""
     inference = importlib.import_module(f"{pack.__name__}.trainer.inference")
@@ -39,9 +45,9 @@ def dataset(nodes, square_dataset):
 @pytest.fixture(scope="session")
 def square_dataset(tiny_model_dir, tmp_path_factory) -> Path:
     """Manifest of 8 cached 64x64 images (one bucket) on the tiny model."""
-    from trainer.data import build_dataset
-    from trainer.model_files import inspect_model_folder
-    from trainer.sample_data import make_sample_dataset
+    from flux2_lora_pack.trainer.build import build_dataset
+    from flux2_lora_pack.trainer.model_files import inspect_model_folder
+    from flux2_lora_pack.trainer.sample_data import make_sample_dataset
 
     root = tmp_path_factory.mktemp("squares")
     images = make_sample_dataset(out_dir=root / "images", count=8)
@@ -55,8 +61,8 @@ def wide_dataset(tiny_model_dir, tmp_path_factory) -> Path:
     """Manifest of 3 cached 96x64 images (bucket 80x48), captions unlike square_dataset's."""
     from image_tools import noise_png
 
-    from trainer.data import build_dataset
-    from trainer.model_files import inspect_model_folder
+    from flux2_lora_pack.trainer.build import build_dataset
+    from flux2_lora_pack.trainer.model_files import inspect_model_folder
 
     root = tmp_path_factory.mktemp("wide")
     for n in range(3):
@@ -107,7 +113,7 @@ def launch(config: dict[str, Any], *, nproc: int = 1, timeout: float = 600) -> s
 
 
 def step_losses(output_dir: Path) -> dict[int, float]:
-    from trainer.events import read_events
+    from flux2_lora_pack.trainer.events import read_events
 
     return {e["step"]: e["loss"] for e in read_events(output_dir / "events.jsonl") if e["event"] == "step"}
 

@@ -15,18 +15,18 @@ def _folder(root: Path) -> str:
     return "captions"
 
 
-def test_split_caption_lines_widget(nodes, model_spec, comfy_root):
-    from trainer.manifest import load_manifest
+def test_split_caption_lines_widget(dataset_nodes, model_spec, comfy_root):
+    from flux2_lora_pack.trainer.manifest import load_manifest
 
     folder = _folder(comfy_root)
     widgets = dict(resolution=64, repeats=1, caption_strategy="textfile")
-    split = nodes.Flux2BuildDataset().build(model_spec, folder, **widgets)
+    split = dataset_nodes.Flux2BuildDataset().build(model_spec, folder, **widgets)
     handle, count, report = split["result"]
     assert count == 2 and split["ui"]["text"] == [report]
     assert "3 training captions; 1 image has several" in report
     assert [it.captions for it in load_manifest(handle.manifest).items] == [("a red cube", "a cube, red"), ("a blue ball",)]
 
-    whole = nodes.Flux2BuildDataset().build(model_spec, folder, split_caption_lines=False, **widgets)
+    whole = dataset_nodes.Flux2BuildDataset().build(model_spec, folder, split_caption_lines=False, **widgets)
     handle_whole = whole["result"][0]
     assert Path(handle_whole.manifest).parent != Path(handle.manifest).parent  # its own dataset folder
     assert handle_whole.fingerprint != handle.fingerprint

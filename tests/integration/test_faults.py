@@ -24,17 +24,17 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from trainer import checkpoint as ckpt
-from trainer.events import read_events
-from trainer.faults import FAULT_DIR_ENV, FAULT_ENV
-from trainer.launch import (
+from flux2_lora_pack.trainer import checkpoint as ckpt
+from flux2_lora_pack.trainer.events import read_events
+from flux2_lora_pack.trainer.faults import FAULT_DIR_ENV, FAULT_ENV
+from flux2_lora_pack.trainer.launch import (
     TrainingCancelled,
     TrainingFailed,
     TrainingProcess,
     supervise,
     torchrun_command,
 )
-from trainer.runlock import LOCK_FILE
+from flux2_lora_pack.trainer.runlock import LOCK_FILE
 
 GUARD_S = 600
 """A guard against a hang, not a timing assertion: a run still going after this is cancelled and fails."""
@@ -260,9 +260,9 @@ def test_a_checkpoint_damaged_after_it_was_written_is_skipped_not_loaded(unkille
 
 
 def test_the_space_estimate_covers_what_a_run_writes(unkilled, tiny_model_dir):
-    from trainer.config import TrainConfig
-    from trainer.model_files import inspect_model_folder
-    from trainer.preflight import estimate_run_bytes, lora_size
+    from flux2_lora_pack.trainer.config import TrainConfig
+    from flux2_lora_pack.trainer.model_files import inspect_model_folder
+    from flux2_lora_pack.trainer.preflight import estimate_run_bytes, lora_size
 
     config = TrainConfig.from_json(unkilled / "run.json")
     size = lora_size(inspect_model_folder(tiny_model_dir), lora=config.lora)
@@ -323,8 +323,8 @@ def test_a_hung_rank_ends_the_run_after_the_collective_timeout(runs, tiny_model_
 
 
 def _batch_files(manifest_path: Path, *, step: int, batch_size: int = 1, seed: int = 1) -> list[str]:
-    from trainer.manifest import load_manifest
-    from trainer.sampler import BucketBatchSampler
+    from flux2_lora_pack.trainer.manifest import load_manifest
+    from flux2_lora_pack.trainer.sampler import BucketBatchSampler
 
     manifest = load_manifest(manifest_path)
     batches = BucketBatchSampler(manifest, batch_size=batch_size, seed=seed).iter_batches()
@@ -419,14 +419,14 @@ def test_a_write_error_while_checkpointing_stops_with_the_path_and_keeps_earlier
 
 
 def _env():
-    from trainer.parallelize import DistEnv
+    from flux2_lora_pack.trainer.parallelize import DistEnv
 
     return DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 @pytest.fixture
 def no_weights(monkeypatch):
-    from trainer import (  # imported first: inference binds these names at import
+    from flux2_lora_pack.trainer import (  # imported first: inference binds these names at import
         inference,
         model_files,
     )
@@ -441,9 +441,9 @@ def no_weights(monkeypatch):
 
 def test_too_little_free_space_is_refused_before_any_weights_load(runs, tiny_model_dir, square_dataset, tmp_path,
                                                                    monkeypatch, no_weights):
-    from trainer import preflight
-    from trainer.config import TrainConfig
-    from trainer.loop import train
+    from flux2_lora_pack.trainer import preflight
+    from flux2_lora_pack.trainer.config import TrainConfig
+    from flux2_lora_pack.trainer.loop import train
 
     out = tmp_path / "run"
     config = TrainConfig.from_dict(runs.run_config(tiny_model_dir, square_dataset, out, max_train_steps=100,
@@ -481,8 +481,8 @@ def small_mount(tmp_path):
 
 def test_a_small_real_filesystem_is_refused_before_training(runs, tiny_model_dir, square_dataset, small_mount,
                                                             no_weights):
-    from trainer.config import TrainConfig
-    from trainer.loop import train
+    from flux2_lora_pack.trainer.config import TrainConfig
+    from flux2_lora_pack.trainer.loop import train
 
     out = small_mount("small", read_only=False) / "run"
     config = TrainConfig.from_dict(runs.run_config(tiny_model_dir, square_dataset, out, max_train_steps=10,
@@ -494,8 +494,8 @@ def test_a_small_real_filesystem_is_refused_before_training(runs, tiny_model_dir
 @pytest.mark.parametrize("where", ["read-only filesystem", "a file where a folder belongs"])
 def test_an_unwritable_output_folder_is_refused_naming_it(runs, tiny_model_dir, square_dataset, tmp_path, where,
                                                          small_mount, no_weights):
-    from trainer.config import TrainConfig
-    from trainer.loop import train
+    from flux2_lora_pack.trainer.config import TrainConfig
+    from flux2_lora_pack.trainer.loop import train
 
     if where == "read-only filesystem":
         out = small_mount("ro", read_only=True) / "run"
@@ -514,9 +514,9 @@ def test_an_unwritable_output_folder_is_refused_naming_it(runs, tiny_model_dir, 
 
 def test_the_trainer_refuses_an_output_folder_another_run_holds(runs, tiny_model_dir, square_dataset, tmp_path,
                                                                no_weights):
-    from trainer.config import TrainConfig
-    from trainer.loop import train
-    from trainer.runlock import RunLockedError, acquire_run_lock
+    from flux2_lora_pack.trainer.config import TrainConfig
+    from flux2_lora_pack.trainer.loop import train
+    from flux2_lora_pack.trainer.runlock import RunLockedError, acquire_run_lock
 
     out = tmp_path / "run"
     out.mkdir()

@@ -42,6 +42,17 @@ def test_int8_base_trains_and_saves_the_same_lora_layout(tiny_model_dir, square_
     assert any(not torch.equal(state[k], plain_state[k]) for k in state if "lora_B" in k)  # it trained
 
 
+def test_int8_with_the_default_fsdp2_trains_on_one_process(tiny_model_dir, square_dataset, tmp_path, runs):
+    """The seed's recipe (int8-quanto, distributed left at fsdp2) on one GPU: nothing to shard, it runs as 'none'."""
+    out = tmp_path / "int8_fsdp2"
+    proc = runs.launch(runs.run_config(tiny_model_dir, square_dataset, out, **COMMON, distributed="fsdp2",
+                                       base_model_precision="int8-quanto", base_model_default_dtype="fp32",
+                                       quantize_via="cpu"))
+    losses = runs.step_losses(out)
+    assert sorted(losses) == list(range(1, STEPS + 1)) and all(math.isfinite(v) for v in losses.values())
+    assert "nothing to shard" in proc.stderr + proc.stdout
+
+
 @pytest.mark.slow  # about 20 s of torchrun start-up on 2 busy cores
 def test_int8_base_with_ddp_on_two_processes(tiny_model_dir, square_dataset, tmp_path, runs):
     out = tmp_path / "int8_ddp"

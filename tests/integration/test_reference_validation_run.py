@@ -12,7 +12,7 @@ import pytest
 from image_tools import noise_png
 from PIL import Image
 
-from trainer.events import read_events
+from flux2_lora_pack.trainer.events import read_events
 
 WARNING = "validation_reference_images is set but the dataset has no reference images"
 

@@ -19,15 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from trainer import checkpoint as ckpt
-from trainer.events import read_events
-from trainer.launch import (
+from flux2_lora_pack.trainer import checkpoint as ckpt
+from flux2_lora_pack.trainer.events import read_events
+from flux2_lora_pack.trainer.launch import (
     TrainingCancelled,
     TrainingProcess,
     supervise,
     torchrun_command,
 )
-from trainer.runlock import LOCK_FILE
+from flux2_lora_pack.trainer.runlock import LOCK_FILE
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="samples /proc (Linux)")]

@@ -57,7 +57,7 @@ def test_bad_inputs_are_refused_before_launch(nodes, model_spec, dataset, comfy_
 
 
 def test_several_datasets_train_together(nodes, model_spec, dataset, wide_dataset, comfy_root):
-    from trainer.events import read_events
+    from flux2_lora_pack.trainer.events import read_events
 
     wide = nodes.DatasetHandle(manifest=str(wide_dataset), num_images=3,
                                fingerprint=json.loads(Path(wide_dataset).read_text())["fingerprint"])

@@ -89,22 +89,21 @@ def no_expensive_work(monkeypatch, pack):
     def forbidden(*args, **kwargs):
         raise AssertionError("expensive work started before the bad input was refused")
 
-    for prefix in ("trainer", f"{pack.__name__}.trainer"):
-        # Import first: modules that bind these names at import must keep the real ones after the test.
-        model_files, inference, launch = (importlib.import_module(f"{prefix}.{m}")
-                                          for m in ("model_files", "inference", "launch"))
-        for name in ("load_transformer", "load_text_encoder", "load_vae"):
-            monkeypatch.setattr(model_files, name, forbidden)
-            monkeypatch.setattr(inference, name, forbidden)
-        monkeypatch.setattr(launch.TrainingProcess, "start", classmethod(forbidden))
-        monkeypatch.setattr(inference, "sample_images", forbidden)
+    # Import first: modules that bind these names at import must keep the real ones after the test.
+    model_files, inference, launch = (importlib.import_module(f"{pack.__name__}.trainer.{m}")
+                                      for m in ("model_files", "inference", "launch"))
+    for name in ("load_transformer", "load_text_encoder", "load_vae"):
+        monkeypatch.setattr(model_files, name, forbidden)
+        monkeypatch.setattr(inference, name, forbidden)
+    monkeypatch.setattr(launch.TrainingProcess, "start", classmethod(forbidden))
+    monkeypatch.setattr(inference, "sample_images", forbidden)
 
 
 # ------------------------------------------------------------------------------------------------- helpers
 
 
 def train_config(world: World, **changes: Any):
-    from trainer.config import TrainConfig
+    from flux2_lora_pack.trainer.config import TrainConfig
 
     return TrainConfig.from_dict(world.config(**changes))
 
@@ -125,7 +124,7 @@ def _edit_json(path: Path, **changes: Any) -> None:
 
 
 def _model_folder_case(world: World, mutate: Callable[[Path], None]):
-    from trainer.model_files import inspect_model_folder
+    from flux2_lora_pack.trainer.model_files import inspect_model_folder
 
     folder = _copy_model_json(world, "model")
     mutate(folder)
@@ -151,7 +150,7 @@ def _apply_lora(world: World, path: Path):
 
 
 def _manifest_case(world: World, text: bytes):
-    from trainer.manifest import load_manifest
+    from flux2_lora_pack.trainer.manifest import load_manifest
 
     path = world.folder("ds") / "manifest.json"
     path.write_bytes(text)
@@ -171,7 +170,7 @@ def _valid_manifest_with(latent: str) -> bytes:
 
 
 def _scan(folder: Path):
-    from trainer.data import scan_image_folder
+    from flux2_lora_pack.trainer.scan import scan_image_folder
 
     return lambda: scan_image_folder(folder)
 
@@ -206,15 +205,15 @@ def _symlink_loop(world: World):
 
 
 def _preflight_rank(world: World):
-    from trainer.model_files import inspect_model_folder
-    from trainer.preflight import lora_size
+    from flux2_lora_pack.trainer.model_files import inspect_model_folder
+    from flux2_lora_pack.trainer.preflight import lora_size
 
     config = train_config(world, lora_rank=100_000)
     return lambda: lora_size(inspect_model_folder(world.model), lora=config.lora)
 
 
 def _non_utf8_config(world: World):
-    from trainer.config import TrainConfig
+    from flux2_lora_pack.trainer.config import TrainConfig
 
     path = world.folder("cfg") / "config.json"
     path.write_bytes(json.dumps(world.config()).encode()[:-1] + b', "output_name": "\xff"}')
@@ -282,7 +281,7 @@ CASES = [
     Case("config-missing-resume", "resume_from_checkpoint", "no checkpoint folder",
          lambda w: lambda: train_config(w, resume_from_checkpoint="checkpoint-7")),
     Case("config-not-an-object", "config", "JSON object",
-         lambda w: lambda: importlib.import_module("trainer.config").TrainConfig.from_dict([1, 2])),
+         lambda w: lambda: importlib.import_module("flux2_lora_pack.trainer.config").TrainConfig.from_dict([1, 2])),
     Case("config-file-not-utf8", "config file", "not UTF-8", _non_utf8_config),
     Case("config-prompt-library-not-utf8", "user_prompt_library", "not UTF-8", _non_utf8_prompt_library),
     # node widgets
@@ -299,7 +298,7 @@ CASES = [
          lambda w: lambda: w.train_node(extra_config_json="{not json")),
     Case("widget-negative-steps", "max_train_steps", ">= 1", lambda w: lambda: w.train_node(max_train_steps=-1)),
     Case("widget-image-folder-traversal", "image_folder", "outside the folders",
-         lambda w: lambda: w.mod("nodes.train_nodes").resolve_image_folder("../../../etc")),
+         lambda w: lambda: w.mod("nodes.dataset_nodes").resolve_image_folder("../../../etc")),
     Case("widget-attach-outside-output", "attach_run_folder", "outside the folders",
          lambda w: lambda: w.train_node(launch="attach", attach_run_folder=str(w.root))),
     Case("widget-save-lora-traversal", "filename", "one subfolder",
@@ -327,7 +326,7 @@ CASES = [
     Case("model-sdxl", "model folder", "SDXL", lambda w: _model_folder_case(
         w, lambda d: _edit_json(d / "model_index.json", _class_name="StableDiffusionXLPipeline"))),
     Case("model-missing", "model folder", "does not exist",
-         lambda w: lambda: importlib.import_module("trainer.model_files").inspect_model_folder(w.root / "no-model")),
+         lambda w: lambda: importlib.import_module("flux2_lora_pack.trainer.model_files").inspect_model_folder(w.root / "no-model")),
     Case("model-short-text-encoder", "text encoder", "at least 30", lambda w: _model_folder_case(
         w, lambda d: _edit_json(d / "text_encoder" / "config.json",
                                 text_config={**json.loads((d / "text_encoder" / "config.json").read_text())["text_config"],

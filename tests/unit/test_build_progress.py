@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from image_tools import noise_png
 
-from trainer import data
-from trainer.manifest import MANIFEST_FILE, load_manifest
-from trainer.model_files import inspect_model_folder
+from flux2_lora_pack.trainer.build import build_dataset
+from flux2_lora_pack.trainer.build_report import load_build_report
+from flux2_lora_pack.trainer.manifest import MANIFEST_FILE, load_manifest
+from flux2_lora_pack.trainer.model_files import inspect_model_folder
 
 
 class Cancelled(Exception):
@@ -30,8 +31,8 @@ def _folder(root: Path) -> Path:
 
 
 def _build(folder: Path, model, out: Path, progress) -> Path:
-    return data.build_dataset(image_dir=folder, model=model, out_dir=out, resolution=64, text_precision="fp32",
-                              vae_batch_size=2, text_batch_size=2, progress=progress)
+    return build_dataset(image_dir=folder, model=model, out_dir=out, resolution=64, text_precision="fp32",
+                         vae_batch_size=2, text_batch_size=2, progress=progress)
 
 
 def test_progress_reports_every_phase_in_order(tmp_path, model):
@@ -62,7 +63,7 @@ def test_a_cancelled_build_keeps_its_cache_and_the_next_one_finishes_it(tmp_path
         _build(folder, model, out, cancel_after_first_batch)
     assert not (out / MANIFEST_FILE).exists()  # nothing half-built is offered for training
     _build(folder, model, out, None)
-    report = data.load_build_report(out)
+    report = load_build_report(out)
     if phase == "latents":
         assert (report.vae_images_encoded, report.latents_reused) == (3, 2)
         assert (report.prompts_encoded, report.prompts_reused) == (6, 0)
@@ -74,7 +75,7 @@ def test_a_cancelled_build_keeps_its_cache_and_the_next_one_finishes_it(tmp_path
 
 def test_build_dataset_node_shows_progress_and_honours_cancel(tmp_path, tiny_model_dir, comfy_root, pack,
                                                               monkeypatch):
-    nodes = importlib.import_module(f"{pack.__name__}.nodes.train_nodes")
+    nodes = importlib.import_module(f"{pack.__name__}.nodes.dataset_nodes")
     bridge = importlib.import_module(f"{pack.__name__}.nodes.comfy_bridge")
     inference = importlib.import_module(f"{pack.__name__}.trainer.inference")
     model_files = importlib.import_module(f"{pack.__name__}.trainer.model_files")

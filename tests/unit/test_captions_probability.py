@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 from torch.testing import assert_close
 
-from trainer import data
-from trainer.databackend import load_backend_config, parse_backend_config
-from trainer.manifest import (
+from flux2_lora_pack.trainer.build import build_datasets, dataset_fingerprint
+from flux2_lora_pack.trainer.build_report import load_build_report
+from flux2_lora_pack.trainer.databackend import load_backend_config, parse_backend_config
+from flux2_lora_pack.trainer.manifest import (
     MANIFEST_FILE,
     MANIFEST_VERSION,
     DataSource,
@@ -35,8 +36,10 @@ from trainer.manifest import (
     load_manifest,
     load_text_embedding,
 )
-from trainer.model_files import inspect_model_folder
-from trainer.sampler import BatchRef, BucketBatchSampler
+from flux2_lora_pack.trainer.merge import RUN_SUMMARY_FILE, merge_manifests, resolve_training_manifest
+from flux2_lora_pack.trainer.model_files import inspect_model_folder
+from flux2_lora_pack.trainer.sampler import BatchRef, BucketBatchSampler
+from flux2_lora_pack.trainer.scan import scan_image_folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from image_tools import noise_png  # noqa: E402
@@ -49,7 +52,7 @@ def test_caption_files_split_into_lines(tmp_path):
     noise_png(tmp_path / "b.png", (32, 32), seed=2, caption="a blue sphere\n")
     noise_png(tmp_path / "c.png", (32, 32), seed=3, caption=" \n\t\n")
     noise_png(tmp_path / "d.png", (32, 32), seed=4, caption="old\rmac line ends")
-    split = data.scan_image_folder(tmp_path)
+    split = scan_image_folder(tmp_path)
     assert [(im.relpath, im.captions) for im in split.images] == [
         ("a.png", ("a red cube", "a cube, red", "sks cube")),
         ("b.png", ("a blue sphere",)),
@@ -58,12 +61,12 @@ def test_caption_files_split_into_lines(tmp_path):
     ]
     assert split.images[0].caption == "a red cube"
     assert "c.png has an empty caption (trained as unconditional)" in split.warnings
-    whole = data.scan_image_folder(tmp_path, disable_multiline_split=True)
+    whole = scan_image_folder(tmp_path, disable_multiline_split=True)
     assert [im.captions for im in whole.images] == [
         ("a red cube\r\n\r\n   a cube, red  \r\nsks cube",), ("a blue sphere",), ("",), ("old\rmac line ends",)]
-    assert {im.captions for im in data.scan_image_folder(tmp_path, caption_strategy="filename").images} == {
+    assert {im.captions for im in scan_image_folder(tmp_path, caption_strategy="filename").images} == {
         ("a",), ("b",), ("c",), ("d",)}
-    one = data.scan_image_folder(tmp_path, caption_strategy="instanceprompt", instance_prompt=" sks toy\n")
+    one = scan_image_folder(tmp_path, caption_strategy="instanceprompt", instance_prompt=" sks toy\n")
     assert {im.captions for im in one.images} == {("sks toy",)}
 
 
@@ -157,8 +160,8 @@ def built(tmp_path_factory, model):
          "instance_prompt": "sks toy", "probability": 0},
         {"id": "text", "dataset_type": "text_embeds", "default": True, "write_batch_size": 3},
     ]))
-    path = data.build_datasets(config, model=model, out_dir=root / "out", text_precision="fp32",
-                               extra_prompts=["a validation prompt"])
+    path = build_datasets(config, model=model, out_dir=root / "out", text_precision="fp32",
+                          extra_prompts=["a validation prompt"])
     return root, config, path
 
 
@@ -174,7 +177,7 @@ def test_every_caption_is_cached_once_and_reported(built):
     every = {"a red cube", "a cube, red", "sks cube", "a blue sphere", "one", "two", "", "line one\nline two",
              "sks toy", "a validation prompt"}
     assert set(manifest.text_cache) == every
-    report = data.load_build_report(path.parent)
+    report = load_build_report(path.parent)
     assert (report.prompts_encoded, report.prompts_reused) == (len(every), 0)  # one encode per distinct caption
     for item in manifest.items:
         assert item.texts == tuple(manifest.text_cache[c] for c in item.captions)
@@ -212,27 +215,27 @@ def test_every_caption_is_cached_once_and_reported(built):
 
 def test_run_summary_warns_about_probability_zero(built, model, tmp_path):
     _, config, _ = built
-    manifest = data.resolve_training_manifest(
+    manifest = resolve_training_manifest(
         dataset_manifests=(), data_backend_config=config.path, model=model, out_dir=tmp_path / "run",
         is_main=True, barrier=lambda: None)
     assert manifest.probability("off") == 0.0 and manifest.probability("whole") == 0.5
-    text = (tmp_path / "run" / data.RUN_SUMMARY_FILE).read_text(encoding="utf-8")
+    text = (tmp_path / "run" / RUN_SUMMARY_FILE).read_text(encoding="utf-8")
     assert "warning: dataset 'off' has probability 0" in text and "2 images have several" in text
 
 
 def test_fingerprint_changes_with_captions_and_probability():
     item = {"image_sha256": "0" * 64, "caption": "a", "bucket": [64, 64], "crop": [0, 0], "repeats": 1,
             "source": "s"}
-    base = data.dataset_fingerprint([item], model_identity="m")
-    assert data.dataset_fingerprint([item | {"captions": ["a"]}], model_identity="m") == base  # one caption: as before
-    two = data.dataset_fingerprint([item | {"captions": ["a", "b"]}], model_identity="m")
+    base = dataset_fingerprint([item], model_identity="m")
+    assert dataset_fingerprint([item | {"captions": ["a"]}], model_identity="m") == base  # one caption: as before
+    two = dataset_fingerprint([item | {"captions": ["a", "b"]}], model_identity="m")
     assert two != base
-    assert data.dataset_fingerprint([item | {"captions": ["a", "c"]}], model_identity="m") not in {base, two}
-    assert data.dataset_fingerprint([item], model_identity="m", probabilities={"s": 1.0}) == base
-    half = data.dataset_fingerprint([item], model_identity="m", probabilities={"s": 0.5})
-    assert half != base and half != data.dataset_fingerprint([item], model_identity="m", probabilities={"s": 0.0})
+    assert dataset_fingerprint([item | {"captions": ["a", "c"]}], model_identity="m") not in {base, two}
+    assert dataset_fingerprint([item], model_identity="m", probabilities={"s": 1.0}) == base
+    half = dataset_fingerprint([item], model_identity="m", probabilities={"s": 0.5})
+    assert half != base and half != dataset_fingerprint([item], model_identity="m", probabilities={"s": 0.0})
     # Two identical images with several captions still sort (dicts do not compare).
-    data.dataset_fingerprint([item | {"captions": ["a", "b"]}, item | {"captions": ["a", "c"]}], model_identity="m")
+    dataset_fingerprint([item | {"captions": ["a", "b"]}, item | {"captions": ["a", "c"]}], model_identity="m")
 
 
 def test_version_1_and_2_manifests_still_load(built):
@@ -282,7 +285,7 @@ def test_merged_manifests_keep_captions_paths_and_probability(built, tmp_path):
     _, _, path = built
     copy = tmp_path / "copy"
     shutil.copytree(path.parent, copy)
-    merged_path = data.merge_manifests([path, copy / MANIFEST_FILE], out_dir=tmp_path / "merged")
+    merged_path = merge_manifests([path, copy / MANIFEST_FILE], out_dir=tmp_path / "merged")
     raw = json.loads(merged_path.read_text(encoding="utf-8"))
     assert raw["version"] == 3
     assert {s["id"]: s["probability"] for s in raw["sources"]} == {
@@ -297,7 +300,7 @@ def test_merged_manifests_keep_captions_paths_and_probability(built, tmp_path):
     assert merged.items[7].captions == MULTI["a.png"][2] and merged.probability("off-2") == 0.0
     sampler = BucketBatchSampler(merged, batch_size=1, seed=3)
     assert {merged.items[i].source for b in sampler.epoch_plan(0) for i in b} == {"multi", "whole", "multi-2", "whole-2"}
-    report = data.load_build_report(merged_path.parent)
+    report = load_build_report(merged_path.parent)
     assert (report.captions, report.multi_caption_images) == (20, 4)
 
 
@@ -438,14 +441,14 @@ def test_all_weights_checked_finite_at_build(built, model, tmp_path):
     bad = dataclasses.replace(config, datasets=tuple(dataclasses.replace(d, probability=math.inf)
                                                      if d.id == "whole" else d for d in config.datasets))
     with pytest.raises(ValueError, match="dataset 'whole': probability is inf; give a finite weight >= 0"):
-        data.build_datasets(bad, model=model, out_dir=tmp_path / "out")
+        build_datasets(bad, model=model, out_dir=tmp_path / "out")
     zero = dataclasses.replace(config, datasets=tuple(dataclasses.replace(d, probability=0.0) for d in config.datasets))
     with pytest.raises(ValueError, match=r"every image dataset has probability 0 \(multi, whole, off\)"):
-        data.build_datasets(zero, model=model, out_dir=tmp_path / "out")
+        build_datasets(zero, model=model, out_dir=tmp_path / "out")
 
 
 def test_cli_build_dataset_can_keep_whole_caption_files(tmp_path, tiny_model_dir, capsys):
-    from trainer.__main__ import main
+    from flux2_lora_pack.trainer.__main__ import main
 
     noise_png(tmp_path / "imgs" / "a.png", (64, 64), seed=1, caption="first line\nsecond line")
     out = {}

@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 import pytest
 
-from trainer import config as config_module
-from trainer.config import (
+from flux2_lora_pack.trainer import config as config_module
+from flux2_lora_pack.trainer.config import (
     ALIASES,
     CHOICES,
     KNOWN_KEYS,
@@ -66,17 +66,17 @@ def base(p: Paths, **overrides: Any) -> dict[str, Any]:
 def test_minimal_config_uses_documented_defaults(paths: Paths) -> None:
     cfg = TrainConfig.from_dict(base(paths))
     assert (cfg.model_type, cfg.model_family, cfg.model_flavour) == ("lora", "flux2", "dev")
-    assert cfg.lora == config_module.LoraSettings(rank=16, alpha=16.0, dropout=0.1, init="default", target="all")
-    assert cfg.schedule == config_module.ScheduleSettings(scheduler="constant", warmup_steps=0, total_steps=1000)
-    assert cfg.guidance == config_module.GuidanceSettings(mode="constant", value=1.0, minimum=0.0, maximum=4.0)
+    assert cfg.lora == config_module.LoraConfig(rank=16, alpha=16.0, dropout=0.1, init="default", target="all")
+    assert cfg.schedule == config_module.ScheduleConfig(scheduler="constant", warmup_steps=0, total_steps=1000)
+    assert cfg.objective.guidance == config_module.GuidanceConfig(mode="constant", value=1.0, minimum=0.0, maximum=4.0)
     assert cfg.objective.shift == 3.0 and cfg.objective.auto_shift is False
-    assert cfg.validation_size() == (1024, 1024)
+    assert cfg.validation.size == (1024, 1024)
     assert cfg.validation.seed == cfg.seed == 42
     assert cfg.validation.enabled is False
     assert cfg.tread is None
     assert cfg.quantization.base_quantized is False
     assert cfg.model.root == paths.model and cfg.model.transformer_file is None
-    assert cfg.checkpoint == config_module.CheckpointSettings(output_dir=paths.output, every_steps=500, total_limit=5,
+    assert cfg.checkpoint == config_module.CheckpointConfig(output_dir=paths.output, every_steps=500, total_limit=5,
                                                               resume_from=None)
 
 
@@ -126,7 +126,7 @@ def test_group_offload_round_trip(paths: Paths) -> None:
         paths, enable_group_offload=True, group_offload_type="leaf_level", group_offload_blocks_per_group=3,
         group_offload_use_stream=True, group_offload_text_encoder=True, group_offload_vae=True,
     ))
-    assert cfg.offload == config_module.OffloadSettings(enabled=True, offload_type="leaf_level", blocks_per_group=3,
+    assert cfg.offload == config_module.OffloadConfig(enabled=True, offload_type="leaf_level", blocks_per_group=3,
                                                         use_stream=True, text_encoder=True, vae=True,
                                                         during_startup=False)
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
@@ -144,7 +144,7 @@ VIEWS: dict[str, Callable[[TrainConfig], Any]] = {
     "lr_scheduler": lambda c: c.schedule.scheduler,
     "flux_guidance_mode": lambda c: c.objective.guidance.mode,
     "mixed_precision": lambda c: c.memory.mixed_precision,
-    "distributed": lambda c: c.distributed,
+    "distributed": lambda c: c.parallelism.distributed,
     "nan_policy": lambda c: c.nan_policy,
     "base_model_precision": lambda c: c.quantization.base_model_precision,
     "text_encoder_1_precision": lambda c: c.quantization.text_encoder_precision,
@@ -285,8 +285,6 @@ BAD_VALUES: list[tuple[str, Callable[[Paths], dict[str, Any]], str]] = [
     ("target-not-string", lambda p: {"flux_lora_target": 3}, r"flux_lora_target must be one of"),
     ("distributed-unknown", lambda p: {"distributed": "deepspeed"}, r"distributed must be one of"),
     ("nan-policy-unknown", lambda p: {"nan_policy": "ignore"}, r"nan_policy must be one of"),
-    ("quanto-fsdp2", lambda p: {"base_model_precision": "int8-quanto"},
-     r"base_model_precision 'int8-quanto' cannot be combined with distributed 'fsdp2'.*'ddp' or 'none'"),
     ("quant-sdnq", lambda p: {"base_model_precision": "int8-sdnq"}, r"base_model_precision must be one of .*quanto"),
     ("quanto-offload", lambda p: {"base_model_precision": "int4-quanto", "distributed": "ddp",
                                   "enable_group_offload": True}, r"base_model_precision .*enable_group_offload"),
@@ -326,6 +324,16 @@ def test_bad_value_raises_naming_the_key(paths: Paths, make: Callable[[Paths], d
         TrainConfig.from_dict(base(paths, **make(paths)))
 
 
+def test_a_quantized_base_with_fsdp2_is_refused_only_for_several_processes(paths: Paths) -> None:
+    """One process has nothing to shard: the seed's recipe (int8-quanto, default fsdp2) runs as 'none' there."""
+    cfg = TrainConfig.from_dict(base(paths, base_model_precision="int8-quanto"))
+    assert (cfg.parallelism.distributed, cfg.quantization.base_model_precision) == ("fsdp2", "int8-quanto")
+    cfg.check_processes(1)
+    with pytest.raises(ValueError, match=r"base_model_precision 'int8-quanto' cannot be combined with distributed "
+                                         r"'fsdp2' over 2 processes.*set distributed to 'ddp'"):
+        cfg.check_processes(2)
+
+
 @pytest.mark.parametrize("key", ["pretrained_model_name_or_path", "output_dir"])
 def test_missing_required_key_is_named(paths: Paths, key: str) -> None:
     data = base(paths)
@@ -342,13 +350,14 @@ def test_missing_dataset_is_named(paths: Paths) -> None:
 
 
 def test_direct_construction_is_strict_and_normalises_numbers(paths: Paths) -> None:
-    kwargs = dict(pretrained_model_name_or_path=str(paths.model), output_dir=str(paths.output),
-                  dataset_manifest=str(paths.manifest))
     with pytest.raises(ValueError, match=r"learning_rate must be a number, got '1e-4'"):
-        TrainConfig(**kwargs, learning_rate="1e-4")
+        config_module.OptimizerConfig(learning_rate="1e-4")
+    groups = dict(model=config_module.ModelConfig(root=paths.model),
+                  data=config_module.DataConfig(dataset_manifest=str(paths.manifest)),
+                  checkpoint=config_module.CheckpointConfig(output_dir=paths.output))
     with pytest.raises(ValueError, match=r"tread_config must be a TreadConfig"):
-        TrainConfig(**kwargs, tread_config={"routes": []})
-    cfg = TrainConfig(**kwargs, lora_alpha=8, learning_rate=1)
+        TrainConfig(**groups, tread={"routes": []})
+    cfg = TrainConfig(**groups, lora=config_module.LoraConfig(alpha=8), optim=config_module.OptimizerConfig(learning_rate=1))
     assert isinstance(cfg.lora_alpha, float) and cfg.lora.alpha == 8.0 and cfg.learning_rate == 1.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.lora_rank = 4  # type: ignore[misc]
@@ -420,14 +429,14 @@ def test_simpletuner_flux2_quickstart_config_loads(paths: Paths, tmp_path: Path)
     path.write_text(json.dumps(simpletuner_config, indent=2))
     cfg = TrainConfig.from_json(path)
     assert cfg.data.data_backend_config == paths.manifest and cfg.data.dataset_manifests == ()
-    assert cfg.quantization == config_module.QuantizationSettings(
+    assert cfg.quantization == config_module.QuantizationConfig(
         base_model_precision="int8-quanto", text_encoder_precision="int8-quanto",
         base_model_default_dtype="bf16", quantize_via="cpu")
     assert cfg.tread == TreadConfig(routes=(TreadRoute(selection_ratio=0.5, start_layer_idx=2, end_layer_idx=-2),))
     assert cfg.tread.resolved_routes(8 + 48) == ((0.5, 2, 54),)
     assert cfg.offload.during_startup is True and cfg.data.vae_batch_size == 1
     assert (cfg.checkpointing_steps, cfg.validation_steps, cfg.checkpoint.resume_from) == (500, 500, "latest")
-    assert cfg.validation_prompts() == {
+    assert cfg.validation.prompts() == {
         "portrait_subject": "a professional portrait photograph of a corgi, studio lighting, high detail",
         "cinematic_subject": "a cinematic shot of a corgi, dramatic lighting, film grain",
     }
@@ -441,14 +450,14 @@ def test_simpletuner_flux2_quickstart_config_loads(paths: Paths, tmp_path: Path)
                                              (" 768X1344 ", (768, 1344)), ("16x32", (16, 32))])
 def test_validation_size_is_width_by_height(paths: Paths, value: str | int, size: tuple[int, int]) -> None:
     cfg = TrainConfig.from_dict(base(paths, validation_resolution=value))
-    assert cfg.validation_size() == size == parse_resolution(value)
+    assert cfg.validation.size == size == parse_resolution(value)
     assert (cfg.validation.width, cfg.validation.height) == size
 
 
 def test_validation_prompts_put_the_single_prompt_first_and_fill_the_subject(paths: Paths) -> None:
     cfg = TrainConfig.from_dict(base(paths, validation_prompt="<subject> in the snow", validation_subject="sks cat",
                                      user_prompt_library=str(paths.library)))
-    prompts = cfg.validation_prompts()
+    prompts = cfg.validation.prompts()
     assert list(prompts) == ["validation_prompt", "portrait_subject", "cinematic_subject"]
     assert prompts["validation_prompt"] == "sks cat in the snow"
     assert all("<subject>" not in p for p in prompts.values())
@@ -514,13 +523,13 @@ def test_tread_routes_resolve_against_the_block_count() -> None:
 ])
 def test_settings_the_chosen_mode_ignores_warn(paths: Paths, caplog: pytest.LogCaptureFixture,
                                                extra: dict[str, Any], key: str) -> None:
-    with caplog.at_level(logging.WARNING, logger="trainer.config"):
+    with caplog.at_level(logging.WARNING, logger="flux2_lora_pack.trainer.config"):
         TrainConfig.from_dict(base(paths, **extra))
     assert [r.getMessage().split("=")[0] for r in caplog.records] == [f"config: {key}"]
 
 
 def test_defaults_do_not_warn(paths: Paths, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="trainer.config"):
+    with caplog.at_level(logging.WARNING, logger="flux2_lora_pack.trainer.config"):
         TrainConfig.from_dict(base(paths))
     assert caplog.records == []
 
@@ -530,25 +539,75 @@ def test_defaults_do_not_warn(paths: Paths, caplog: pytest.LogCaptureFixture) ->
 
 def test_every_field_has_a_docstring_under_it() -> None:
     tree = ast.parse(inspect.getsource(config_module))
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TrainConfig")
     documented = set()
-    for stmt, nxt in zip(cls.body, cls.body[1:]):
-        if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) \
-                and isinstance(nxt.value.value, str):
-            documented.add(stmt.target.id)
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        for stmt, nxt in zip(cls.body, cls.body[1:]):
+            if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) \
+                    and isinstance(nxt.value.value, str) and isinstance(stmt.value, ast.Call) \
+                    and getattr(stmt.value.func, "id", None) == "setting":
+                documented.add(stmt.value.args[0].value)  # the flat key the field is read from
     assert documented == KNOWN_KEYS
 
 
-def test_views_match_the_specs_the_trainer_builds_from_them(paths: Paths) -> None:
-    """The grouped settings feed objective.ObjectiveSpec / GuidanceSpec and loop.lr_lambda field for field."""
-    from trainer import loop, objective
+def test_sub_configs_are_what_the_trainer_takes(paths: Paths) -> None:
+    """The objective and loop.lr_lambda take the config's own sub-configs: no copy field by field in between."""
+    import inspect as _inspect
+
+    from flux2_lora_pack.trainer import loop, objective
 
     cfg = TrainConfig.from_dict(base(paths, flux_guidance_mode="random-range", flux_guidance_min=1.0,
                                      lr_scheduler="linear", lr_warmup_steps=5, max_train_steps=10))
-    guidance = objective.GuidanceSpec(**dataclasses.asdict(cfg.guidance))
-    spec = objective.ObjectiveSpec(shift=cfg.objective.shift, auto_shift=cfg.objective.auto_shift, guidance=guidance,
-                                   caption_dropout_probability=cfg.objective.caption_dropout_probability)
-    assert (spec.guidance.mode, spec.guidance.minimum, spec.guidance.maximum) == ("random-range", 1.0, 4.0)
-    assert {f.name for f in dataclasses.fields(objective.ObjectiveSpec)} == {f.name for f in dataclasses.fields(cfg.objective)}
+    guidance = cfg.objective.guidance
+    assert (guidance.mode, guidance.minimum, guidance.maximum) == ("random-range", 1.0, 4.0)
+    assert _inspect.signature(objective.prepare_batch).parameters["spec"].annotation == "ObjectiveConfig"
     factor = loop.lr_lambda(**dataclasses.asdict(cfg.schedule))
     assert [factor(s) for s in (0, 4, 5, 10)] == [0.2, 1.0, 1.0, 0.0]
+
+
+# --- rules across settings: each written once, as a method of the config that owns it ------------------
+
+RULES: list[tuple[str, Callable[[Paths], Any], str]] = [
+    ("data-xor", lambda p: config_module.DataConfig(dataset_manifest=str(p.manifest), data_backend_config=p.manifest),
+     "dataset_manifest and data_backend_config are both set"),
+    ("guidance-range", lambda p: config_module.GuidanceConfig(minimum=5.0, maximum=1.0), "is above flux_guidance_max"),
+    ("warmup", lambda p: config_module.ScheduleConfig(warmup_steps=11, total_steps=10), "is more than max_train_steps"),
+    ("quanto-fsdp2", lambda p: config_module.QuantizationConfig(base_model_precision="int8-quanto").check_compatible(
+        mixed_precision="bf16", distributed="fsdp2", world_size=2, offload=config_module.OffloadConfig()),
+     "cannot be combined with distributed 'fsdp2'"),
+    ("quanto-offload", lambda p: config_module.QuantizationConfig(base_model_precision="int8-quanto").check_compatible(
+        mixed_precision="bf16", distributed="ddp", world_size=2, offload=config_module.OffloadConfig(enabled=True)),
+     "cannot be combined with enable_group_offload"),
+    ("quanto-fp32-compute", lambda p: config_module.QuantizationConfig(base_model_precision="int8-quanto")
+     .check_compatible(mixed_precision="no", distributed="none", world_size=1, offload=config_module.OffloadConfig()),
+     "base_model_default_dtype 'bf16' with mixed_precision 'no'"),
+    ("quantized-text-encoder-offload", lambda p: config_module.QuantizationConfig(
+        text_encoder_precision="int8-quanto").check_text_encoder(
+        offload=config_module.OffloadConfig(enabled=True, text_encoder=True)), "cannot be combined with group_offload_text_encoder"),
+    ("offload-fsdp2", lambda p: config_module.OffloadConfig(enabled=True).check_compatible(
+        gradient_checkpointing=True, distributed="fsdp2", world_size=2, device="cpu"), "over 2 processes"),
+    ("offload-checkpointing", lambda p: config_module.OffloadConfig(enabled=True).check_compatible(
+        gradient_checkpointing=False, distributed="none", world_size=1, device="cpu"), "needs gradient_checkpointing true"),
+    ("stream-cuda", lambda p: config_module.OffloadConfig(enabled=True, use_stream=True).check_compatible(
+        gradient_checkpointing=True, distributed="none", world_size=1, device="cpu"), "CUDA streams need a CUDA device"),
+]
+
+
+@pytest.mark.parametrize(("make", "match"), [pytest.param(m, r, id=i) for i, m, r in RULES])
+def test_each_rule_across_settings_is_asked_through_its_config(paths: Paths, make, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make(paths)
+
+
+# A phrase of each rule's message as it stands in the source, to count where the rule is written.
+RULE_SOURCES = ["give one dataset source", "the random-range draws from [min, max]",
+                "the learning rate would never reach learning_rate", "fully_shard turns quanto's int8/int4 weights back into full-precision",
+                "hooks cannot move quanto's quantized weights (enable_group_offload", "computes in fp32 without autocast",
+                "group_offload_text_encoder (diffusers' offload hooks", "already shards the weights and owns their placement",
+                "without it autograd keeps every block's", "process computes on {kind!r}: CUDA streams"]
+
+
+@pytest.mark.parametrize("phrase", RULE_SOURCES)
+def test_each_rule_across_settings_is_written_once(phrase: str) -> None:
+    trainer = Path(config_module.__file__).parent
+    places = [f.name for f in sorted(trainer.glob("*.py")) for _ in range(f.read_text(encoding="utf-8").count(phrase))]
+    assert places == ["config.py"]

@@ -19,11 +19,14 @@ import pytest
 from safetensors import safe_open
 from torch.testing import assert_close
 
-from trainer import data, flux2, model_files
-from trainer.buckets import choose_bucket, select_crop_aspect
-from trainer.databackend import load_backend_config, parse_backend_config
-from trainer.manifest import load_batch, load_manifest
-from trainer.model_files import inspect_model_folder
+from flux2_lora_pack.trainer import flux2, model_files
+from flux2_lora_pack.trainer.buckets import choose_bucket, select_crop_aspect
+from flux2_lora_pack.trainer.build import build_datasets, plan_for
+from flux2_lora_pack.trainer.build_report import load_build_report
+from flux2_lora_pack.trainer.databackend import load_backend_config, parse_backend_config
+from flux2_lora_pack.trainer.manifest import load_batch, load_manifest
+from flux2_lora_pack.trainer.model_files import inspect_model_folder
+from flux2_lora_pack.trainer.scan import load_training_image, scan_image_folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from image_tools import noise_png  # noqa: E402
@@ -234,7 +237,7 @@ def random_build(tmp_path_factory, tiny_model_dir):
     ])
     config = load_backend_config(path)
     model = inspect_model_folder(tiny_model_dir)
-    manifest = data.build_datasets(config, model=model, out_dir=root / "built", text_precision="fp32")
+    manifest = build_datasets(config, model=model, out_dir=root / "built", text_precision="fp32")
     return root, config, model, manifest
 
 
@@ -271,11 +274,11 @@ def test_build_uses_the_drawn_buckets_and_their_latent_shapes(random_build):
         assert tuple(batch.latents.shape) == (1, flux2.PATCHIFIED_CHANNELS, it.bucket[1] // 16, it.bucket[0] // 16)
     # The cached latent is the drawn crop of the image: equal to encoding that crop directly (same fp32 path).
     first = rand[0]
-    plan = data._plan_for(next(im for im in data.scan_image_folder(root / "imgs").images if im.relpath == "i0.png"),
-                          specs["rand"], step=16)
+    plan = plan_for(next(im for im in scan_image_folder(root / "imgs").images if im.relpath == "i0.png"),
+                     specs["rand"], step=16)
     assert (plan.bucket, plan.crop) == (first.bucket, first.crop)
     vae = model_files.load_vae(model, precision="fp32")
-    pixels = data.load_training_image(root / "imgs" / "i0.png", plan=plan)
+    pixels = load_training_image(root / "imgs" / "i0.png", plan=plan)
     assert_close(load_batch(manifest, [manifest.items.index(first)]).latents,
                  flux2.encode_images(vae, pixels[None]), atol=1e-5, rtol=1e-5)
     source = next(s for s in json.loads(manifest_path.read_text(encoding="utf-8"))["sources"] if s["id"] == "rand")
@@ -291,9 +294,9 @@ def test_second_build_draws_the_same_and_encodes_nothing(random_build, monkeypat
 
     monkeypatch.setattr(model_files, "load_vae", refuse)
     monkeypatch.setattr(model_files, "load_text_encoder", refuse)
-    again = data.build_datasets(load_backend_config(config.path), model=model, out_dir=manifest_path.parent,
-                                text_precision="fp32")
-    report = data.load_build_report(again.parent)
+    again = build_datasets(load_backend_config(config.path), model=model, out_dir=manifest_path.parent,
+                           text_precision="fp32")
+    report = load_build_report(again.parent)
     assert (report.vae_images_encoded, report.prompts_encoded, report.latents_reused) == (0, 0, 15)
     after = load_manifest(again)
     assert [(it.bucket, it.crop, it.latent) for it in after.items] == [(it.bucket, it.crop, it.latent) for it in before.items]

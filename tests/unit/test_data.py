@@ -23,18 +23,21 @@ import torch
 from PIL import Image
 from torch.testing import assert_close
 
-from trainer import data, flux2, model_files
-from trainer.buckets import assign_bucket, bucket_sizes, plan_crop
-from trainer.cache import read_entry
-from trainer.manifest import (
+from flux2_lora_pack.trainer import flux2, model_files
+from flux2_lora_pack.trainer.buckets import assign_bucket, bucket_sizes, plan_crop
+from flux2_lora_pack.trainer.build import build_dataset
+from flux2_lora_pack.trainer.build_report import load_build_report
+from flux2_lora_pack.trainer.cache import read_entry
+from flux2_lora_pack.trainer.manifest import (
     Manifest,
     ManifestItem,
     load_batch,
     load_manifest,
     load_text_embedding,
 )
-from trainer.model_files import inspect_model_folder
-from trainer.sampler import BatchRef, BucketBatchSampler
+from flux2_lora_pack.trainer.model_files import inspect_model_folder
+from flux2_lora_pack.trainer.sampler import BatchRef, BucketBatchSampler
+from flux2_lora_pack.trainer.scan import MAX_IMAGE_PIXELS, load_training_image, scan_image_folder
 
 RES = 64  # small buckets keep the tiny VAE fast
 
@@ -72,7 +75,7 @@ def _huge_png(path: Path, *, side: int = 20000) -> Path:
 
 
 def test_cache_entries_round_trip_and_refuse_damage(tmp_path):
-    from trainer.cache import CacheEntryError, write_entry
+    from flux2_lora_pack.trainer.cache import CacheEntryError, write_entry
 
     tensors = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.arange(6, dtype=torch.float32)}
     path = tmp_path / "k1.safetensors"
@@ -153,7 +156,7 @@ def test_training_image_is_resized_and_center_cropped(tmp_path):
     bucket = assign_bucket(1000, 200, resolution=RES)
     plan = plan_crop(1000, 200, bucket=bucket)
     assert (plan.bucket, plan.resized, plan.crop) == ((128, 32), (160, 32), (16, 0))
-    image = data.load_training_image(tmp_path / "wide.png", plan=plan)
+    image = load_training_image(tmp_path / "wide.png", plan=plan)
     assert image.shape == (3, 32, 128)
     green = torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1).expand(3, 32, 120)
     # The red and blue bands are cropped away; 4 columns each side may hold Lanczos ringing from the band edges.
@@ -168,12 +171,12 @@ def test_exif_rotation_and_transparency(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees: stored 64 wide, shown 64 tall
     _noise_image(folder / "rotated.jpg", (64, 32), seed=1, exif=exif.tobytes())
     Image.new("RGBA", (32, 32), (10, 20, 30, 0)).save(folder / "clear.png")
-    scan = data.scan_image_folder(folder, caption_strategy="filename")
+    scan = scan_image_folder(folder, caption_strategy="filename")
     sizes = {im.relpath: (im.width, im.height) for im in scan.images}
     assert sizes == {"rotated.jpg": (32, 64), "clear.png": (32, 32)}
-    rotated = data.load_training_image(folder / "rotated.jpg", plan=plan_crop(32, 64, bucket=(32, 64)))
+    rotated = load_training_image(folder / "rotated.jpg", plan=plan_crop(32, 64, bucket=(32, 64)))
     assert rotated.shape == (3, 64, 32)
-    clear = data.load_training_image(folder / "clear.png", plan=plan_crop(32, 32, bucket=(32, 32)))
+    clear = load_training_image(folder / "clear.png", plan=plan_crop(32, 32, bucket=(32, 32)))
     assert_close(clear, torch.ones(3, 32, 32), atol=0, rtol=0)  # fully transparent -> white
 
 
@@ -190,22 +193,22 @@ def test_caption_strategies(tmp_path):
     _noise_image(sub / "b.PNG", (32, 32), seed=1)
     (sub / "b.txt").write_text("nested caption", encoding="utf-8")
 
-    by_text = data.scan_image_folder(folder)
+    by_text = scan_image_folder(folder)
     assert [(im.relpath, im.caption) for im in by_text.images] == [
         ("a_red__cube.png", "a red cube, studio light"),
         ("sub/b.PNG", "nested caption"),
     ]
-    by_name = data.scan_image_folder(folder, caption_strategy="filename")
+    by_name = scan_image_folder(folder, caption_strategy="filename")
     assert [im.caption for im in by_name.images] == ["a red cube", "b"]
-    by_instance = data.scan_image_folder(folder, caption_strategy="instanceprompt", instance_prompt=" sks toy ")
+    by_instance = scan_image_folder(folder, caption_strategy="instanceprompt", instance_prompt=" sks toy ")
     assert [im.caption for im in by_instance.images] == ["sks toy", "sks toy"]
     assert by_text.skipped == [] and by_name.skipped == []
 
     with pytest.raises(ValueError, match="needs a non-empty instance_prompt"):
-        data.scan_image_folder(folder, caption_strategy="instanceprompt")
+        scan_image_folder(folder, caption_strategy="instanceprompt")
     with pytest.raises(ValueError, match="not one of textfile, filename, instanceprompt"):
-        data.scan_image_folder(folder, caption_strategy="json")
-    ignored = data.scan_image_folder(folder, instance_prompt="unused")
+        scan_image_folder(folder, caption_strategy="json")
+    ignored = scan_image_folder(folder, instance_prompt="unused")
     assert any("instance_prompt 'unused' is ignored" in w for w in ignored.warnings)
 
 
@@ -232,7 +235,7 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path, monkeypatch):
     (folder / "loop").symlink_to(folder, target_is_directory=True)  # a symlink loop: visited once
     (folder / ".hidden.png").write_bytes(b"")  # hidden files are not part of a dataset
 
-    scan = data.scan_image_folder(folder, min_side_px=16)
+    scan = scan_image_folder(folder, min_side_px=16)
     assert [im.relpath for im in scan.images] == ["good.png"]
     reasons = {s.path.name: s.reason for s in scan.skipped}
     assert set(reasons) == {"zero.png", "text.png", "trunc.png", "trunc.jpg", "small.png", "huge.png", "nocap.png",
@@ -250,9 +253,9 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path, monkeypatch):
 
     # With Pillow's own bomb guard switched off (some node packs do), the header check still refuses it.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
-    scan = data.scan_image_folder(folder)
+    scan = scan_image_folder(folder)
     assert {s.path.name: s.reason for s in scan.skipped}["huge.png"] == (
-        f"too large: 20000x20000 = 400000000 pixels is above {data.MAX_IMAGE_PIXELS}; downscale it first"
+        f"too large: 20000x20000 = 400000000 pixels is above {MAX_IMAGE_PIXELS}; downscale it first"
     )
 
 
@@ -260,14 +263,14 @@ def test_unusable_folders_are_refused(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match=re.escape(f"image folder {empty.resolve()} has no usable images")):
-        data.scan_image_folder(empty)
+        scan_image_folder(empty)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x.png").write_bytes(b"")
     with pytest.raises(ValueError, match=r"has no usable images \(1 skipped: x.png: zero-byte file\)"):
-        data.scan_image_folder(bad)
+        scan_image_folder(bad)
     with pytest.raises(ValueError, match="is not a folder"):
-        data.scan_image_folder(tmp_path / "missing")
+        scan_image_folder(tmp_path / "missing")
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -400,7 +403,7 @@ def _make_folder(root: Path) -> Path:
 
 def _build(folder: Path, model, out: Path, **kwargs) -> Path:
     kwargs = {"resolution": RES, "text_precision": "fp32", "extra_prompts": ["a validation prompt"]} | kwargs
-    return data.build_dataset(image_dir=folder, model=model, out_dir=out, **kwargs)
+    return build_dataset(image_dir=folder, model=model, out_dir=out, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -414,7 +417,7 @@ def built(tmp_path_factory, model):
 def test_build_writes_manifest_caches_and_report(built, model):
     folder, manifest_path = built
     manifest = load_manifest(manifest_path)
-    report = data.load_build_report(manifest_path.parent)
+    report = load_build_report(manifest_path.parent)
     assert [(it.image, it.caption, it.bucket, it.crop, it.repeats) for it in manifest.items] == [
         ("a.png", "a red cube", (64, 64), (0, 0), 2),
         ("b.png", "a blue sphere", (80, 48), (0, 2), 2),  # 96x64 -> scale 0.8333: 80x53, 2 rows off the top
@@ -435,7 +438,7 @@ def test_build_writes_manifest_caches_and_report(built, model):
     for i in (1, 2):
         item = manifest.items[i]
         plan = plan_crop(item.width, item.height, bucket=item.bucket)
-        pixels = data.load_training_image(manifest.image_path(i), plan=plan)
+        pixels = load_training_image(manifest.image_path(i), plan=plan)
         expected = flux2.encode_images(vae, pixels[None])
         cached = read_entry(manifest.latent_path(i), kind="latent")[0]["latents"][None]
         assert_close(cached, expected, atol=1e-5, rtol=1e-5)
@@ -472,7 +475,7 @@ def test_second_build_loads_no_encoder_and_changes_reencode_only_what_changed(tm
     with monkeypatch.context() as m:
         _forbid_encoders(m)
         again = load_manifest(_build(folder, model, out))
-    report = data.load_build_report(out)
+    report = load_build_report(out)
     assert (report.vae_images_encoded, report.latents_reused) == (0, 4)
     assert (report.prompts_encoded, report.prompts_reused) == (0, 5)
     assert (report.vae_loaded, report.text_encoder_loaded) == (False, False)
@@ -482,7 +485,7 @@ def test_second_build_loads_no_encoder_and_changes_reencode_only_what_changed(tm
     _noise_image(folder / "b.png", (96, 64), seed=99)  # new pixels, same size and caption
     (folder / "a.txt").write_text("a green cube", encoding="utf-8")
     changed = load_manifest(_build(folder, model, out))
-    report = data.load_build_report(out)
+    report = load_build_report(out)
     assert (report.vae_images_encoded, report.latents_reused) == (1, 3)
     assert (report.prompts_encoded, report.prompts_reused) == (1, 5)  # "a red cube" is still c.jpg's caption
     assert changed.fingerprint != first.fingerprint
@@ -505,7 +508,7 @@ def test_damaged_cache_files_are_rebuilt_never_loaded(tmp_path, model):
         load_text_embedding(manifest, "a blue sphere")
 
     _build(folder, model, out)
-    report = data.load_build_report(out)
+    report = load_build_report(out)
     assert sorted(report.rebuilt_cache_files) == sorted([str(latent), str(text)])
     assert (report.vae_images_encoded, report.prompts_encoded) == (1, 1)
     read_entry(latent, kind="latent")
@@ -535,7 +538,7 @@ def test_vae_is_released_before_the_text_encoder_loads(tmp_path, model, monkeypa
     monkeypatch.setattr(model_files, "load_text_encoder", load_text_encoder)
     _build(folder, model, tmp_path / "out", vae_batch_size=1, text_batch_size=2)
     assert order == ["vae", "text"]
-    report = data.load_build_report(tmp_path / "out")
+    report = load_build_report(tmp_path / "out")
     assert (report.vae_images_encoded, report.prompts_encoded) == (4, 5)
 
 
@@ -554,7 +557,7 @@ def test_build_refuses_bad_arguments(tmp_path, model):
     with pytest.raises(ValueError, match="is the image folder itself"):
         _build(folder, model, folder)
     inside = load_manifest(_build(folder, model, folder / "cache"))  # a subfolder is left out of the scan
-    assert len(inside.items) == 4 and data.load_build_report(folder / "cache").skipped[0]["reason"] == "zero-byte file"
+    assert len(inside.items) == 4 and load_build_report(folder / "cache").skipped[0]["reason"] == "zero-byte file"
     with pytest.raises(ValueError, match="resolution 100 must be a multiple of 16"):
         _build(folder, model, tmp_path / "o", resolution=100)
     with pytest.raises(ValueError, match="repeats 0 must be an integer >= 1"):
@@ -582,7 +585,7 @@ def test_manifest_checks(built, tmp_path):
 
 
 def test_cli_build_dataset_prints_summary(built, tiny_model_dir, capsys, monkeypatch):
-    from trainer.__main__ import main
+    from flux2_lora_pack.trainer.__main__ import main
 
     folder, manifest_path = built
     _forbid_encoders(monkeypatch)  # the fixture's build filled the caches

@@ -18,18 +18,22 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from trainer import data, flux2, model_files
-from trainer.buckets import (
+from flux2_lora_pack.trainer import flux2, model_files
+from flux2_lora_pack.trainer.buckets import (
     choose_bucket,
     image_size_measure,
     plan_crop_styled,
     plan_matching_crop,
     target_area,
 )
-from trainer.databackend import load_backend_config, parse_backend_config
-from trainer.manifest import load_batch, load_manifest
-from trainer.model_files import inspect_model_folder
-from trainer.sampler import BucketBatchSampler
+from flux2_lora_pack.trainer.build import build_datasets
+from flux2_lora_pack.trainer.build_report import load_build_report
+from flux2_lora_pack.trainer.databackend import load_backend_config, parse_backend_config
+from flux2_lora_pack.trainer.manifest import load_batch, load_manifest
+from flux2_lora_pack.trainer.merge import RUN_REPORT_FILE, RUN_SUMMARY_FILE, resolve_training_manifest
+from flux2_lora_pack.trainer.model_files import inspect_model_folder
+from flux2_lora_pack.trainer.sampler import BucketBatchSampler
+from flux2_lora_pack.trainer.scan import load_training_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from image_tools import noise_png  # noqa: E402
@@ -218,14 +222,14 @@ def _edit_project(root: Path) -> Path:
 def edit_build(tmp_path_factory, model):
     root = tmp_path_factory.mktemp("edits")
     config = load_backend_config(_edit_project(root))
-    manifest = data.build_datasets(config, model=model, out_dir=root / "built", text_precision="fp32")
+    manifest = build_datasets(config, model=model, out_dir=root / "built", text_precision="fp32")
     return root, config, manifest
 
 
 def test_multi_dataset_build_pairs_references_and_reports(edit_build, model):
     root, config, manifest_path = edit_build
     manifest = load_manifest(manifest_path)
-    report = data.load_build_report(manifest_path.parent)
+    report = load_build_report(manifest_path.parent)
     rows = [(it.source, it.image, it.bucket, it.repeats, [(r.source, r.image, r.bucket, r.crop) for r in it.references])
             for it in manifest.items]
     assert rows == [
@@ -257,7 +261,7 @@ def test_multi_dataset_build_pairs_references_and_reports(edit_build, model):
     vae = model_files.load_vae(model, precision="fp32")
     ref = manifest.items[0].references[0]
     plan = plan_matching_crop(ref.width, ref.height, like=plan_crop_styled(64, 64, bucket=(64, 64)))
-    pixels = data.load_training_image(root / "strict" / "e1.jpg", plan=plan)
+    pixels = load_training_image(root / "strict" / "e1.jpg", plan=plan)
     cached = load_batch(manifest, [0]).reference_latents[0]
     assert_close(cached, flux2.encode_images(vae, pixels[None]), atol=1e-5, rtol=1e-5)
 
@@ -270,8 +274,8 @@ def test_second_multi_build_uses_no_encoder(edit_build, model, monkeypatch):
 
     monkeypatch.setattr(model_files, "load_vae", refuse)
     monkeypatch.setattr(model_files, "load_text_encoder", refuse)
-    again = data.build_datasets(config, model=model, out_dir=manifest_path.parent, text_precision="fp32")
-    report = data.load_build_report(again.parent)
+    again = build_datasets(config, model=model, out_dir=manifest_path.parent, text_precision="fp32")
+    report = load_build_report(again.parent)
     assert (report.vae_images_encoded, report.prompts_encoded, report.latents_reused, report.prompts_reused) == (0, 0, 11, 4)
     assert report.cache_hit_rate == 1.0
     assert load_manifest(again).fingerprint == load_manifest(manifest_path).fingerprint
@@ -329,8 +333,8 @@ def test_random_conditioning_sampling_picks_one_reference_per_sample(edit_build)
 
 def test_reference_tokens_get_time_ids_and_no_loss(edit_build):
     """Reference k's tokens carry t = 10 + 10k and are cut before the loss (objective.prepare_batch)."""
-    from trainer.objective import (
-        ObjectiveSpec,
+    from flux2_lora_pack.trainer.config import ObjectiveConfig
+    from flux2_lora_pack.trainer.objective import (
         flow_matching_loss,
         prepare_batch,
         sample_generators,
@@ -340,7 +344,7 @@ def test_reference_tokens_get_time_ids_and_no_loss(edit_build):
     manifest = load_manifest(manifest_path)
     batch = load_batch(manifest, [1])  # e2: target 80x48 (5x3 tokens), refs 80x48 and 64x64
     prepared = prepare_batch(latents=batch.latents, prompt_embeds=batch.prompt_embeds, empty_embeds=None,
-                             spec=ObjectiveSpec(), generators=sample_generators(seed=0, step=0, first_index=0, count=1),
+                             spec=ObjectiveConfig(), generators=sample_generators(seed=0, step=0, first_index=0, count=1),
                              reference_latents=batch.reference_latents)
     assert prepared.num_target_tokens == 15 and prepared.hidden_states.shape == (1, 15 + 15 + 16, 128)
     ids = prepared.img_ids[0]
@@ -369,13 +373,13 @@ def test_strict_missing_reference_is_an_error_loose_is_a_skip(tmp_path, model):
     message = ("dataset 'edits' conditioning_data: reference_strict needs a reference for every image, matched by "
                f"relative path without extension; refs ({(tmp_path / 'refs').resolve()}) lacks 1: b.*")
     with pytest.raises(ValueError, match=re.escape(message)):
-        data.build_datasets(config, model=model, out_dir=tmp_path / "out", text_precision="fp32")
+        build_datasets(config, model=model, out_dir=tmp_path / "out", text_precision="fp32")
     entries[1]["conditioning_type"] = "reference_loose"
     config = load_backend_config(_write_config(tmp_path, entries))
-    manifest = load_manifest(data.build_datasets(config, model=model, out_dir=tmp_path / "out",
-                                                      text_precision="fp32"))
+    manifest = load_manifest(build_datasets(config, model=model, out_dir=tmp_path / "out",
+                                            text_precision="fp32"))
     assert [it.image for it in manifest.items] == ["a.png"]
-    report = data.load_build_report(tmp_path / "out")
+    report = load_build_report(tmp_path / "out")
     assert report.datasets["edits"]["skipped"] == [{
         "path": str((tmp_path / "edits" / "b.png").resolve()),
         "reason": "unmatched reference: conditioning dataset 'refs' has no usable b.* (no such file)"}]
@@ -385,18 +389,18 @@ def test_bad_dataset_folders_and_cache_dirs(tmp_path, model):
     (tmp_path / "empty").mkdir()
     config = load_backend_config(_write_config(tmp_path, [{"id": "e", "instance_data_dir": "empty"}]))
     with pytest.raises(ValueError, match=r"dataset 'e' \(instance_data_dir\): image folder .* has no usable images"):
-        data.build_datasets(config, model=model, out_dir=tmp_path / "out")
+        build_datasets(config, model=model, out_dir=tmp_path / "out")
     noise_png(tmp_path / "imgs" / "a.png", (64, 64), seed=1, caption="x")
     blocker = tmp_path / "a-file"
     blocker.write_text("x", encoding="utf-8")
     config = load_backend_config(_write_config(tmp_path, [
         {"id": "i", "instance_data_dir": "imgs", "cache_dir_vae": str(blocker / "vae")}]))
     with pytest.raises(ValueError, match=re.escape(f"dataset 'i' cache_dir_vae {blocker / 'vae'} is not a writable folder")):
-        data.build_datasets(config, model=model, out_dir=tmp_path / "out")
+        build_datasets(config, model=model, out_dir=tmp_path / "out")
 
 
 def test_cli_builds_a_multidatabackend_config(edit_build, tiny_model_dir, capsys):
-    from trainer.__main__ import main
+    from flux2_lora_pack.trainer.__main__ import main
 
     root, config, manifest_path = edit_build
     out = manifest_path.parent
@@ -411,11 +415,11 @@ def test_cli_builds_a_multidatabackend_config(edit_build, tiny_model_dir, capsys
 def test_run_summary_lands_in_the_run_folder(edit_build, model, tmp_path):
     _, config, manifest_path = edit_build
     calls = []
-    manifest = data.resolve_training_manifest(
+    manifest = resolve_training_manifest(
         dataset_manifests=(), data_backend_config=config.path, model=model, out_dir=tmp_path / "run",
         is_main=True, barrier=lambda: calls.append("barrier"))
     assert calls == ["barrier"] and len(manifest.items) == 5
-    record = json.loads((tmp_path / "run" / data.RUN_REPORT_FILE).read_text(encoding="utf-8"))
+    record = json.loads((tmp_path / "run" / RUN_REPORT_FILE).read_text(encoding="utf-8"))
     assert record["usable_images"] == 5 and set(record["datasets"]) == {"strict", "loose", "edits", "styles"}
     assert record["datasets"]["styles"]["skipped"][0]["reason"].startswith("too small")
-    assert "dataset styles (image)" in (tmp_path / "run" / data.RUN_SUMMARY_FILE).read_text(encoding="utf-8")
+    assert "dataset styles (image)" in (tmp_path / "run" / RUN_SUMMARY_FILE).read_text(encoding="utf-8")

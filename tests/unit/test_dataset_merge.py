@@ -15,12 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import data
-from trainer.config import TrainConfig
-from trainer.databackend import load_backend_config
-from trainer.manifest import load_batch, load_manifest, load_text_embedding
-from trainer.model_files import inspect_model_folder
-from trainer.sampler import BucketBatchSampler
+from flux2_lora_pack.trainer.build import build_dataset, build_datasets
+from flux2_lora_pack.trainer.build_report import load_build_report
+from flux2_lora_pack.trainer.config import TrainConfig
+from flux2_lora_pack.trainer.databackend import load_backend_config
+from flux2_lora_pack.trainer.manifest import load_batch, load_manifest, load_text_embedding
+from flux2_lora_pack.trainer.merge import RUN_REPORT_FILE, RUN_SUMMARY_FILE, merge_manifests, resolve_training_manifest
+from flux2_lora_pack.trainer.model_files import inspect_model_folder
+from flux2_lora_pack.trainer.sampler import BucketBatchSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from image_tools import noise_png  # noqa: E402
@@ -37,8 +39,8 @@ def two_datasets(tmp_path_factory, model) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("merge")
     for n in range(3):
         noise_png(root / "plain" / f"p{n}.png", (64, 64), seed=n, caption=f"plain {n}")
-    plain = data.build_dataset(image_dir=root / "plain", model=model, out_dir=root / "plain_built", resolution=64,
-                               repeats=2, text_precision="fp32", extra_prompts=["a validation prompt"])
+    plain = build_dataset(image_dir=root / "plain", model=model, out_dir=root / "plain_built", resolution=64,
+                          repeats=2, text_precision="fp32", extra_prompts=["a validation prompt"])
     for n in range(2):
         noise_png(root / "edits" / f"e{n}.png", (96, 64), seed=10 + n, caption=f"edit {n}")
         noise_png(root / "refs" / f"e{n}.png", (96, 64), seed=20 + n)
@@ -49,14 +51,14 @@ def two_datasets(tmp_path_factory, model) -> tuple[Path, Path]:
          "instance_data_dir": "refs", "resolution": 64},
         {"id": "text", "dataset_type": "text_embeds", "default": True},
     ]), encoding="utf-8")
-    edit = data.build_datasets(load_backend_config(root / "edit.json"), model=model, out_dir=root / "edit_built",
-                               text_precision="fp32")
+    edit = build_datasets(load_backend_config(root / "edit.json"), model=model, out_dir=root / "edit_built",
+                          text_precision="fp32")
     return plain, edit
 
 
 def test_merged_manifest_points_at_the_parts_caches(two_datasets, tmp_path):
     plain_path, edit_path = two_datasets
-    merged = load_manifest(data.merge_manifests([plain_path, edit_path], out_dir=tmp_path / "merged"))
+    merged = load_manifest(merge_manifests([plain_path, edit_path], out_dir=tmp_path / "merged"))
     plain, edit = load_manifest(plain_path), load_manifest(edit_path)
 
     assert set(merged.sources) == {"default", "default-2", "refs"}
@@ -86,14 +88,14 @@ def test_merged_manifest_points_at_the_parts_caches(two_datasets, tmp_path):
                        load_text_embedding(plain, "a validation prompt"))
     # The identity of a merge is its parts in order.
     assert merged.fingerprint not in (plain.fingerprint, edit.fingerprint)
-    swapped = load_manifest(data.merge_manifests([edit_path, plain_path], out_dir=tmp_path / "swapped"))
+    swapped = load_manifest(merge_manifests([edit_path, plain_path], out_dir=tmp_path / "swapped"))
     assert swapped.fingerprint != merged.fingerprint
-    again = load_manifest(data.merge_manifests([plain_path, edit_path], out_dir=tmp_path / "again"))
+    again = load_manifest(merge_manifests([plain_path, edit_path], out_dir=tmp_path / "again"))
     assert again.fingerprint == merged.fingerprint
 
 
 def test_merged_epoch_keeps_datasets_apart_and_covers_every_copy(two_datasets, tmp_path):
-    merged = load_manifest(data.merge_manifests(list(two_datasets), out_dir=tmp_path / "m"))
+    merged = load_manifest(merge_manifests(list(two_datasets), out_dir=tmp_path / "m"))
     ranks = [BucketBatchSampler(merged, batch_size=1, seed=5, rank=r, world_size=2) for r in range(2)]
     for epoch in range(2):
         plan = ranks[0].epoch_plan(epoch)
@@ -108,22 +110,22 @@ def test_merged_epoch_keeps_datasets_apart_and_covers_every_copy(two_datasets, t
 
 def test_merged_report_and_run_summary(two_datasets, tmp_path):
     barriers = []
-    manifest = data.resolve_training_manifest(
+    manifest = resolve_training_manifest(
         dataset_manifests=list(two_datasets), data_backend_config=None, model=None, out_dir=tmp_path / "run",
         is_main=True, barrier=lambda: barriers.append(1))
     assert barriers == [1] and manifest.path == (tmp_path / "run" / "dataset" / "manifest.json").resolve()
-    report = data.load_build_report(manifest.root)
-    plain, edit = (data.load_build_report(Path(p).parent) for p in two_datasets)
+    report = load_build_report(manifest.root)
+    plain, edit = (load_build_report(Path(p).parent) for p in two_datasets)
     assert report.usable_images == plain.usable_images + edit.usable_images == 5
     assert set(report.datasets) == {"default", "default-2", "refs"}
     assert report.vae_images_encoded == plain.vae_images_encoded + edit.vae_images_encoded
     assert report.buckets == {"64x64": 3, "80x48": 2}
-    summary = (tmp_path / "run" / data.RUN_SUMMARY_FILE).read_text(encoding="utf-8")
+    summary = (tmp_path / "run" / RUN_SUMMARY_FILE).read_text(encoding="utf-8")
     assert "5 usable images in 2 buckets" in summary and "dataset default-2 (image)" in summary
-    record = json.loads((tmp_path / "run" / data.RUN_REPORT_FILE).read_text(encoding="utf-8"))
+    record = json.loads((tmp_path / "run" / RUN_REPORT_FILE).read_text(encoding="utf-8"))
     assert record["fingerprint"] == manifest.fingerprint and record["usable_images"] == 5
     # Other ranks only wait and read.
-    other = data.resolve_training_manifest(
+    other = resolve_training_manifest(
         dataset_manifests=list(two_datasets), data_backend_config=None, model=None, out_dir=tmp_path / "run",
         is_main=False, barrier=lambda: barriers.append(2))
     assert barriers == [1, 2] and other.fingerprint == manifest.fingerprint
@@ -132,7 +134,7 @@ def test_merged_report_and_run_summary(two_datasets, tmp_path):
 def test_merge_refusals(two_datasets, tmp_path):
     plain_path, edit_path = two_datasets
     with pytest.raises(ValueError, match=r"dataset 2 and dataset 1 are the same dataset"):
-        data.merge_manifests([plain_path, plain_path], out_dir=tmp_path / "same")
+        merge_manifests([plain_path, plain_path], out_dir=tmp_path / "same")
     # A copy of the plain dataset whose latents came from another VAE.
     other = tmp_path / "other"
     shutil.copytree(plain_path.parent, other)
@@ -140,12 +142,12 @@ def test_merge_refusals(two_datasets, tmp_path):
     record["vae_identity"] = "another-vae"
     (other / "manifest.json").write_text(json.dumps(record), encoding="utf-8")
     with pytest.raises(ValueError, match=r"dataset 2 \(.*other.*\) was built with another VAE than dataset 1"):
-        data.merge_manifests([edit_path, other / "manifest.json"], out_dir=tmp_path / "vae")
+        merge_manifests([edit_path, other / "manifest.json"], out_dir=tmp_path / "vae")
     with pytest.raises(ValueError, match=r"at least two manifests"):
-        data.merge_manifests([plain_path], out_dir=tmp_path / "one")
+        merge_manifests([plain_path], out_dir=tmp_path / "one")
     with pytest.raises(ValueError, match=r"exactly one of dataset_manifest and data_backend_config"):
-        data.resolve_training_manifest(dataset_manifests=[plain_path], data_backend_config=tmp_path / "x.json",
-                                       model=None, out_dir=tmp_path, is_main=True, barrier=lambda: None)
+        resolve_training_manifest(dataset_manifests=[plain_path], data_backend_config=tmp_path / "x.json",
+                                  model=None, out_dir=tmp_path, is_main=True, barrier=lambda: None)
     assert not (tmp_path / "same").exists() and not (tmp_path / "vae").exists()
 
 

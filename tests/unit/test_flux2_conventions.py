@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from trainer import flux2
+from flux2_lora_pack.trainer import flux2
 
 ATOL = dict(atol=1e-6, rtol=0.0)
 

@@ -6,13 +6,14 @@ import sys
 from pathlib import Path
 
 import copy
+import importlib
 import json
 
 import pytest
 import torch
 
-from trainer.lora import apply_lora, lora_state_dict
-from trainer.lora_keys import (
+from flux2_lora_pack.trainer.lora import apply_lora, lora_state_dict
+from flux2_lora_pack.trainer.lora_keys import (
 
     LORA_ADAPTER_METADATA_KEY,
     apply_lora_to_comfy_state,
@@ -503,7 +504,7 @@ def test_metadata_reads_back_exactly(trained, tmp_path, layout):
     assert set(stored) == set(meta) | extra
     assert {k: stored[k] for k in meta} == meta
     assert json.loads(stored["rank"]) == RANK and json.loads(stored["alpha"]) == ALPHA
-    assert json.loads(stored["trainer_version"]) == __import__("trainer").__version__
+    assert json.loads(stored["trainer_version"]) == importlib.import_module("flux2_lora_pack.trainer").__version__
     if layout == "diffusers":
         adapter = json.loads(stored[LORA_ADAPTER_METADATA_KEY])
         assert adapter["transformer.r"] == RANK and adapter["transformer.lora_alpha"] == ALPHA
@@ -590,7 +591,7 @@ def test_convert_lora_file_round_trip_and_refusals(trained, tmp_path):
 
 
 def test_cli_convert_and_inspect(trained, tmp_path, capsys):
-    from trainer.__main__ import main
+    from flux2_lora_pack.trainer.__main__ import main
 
     _, state, _ = trained
     src = save_lora_file(tmp_path / "d.safetensors", state=state, metadata=_meta(), layout="diffusers")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.lora import (
+from flux2_lora_pack.trainer.lora import (
     LORA_INITS,
     LORA_PRESETS,
     adapted_module_names,

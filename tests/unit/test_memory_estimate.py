@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import flux2
-from trainer.memory import (
+from flux2_lora_pack.trainer import flux2
+from flux2_lora_pack.trainer.memory import (
     ACTIVATIONS_DOUBLE,
     ACTIVATIONS_SINGLE,
     FLUX2_DEV_TRANSFORMER_CONFIG,
@@ -22,7 +22,7 @@ from trainer.memory import (
     estimate_for_config,
     estimate_peak_memory,
 )
-from trainer.tiny import TRANSFORMER_CONFIG
+from flux2_lora_pack.trainer.tiny import TRANSFORMER_CONFIG
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RSS_FACTOR = 1.5
@@ -33,7 +33,7 @@ RSS_FACTOR = 1.5
 def test_counts_are_exact_on_the_tiny_model():
     from diffusers import Flux2Transformer2DModel
 
-    from trainer.lora import apply_lora
+    from flux2_lora_pack.trainer.lora import apply_lora
 
     counts = count_transformer(TRANSFORMER_CONFIG, lora_rank=4, lora_target="all")
     model = Flux2Transformer2DModel(**TRANSFORMER_CONFIG)
@@ -55,7 +55,7 @@ def _saved_per_block(precision: str) -> tuple[float, float]:
     """Mean saved activations per token per hidden unit of the double and the single blocks (in values)."""
     from diffusers import Flux2Transformer2DModel
 
-    from trainer.lora import apply_lora
+    from flux2_lora_pack.trainer.lora import apply_lora
 
     torch.manual_seed(0)
     model = Flux2Transformer2DModel(**TRANSFORMER_CONFIG)
@@ -98,20 +98,22 @@ def test_activation_coefficients_match_what_autograd_saves(precision):
 
 _CHILD = r"""
 import json, sys, torch
-from trainer.config import LoraSettings
-from trainer.loop import build_model
-from trainer.model_files import inspect_model_folder
-from trainer.parallelize import DistEnv
-from trainer import flux2
+import conftest  # registers the pack as flux2_lora_pack, as in every test
+from flux2_lora_pack.trainer.config import LoraConfig, MemoryConfig, ParallelismConfig
+from flux2_lora_pack.trainer.model import build_model
+from flux2_lora_pack.trainer.model_files import inspect_model_folder
+from flux2_lora_pack.trainer.parallelize import DistEnv
+from flux2_lora_pack.trainer import flux2
 args = json.loads(sys.argv[1])
 def status(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
 env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-lora = LoraSettings(rank=16, alpha=16.0, dropout=args["dropout"], init="default", target="all")
-model = build_model(folder=inspect_model_folder(args["model"]), lora=lora, precision="no",
-                    gradient_checkpointing=args["checkpointing"], distributed="none", seed=0, env=env)
+lora = LoraConfig(rank=16, alpha=16.0, dropout=args["dropout"], init="default", target="all")
+model = build_model(inspect_model_folder(args["model"]), lora=lora,
+                    memory=MemoryConfig(mixed_precision="no", gradient_checkpointing=args["checkpointing"]),
+                    parallelism=ParallelismConfig(distributed="none"), seed=0, env=env)
 optimizer = torch.optim.AdamW([p for p in model.module.parameters() if p.requires_grad], lr=1e-4)
 b, side = args["batch"], args["res"] // 16
 inputs = dict(hidden_states=torch.randn(b, side * side, 128), encoder_hidden_states=torch.randn(b, 512, 96),
@@ -132,7 +134,7 @@ def test_estimate_tracks_measured_peak_rss_of_a_cpu_step(tiny_model_dir, res, ba
             "dropout": dropout}
     # glibc keeps freed blocks below its (adaptive) mmap threshold in the heap, so RSS would not fall when
     # tensors are freed; a fixed 64 KiB threshold makes every tensor its own mapping and RSS follow live memory.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")]), "MALLOC_MMAP_THRESHOLD_": "65536"}
     proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -175,7 +177,7 @@ def test_fits():
 
 
 def test_estimate_for_config_reads_the_run(tiny_model_dir, tmp_path):
-    from trainer.config import TrainConfig
+    from flux2_lora_pack.trainer.config import TrainConfig
 
     manifest = tmp_path / "manifest.json"
     manifest.write_text("{}")  # not a built dataset: the estimate falls back to 1024 px

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.model_files import inspect_model_folder
+from flux2_lora_pack.trainer.model_files import inspect_model_folder
 
 
 def _copy_configs(src: Path, dst: Path) -> Path:

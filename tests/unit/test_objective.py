@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer import flux2
-from trainer.objective import GuidanceSpec, ObjectiveSpec, flow_matching_loss, prepare_batch, sample_generators
+from flux2_lora_pack.trainer import flux2
+from flux2_lora_pack.trainer.config import GuidanceConfig, ObjectiveConfig
+from flux2_lora_pack.trainer.objective import flow_matching_loss, prepare_batch, sample_generators, sample_guidance
 
 
 def _batch(b: int = 3, h: int = 2, w: int = 3):
@@ -17,7 +18,7 @@ def _batch(b: int = 3, h: int = 2, w: int = 3):
 def test_noisy_input_and_target_follow_the_flow_matching_formulas():
     latents, embeds = _batch()
     gens = sample_generators(seed=1, step=5, first_index=0, count=3)
-    prepared = prepare_batch(latents=latents, prompt_embeds=embeds, empty_embeds=None, spec=ObjectiveSpec(),
+    prepared = prepare_batch(latents=latents, prompt_embeds=embeds, empty_embeds=None, spec=ObjectiveConfig(),
                              generators=gens)
     # Recompute with fresh generators in the documented draw order: noise, then sigma.
     again = sample_generators(seed=1, step=5, first_index=0, count=3)
@@ -34,9 +35,9 @@ def test_noisy_input_and_target_follow_the_flow_matching_formulas():
 def test_samples_do_not_depend_on_how_the_batch_is_split():
     """Sample i of a global batch gets the same noise whether it is on rank 0 (batch 2) or rank 1 (batch 1)."""
     latents, embeds = _batch(b=2)
-    whole = prepare_batch(latents=latents, prompt_embeds=embeds, empty_embeds=None, spec=ObjectiveSpec(),
+    whole = prepare_batch(latents=latents, prompt_embeds=embeds, empty_embeds=None, spec=ObjectiveConfig(),
                           generators=sample_generators(seed=3, step=9, first_index=0, count=2))
-    second = prepare_batch(latents=latents[1:], prompt_embeds=embeds[1:], empty_embeds=None, spec=ObjectiveSpec(),
+    second = prepare_batch(latents=latents[1:], prompt_embeds=embeds[1:], empty_embeds=None, spec=ObjectiveConfig(),
                            generators=sample_generators(seed=3, step=9, first_index=1, count=1))
     torch.testing.assert_close(whole.hidden_states[1:], second.hidden_states, rtol=0, atol=0)
     torch.testing.assert_close(whole.sigmas[1:], second.sigmas, rtol=0, atol=0)
@@ -44,14 +45,14 @@ def test_samples_do_not_depend_on_how_the_batch_is_split():
 
 def test_guidance_modes():
     gens = sample_generators(seed=0, step=0, first_index=0, count=64)
-    constant = GuidanceSpec(mode="constant", value=3.5).sample(gens)
+    constant = sample_guidance(GuidanceConfig(mode="constant", value=3.5), gens)
     assert torch.equal(constant, torch.full((64,), 3.5))
-    ranged = GuidanceSpec(mode="random-range", minimum=1.0, maximum=4.0).sample(
-        sample_generators(seed=0, step=0, first_index=0, count=64))
+    ranged = sample_guidance(GuidanceConfig(mode="random-range", minimum=1.0, maximum=4.0),
+                             sample_generators(seed=0, step=0, first_index=0, count=64))
     assert ranged.min() >= 1.0 and ranged.max() <= 4.0
     assert len(set(ranged.tolist())) == 64, "each sample must get its own guidance value"
     with pytest.raises(ValueError, match="flux_guidance_mode"):
-        GuidanceSpec(mode="cfg").sample(gens)
+        sample_guidance(GuidanceConfig(mode="cfg"), gens)
 
 
 def test_random_range_guidance_reaches_the_model(tiny_model_dir):
@@ -62,7 +63,7 @@ def test_random_range_guidance_reaches_the_model(tiny_model_dir):
     model.time_guidance_embed.register_forward_hook(lambda mod, args, out: seen.append(args[1].clone()))
     latents = torch.randn(4, 128, 2, 2)
     embeds = torch.randn(4, 8, 96)
-    spec = ObjectiveSpec(guidance=GuidanceSpec(mode="random-range", minimum=1.0, maximum=5.0))
+    spec = ObjectiveConfig(guidance=GuidanceConfig(mode="random-range", minimum=1.0, maximum=5.0))
     prepared = prepare_batch(latents=latents, prompt_embeds=embeds, empty_embeds=None, spec=spec,
                              generators=sample_generators(seed=0, step=0, first_index=0, count=4))
     with torch.no_grad():
@@ -75,7 +76,7 @@ def test_random_range_guidance_reaches_the_model(tiny_model_dir):
 def test_caption_dropout_uses_the_empty_prompt_encoding():
     latents, embeds = _batch(b=8)
     empty = torch.full((1, 7, 96), 7.0)
-    spec = ObjectiveSpec(caption_dropout_probability=0.5)
+    spec = ObjectiveConfig(caption_dropout_probability=0.5)
     gens = sample_generators(seed=2, step=0, first_index=0, count=8)
     prepared = prepare_batch(latents=latents, prompt_embeds=embeds, empty_embeds=empty, spec=spec, generators=gens)
     dropped = [bool((prepared.encoder_hidden_states[i] == 7.0).all()) for i in range(8)]
@@ -93,7 +94,7 @@ def test_loss_ignores_reference_token_outputs(tiny_model_dir):
     latents, embeds = torch.randn(1, 128, 2, 2), torch.randn(1, 8, 96)
     reference = torch.randn(1, 128, 3, 3)
     gens = sample_generators(seed=0, step=0, first_index=0, count=1)
-    prepared = prepare_batch(latents=latents, prompt_embeds=embeds, empty_embeds=None, spec=ObjectiveSpec(),
+    prepared = prepare_batch(latents=latents, prompt_embeds=embeds, empty_embeds=None, spec=ObjectiveConfig(),
                              generators=gens, reference_latents=[reference])
     assert prepared.hidden_states.shape[1] == 4 + 9 and prepared.num_target_tokens == 4
     assert prepared.img_ids[0, 4:, 0].unique().tolist() == [10]  # first reference image at t = 10

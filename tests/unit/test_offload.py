@@ -10,31 +10,42 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer import flux2
-from trainer.config import LoraSettings, OffloadSettings
-from trainer.loop import build_model
-from trainer.model_files import (
+from flux2_lora_pack.trainer import flux2
+from flux2_lora_pack.trainer.config import (
+    LoraConfig,
+    MemoryConfig,
+    OffloadConfig,
+    ParallelismConfig,
+    QuantizationConfig,
+)
+from flux2_lora_pack.trainer.model import build_model
+from flux2_lora_pack.trainer.model_files import (
     inspect_model_folder,
     load_text_encoder,
     load_tokenizer,
     load_vae,
 )
-from trainer.offload import (
-    EncoderSettings,
-    apply_encoder_offload,
-    check_offload,
-    onloaded,
-)
-from trainer.parallelize import DistEnv
+from flux2_lora_pack.trainer.offload import apply_encoder_offload, check_encoders, onloaded
+from flux2_lora_pack.trainer.parallelize import DistEnv
 
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-LORA = LoraSettings(rank=4, alpha=4.0, dropout=0.0, init="default", target="all")
+LORA = LoraConfig(rank=4, alpha=4.0, dropout=0.0, init="default", target="all")
 
 
-def _settings(**kw) -> OffloadSettings:
+def _settings(**kw) -> OffloadConfig:
     values = {"enabled": True, "offload_type": "block_level", "blocks_per_group": 1, "use_stream": False,
               "text_encoder": False, "vae": False, "during_startup": False} | kw
-    return OffloadSettings(**values)
+    return OffloadConfig(**values)
+
+
+def check_offload(settings: OffloadConfig, *, device: str, distributed: str, world_size: int,
+                  gradient_checkpointing: bool, quantized: bool) -> None:
+    """The rules as the trainer asks them: OffloadConfig.check_compatible, and quantization's own rule."""
+    if quantized:
+        QuantizationConfig(base_model_precision="int8-quanto", base_model_default_dtype="fp32").check_compatible(
+            mixed_precision="no", distributed="none", world_size=1, offload=settings)
+    settings.check_compatible(gradient_checkpointing=gradient_checkpointing, distributed=distributed,
+                              world_size=world_size, device=device)
 
 
 def _inputs(batch: int = 1) -> dict:
@@ -57,8 +68,7 @@ def _step(model, optimizer) -> tuple[float, dict[str, torch.Tensor]]:
 
 
 def _build(folder, offload=None, checkpointing=True):
-    model = build_model(folder=folder, lora=LORA, precision="no", gradient_checkpointing=checkpointing,
-                        distributed="none", seed=0, env=CPU, offload=offload)
+    model = build_model(folder, lora=LORA, memory=MemoryConfig(mixed_precision="no", gradient_checkpointing=checkpointing), parallelism=ParallelismConfig(distributed="none"), seed=0, env=CPU, offload=offload)
     with torch.no_grad():  # B starts at zero: give it values so every LoRA gradient is non-zero
         for name, param in model.inner.named_parameters():
             if "lora_B" in name:
@@ -135,21 +145,31 @@ def test_check_offload_refuses_what_cannot_work(kwargs, match):
         check_offload(settings, **args)
 
 
+def _allowed(settings: OffloadConfig, **kwargs) -> bool:
+    try:
+        check_offload(settings, **kwargs)
+    except ValueError:
+        return False
+    return True
+
+
 def test_check_offload_allows_ddp_and_single_process_fsdp2():
-    for distributed, world in (("ddp", 2), ("none", 1), ("fsdp2", 1)):
-        check_offload(_settings(), device="cpu", distributed=distributed, world_size=world,
-                      gradient_checkpointing=True, quantized=False)
-    check_offload(_settings(enabled=False, use_stream=True), device="cpu", distributed="fsdp2", world_size=8,
-                  gradient_checkpointing=False, quantized=True)  # off: nothing to check
+    layouts = (("ddp", 2), ("none", 1), ("fsdp2", 1), ("fsdp2", 2))
+    allowed = [(distributed, world) for distributed, world in layouts
+               if _allowed(_settings(), device="cpu", distributed=distributed, world_size=world,
+                           gradient_checkpointing=True, quantized=False)]
+    assert allowed == [("ddp", 2), ("none", 1), ("fsdp2", 1)]  # FSDP2 over several processes owns placement
+    # Off: nothing to check, whatever else is set.
+    assert _allowed(_settings(enabled=False, use_stream=True), device="cpu", distributed="fsdp2", world_size=8,
+                    gradient_checkpointing=False, quantized=True)
 
 
 def test_build_model_refuses_stream_on_cpu_before_loading(tiny_model_dir, monkeypatch):
-    from trainer import model_files
+    from flux2_lora_pack.trainer import model_files
 
     monkeypatch.setattr(model_files, "load_transformer", lambda *a, **k: pytest.fail("weights were loaded"))
     with pytest.raises(ValueError, match="group_offload_use_stream"):
-        build_model(folder=inspect_model_folder(tiny_model_dir), lora=LORA, precision="no", gradient_checkpointing=True,
-                    distributed="none", seed=0, env=CPU, offload=_settings(use_stream=True))
+        build_model(inspect_model_folder(tiny_model_dir), lora=LORA, memory=MemoryConfig(mixed_precision="no", gradient_checkpointing=True), parallelism=ParallelismConfig(distributed="none"), seed=0, env=CPU, offload=_settings(use_stream=True))
 
 
 @pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
@@ -177,22 +197,22 @@ def test_offloaded_encoders_compute_the_same_embeddings_and_latents(tiny_model_d
 
 
 def test_encoder_settings_from_config_follow_enable_group_offload(tiny_model_dir, tmp_path):
-    from trainer.config import TrainConfig
+    from flux2_lora_pack.trainer.config import TrainConfig
 
     manifest = tmp_path / "manifest.json"
     manifest.write_text("{}")
     base = {"pretrained_model_name_or_path": str(tiny_model_dir), "output_dir": str(tmp_path / "o"),
             "dataset_manifest": str(manifest), "group_offload_text_encoder": True, "group_offload_vae": True,
             "text_encoder_1_precision": "int8-quanto", "quantize_via": "cpu", "offload_during_startup": True}
-    off = EncoderSettings.from_config(TrainConfig.from_dict(base))
-    assert (off.offload_text_encoder, off.offload_vae) == (False, False)  # "also": only with enable_group_offload
-    assert (off.text_encoder_precision, off.quantize_via, off.during_startup) == ("int8-quanto", "cpu", True)
-    on = EncoderSettings.from_config(TrainConfig.from_dict(base | {"enable_group_offload": True,
-                                                                  "text_encoder_1_precision": "no_change"}))
-    assert (on.offload_text_encoder, on.offload_vae) == (True, True)
-    assert off.text_cache_tag("bf16") == "bf16+int8-quanto" and on.text_cache_tag("bf16") == "bf16"
+    off = TrainConfig.from_dict(base)
+    assert (off.offload.offloads_text_encoder, off.offload.offloads_vae) == (False, False)  # "also": only with enable_group_offload
+    assert (off.quantization.text_encoder_precision, off.quantization.quantize_via, off.offload.during_startup) == ("int8-quanto", "cpu", True)
+    on = TrainConfig.from_dict(base | {"enable_group_offload": True, "text_encoder_1_precision": "no_change"})
+    assert (on.offload.offloads_text_encoder, on.offload.offloads_vae) == (True, True)
+    assert off.quantization.text_cache_tag("bf16") == "bf16+int8-quanto" and on.quantization.text_cache_tag("bf16") == "bf16"
     with pytest.raises(ValueError, match="group_offload_use_stream"):
-        EncoderSettings(offload_vae=True, use_stream=True).check(device="cpu")
+        check_encoders(quantization=QuantizationConfig(), offload=OffloadConfig(enabled=True, vae=True, use_stream=True),
+                       device="cpu")
 
 
 def test_offload_during_startup_keeps_the_validation_vae_on_cpu_between_uses():
@@ -204,17 +224,19 @@ def test_offload_during_startup_keeps_the_validation_vae_on_cpu_between_uses():
             return self
 
     vae = Recorder()
-    with onloaded(vae, device="cuda:0", encoders=EncoderSettings(during_startup=True)):
+    with onloaded(vae, device="cuda:0", offload=OffloadConfig(during_startup=True)):
         moves.append("decode")
-    with onloaded(vae, device="cuda:0", encoders=EncoderSettings(during_startup=False)):
+    with onloaded(vae, device="cuda:0", offload=OffloadConfig(during_startup=False)):
         moves.append("decode-resident")
     assert moves == ["cuda:0", "decode", "cpu", "decode-resident"]
 
 
 def test_build_dataset_uses_the_encoder_settings(tiny_model_dir, tmp_path, monkeypatch):
     """vae_batch_size, text_encoder_1_precision and group_offload_* reach the encoders in build_dataset."""
-    from trainer import data, offload
-    from trainer.sample_data import make_sample_dataset
+    from flux2_lora_pack.trainer import offload
+    from flux2_lora_pack.trainer.build import build_dataset
+    from flux2_lora_pack.trainer.build_report import load_build_report
+    from flux2_lora_pack.trainer.sample_data import make_sample_dataset
 
     images = make_sample_dataset(out_dir=tmp_path / "images", count=3)
     batches: list[int] = []
@@ -224,13 +246,13 @@ def test_build_dataset_uses_the_encoder_settings(tiny_model_dir, tmp_path, monke
     original_offload = offload.apply_encoder_offload
     monkeypatch.setattr(offload, "apply_encoder_offload",
                         lambda module, **kw: offloaded.append(kw["kind"]) or original_offload(module, **kw))
-    settings = EncoderSettings(offload_text_encoder=True, offload_vae=True, blocks_per_group=8)
-    data.build_dataset(image_dir=images, model=inspect_model_folder(tiny_model_dir), out_dir=tmp_path / "a",
-                       resolution=32, text_precision="fp32", vae_batch_size=2, encoders=settings)
+    settings = OffloadConfig(enabled=True, text_encoder=True, vae=True, blocks_per_group=8)
+    build_dataset(image_dir=images, model=inspect_model_folder(tiny_model_dir), out_dir=tmp_path / "a",
+                  resolution=32, text_precision="fp32", vae_batch_size=2, offload=settings)
     assert batches == [2, 1] and offloaded == ["vae", "text_encoder"]
     # A quantized text encoder writes its own cache entries (other embeddings), the latents are reused.
-    report = data.load_build_report(
-        data.build_dataset(image_dir=images, model=inspect_model_folder(tiny_model_dir), out_dir=tmp_path / "a",
-                           resolution=32, text_precision="fp32",
-                           encoders=EncoderSettings(text_encoder_precision="int8-quanto")).parent)
+    report = load_build_report(
+        build_dataset(image_dir=images, model=inspect_model_folder(tiny_model_dir), out_dir=tmp_path / "a",
+                      resolution=32, text_precision="fp32",
+                      quantization=QuantizationConfig(text_encoder_precision="int8-quanto")).parent)
     assert report.latents_reused == 3 and report.prompts_reused == 0 and report.prompts_encoded > 0

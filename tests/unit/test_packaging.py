@@ -55,3 +55,13 @@ def test_comfy_node_pack_holds_only_what_users_need(tmp_path):
                     "README.md", "LICENSE", "CHANGELOG.md"}, tops
     assert {"__init__.py", "nodes", "trainer", "web", "workflows", "pyproject.toml"} <= tops
     assert not any(n.startswith(("tests/", "bench/", ".ci/")) for n in names)
+
+
+def test_tests_import_the_trainer_through_the_pack_only():
+    """One name for the trainer in tests: a monkeypatch of `trainer.x` would miss the pack's `trainer.x` the nodes use."""
+    pattern = re.compile(r"^\s*(from|import)\s+trainer\b|(import_module|__import__)\(\s*[\"']trainer\b|logger=[\"']trainer\.", re.M)
+    offenders = [str(path.relative_to(REPO)) for path in (REPO / "tests").rglob("*.py")
+                 if path.name != "comfy_lora_probe.py"  # runs in ComfyUI's interpreter, not in pytest
+                 and pattern.search(path.read_text(encoding="utf-8"))]
+    assert offenders == []
+    assert "trainer" not in sys.modules or sys.modules["trainer"].__file__ is None

@@ -8,26 +8,27 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer import flux2
-from trainer.config import (
-    LoraSettings,
-    OffloadSettings,
-    QuantizationSettings,
+from flux2_lora_pack.trainer import flux2
+from flux2_lora_pack.trainer.config import (
+    LoraConfig,
+    MemoryConfig,
+    OffloadConfig,
+    ParallelismConfig,
+    QuantizationConfig,
     TrainConfig,
 )
-from trainer.loop import build_model
-from trainer.lora import apply_lora, lora_state_dict, lora_target_modules
-from trainer.model_files import (
+from flux2_lora_pack.trainer.model import build_model
+from flux2_lora_pack.trainer.lora import apply_lora, lora_state_dict, lora_target_modules
+from flux2_lora_pack.trainer.model_files import (
     inspect_model_folder,
     load_text_encoder,
     load_tokenizer,
     load_transformer,
 )
-from trainer.parallelize import DistEnv
-from trainer.quantize import (
+from flux2_lora_pack.trainer.parallelize import DistEnv
+from flux2_lora_pack.trainer.quantize import (
     apply_quantization,
     apply_text_encoder_quantization,
-    check_quantization,
     quantized_module_names,
     text_encoder_quantization_targets,
 )
@@ -41,12 +42,12 @@ OUTSIDE_BLOCKS = {
 }
 
 
-def _quant(precision: str = "int8-quanto", *, dtype: str = "fp32", via: str = "cpu") -> QuantizationSettings:
-    return QuantizationSettings(base_model_precision=precision, text_encoder_precision="no_change",
+def _quant(precision: str = "int8-quanto", *, dtype: str = "fp32", via: str = "cpu") -> QuantizationConfig:
+    return QuantizationConfig(base_model_precision=precision, text_encoder_precision="no_change",
                                 base_model_default_dtype=dtype, quantize_via=via)
 
 
-LORA = LoraSettings(rank=4, alpha=2.0, dropout=0.0, init="default", target="all")
+LORA = LoraConfig(rank=4, alpha=2.0, dropout=0.0, init="default", target="all")
 
 
 def _inputs(batch: int = 1) -> dict:
@@ -113,8 +114,7 @@ def test_quantize_via_decides_where_each_block_is_quantized(tiny_model_dir, via,
 
 
 def test_quantized_base_with_lora_trains_and_only_lora_requires_grad(tiny_model_dir):
-    model = build_model(folder=inspect_model_folder(tiny_model_dir), lora=LORA, precision="no",
-                        gradient_checkpointing=True, distributed="none", seed=0, env=CPU, quantization=_quant())
+    model = build_model(inspect_model_folder(tiny_model_dir), lora=LORA, memory=MemoryConfig(mixed_precision="no", gradient_checkpointing=True), parallelism=ParallelismConfig(distributed="none"), seed=0, env=CPU, quantization=_quant())
     trainable = {n for n, p in model.inner.named_parameters() if p.requires_grad}
     plain = load_transformer(inspect_model_folder(tiny_model_dir), precision="fp32")
     targets = set(lora_target_modules(plain, preset="all"))
@@ -144,13 +144,12 @@ def test_int8_base_tracks_the_full_precision_base(tiny_model_dir):
 
 
 def test_lora_trained_on_quantized_base_saves_comfy_keys_and_loads_on_unquantized_base(tiny_model_dir, tmp_path):
-    from trainer.inference import LoraRef
-    from trainer.lora_adapters import attached_loras
-    from trainer.lora_keys import diffusers_to_comfy, lora_metadata, save_lora_file
+    from flux2_lora_pack.trainer.inference import LoraRef
+    from flux2_lora_pack.trainer.lora_adapters import attached_loras
+    from flux2_lora_pack.trainer.lora_keys import diffusers_to_comfy, lora_metadata, save_lora_file
 
     folder = inspect_model_folder(tiny_model_dir)
-    model = build_model(folder=folder, lora=LORA, precision="no", gradient_checkpointing=False, distributed="none",
-                        seed=0, env=CPU, quantization=_quant())
+    model = build_model(folder, lora=LORA, memory=MemoryConfig(mixed_precision="no", gradient_checkpointing=False), parallelism=ParallelismConfig(distributed="none"), seed=0, env=CPU, quantization=_quant())
     optimizer = torch.optim.AdamW([p for p in model.inner.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):
         optimizer.zero_grad()
@@ -202,8 +201,28 @@ def test_check_quantization_refuses_what_cannot_run(kwargs, match):
 
 
 def test_check_quantization_allows_ddp_none_and_single_process_fsdp2():
-    for distributed, world in (("ddp", 2), ("none", 1), ("fsdp2", 1)):
-        check_quantization(base_model_precision="int8-quanto", distributed=distributed, world_size=world)
+    def allowed(distributed: str, world: int) -> bool:
+        try:
+            check_quantization(base_model_precision="int8-quanto", distributed=distributed, world_size=world)
+        except ValueError:
+            return False
+        return True
+
+    layouts = (("ddp", 2), ("none", 1), ("fsdp2", 1), ("fsdp2", 2))
+    # One process has nothing to shard; FSDP2 over several would turn quanto's weights back into full precision.
+    assert [layout for layout in layouts if allowed(*layout)] == [("ddp", 2), ("none", 1), ("fsdp2", 1)]
+
+
+def check_quantization(*, base_model_precision: str, text_encoder_precision: str = "no_change",
+                       mixed_precision: str = "bf16", distributed: str = "none", world_size: int = 1,
+                       group_offload: bool = False, group_offload_text_encoder: bool = False) -> None:
+    """The one rule, QuantizationConfig.check_compatible, asked with these settings."""
+    quantization = QuantizationConfig(base_model_precision=base_model_precision,
+                                      text_encoder_precision=text_encoder_precision)
+    offload = OffloadConfig(enabled=group_offload or group_offload_text_encoder,
+                            text_encoder=group_offload_text_encoder)
+    quantization.check_compatible(mixed_precision=mixed_precision, distributed=distributed, world_size=world_size,
+                                  offload=offload)
 
 
 def test_text_encoder_quantization_refuses_group_offload():
@@ -214,17 +233,15 @@ def test_text_encoder_quantization_refuses_group_offload():
 
 
 def test_build_model_refuses_before_loading_weights(tiny_model_dir, monkeypatch):
-    from trainer import model_files
+    from flux2_lora_pack.trainer import model_files
 
     monkeypatch.setattr(model_files, "load_transformer", lambda *a, **k: pytest.fail("weights were loaded"))
-    offload = OffloadSettings(enabled=True, offload_type="block_level", blocks_per_group=1, use_stream=False,
+    offload = OffloadConfig(enabled=True, offload_type="block_level", blocks_per_group=1, use_stream=False,
                               text_encoder=False, vae=False, during_startup=False)
     with pytest.raises(ValueError, match="enable_group_offload"):
-        build_model(folder=inspect_model_folder(tiny_model_dir), lora=LORA, precision="no", gradient_checkpointing=True,
-                    distributed="none", seed=0, env=CPU, quantization=_quant(), offload=offload)
+        build_model(inspect_model_folder(tiny_model_dir), lora=LORA, memory=MemoryConfig(mixed_precision="no", gradient_checkpointing=True), parallelism=ParallelismConfig(distributed="none"), seed=0, env=CPU, quantization=_quant(), offload=offload)
     with pytest.raises(ValueError, match="mixed_precision 'no'"):
-        build_model(folder=inspect_model_folder(tiny_model_dir), lora=LORA, precision="no", gradient_checkpointing=True,
-                    distributed="none", seed=0, env=CPU, quantization=_quant(dtype="bf16"))
+        build_model(inspect_model_folder(tiny_model_dir), lora=LORA, memory=MemoryConfig(mixed_precision="no", gradient_checkpointing=True), parallelism=ParallelismConfig(distributed="none"), seed=0, env=CPU, quantization=_quant(dtype="bf16"))
 
 
 def test_config_refuses_fsdp2_and_group_offload_with_a_quantized_base(tiny_model_dir, tmp_path):
@@ -233,8 +250,8 @@ def test_config_refuses_fsdp2_and_group_offload_with_a_quantized_base(tiny_model
     base = {"pretrained_model_name_or_path": str(tiny_model_dir), "output_dir": str(tmp_path / "out"),
             "dataset_manifest": str(manifest), "base_model_precision": "int8-quanto"}
     with pytest.raises(ValueError, match=r"base_model_precision 'int8-quanto' cannot be combined with distributed "
-                                         r"'fsdp2'.*set distributed to 'ddp' or 'none'"):
-        TrainConfig.from_dict(base | {"distributed": "fsdp2"})
+                                         r"'fsdp2' over 2 processes.*set distributed to 'ddp'"):
+        TrainConfig.from_dict(base | {"distributed": "fsdp2"}).check_processes(2)
     with pytest.raises(ValueError, match=r"cannot be combined with enable_group_offload"):
         TrainConfig.from_dict(base | {"distributed": "ddp", "enable_group_offload": True})
     TrainConfig.from_dict(base | {"distributed": "ddp"})
@@ -259,9 +276,7 @@ def test_quantized_text_encoder_targets_decoder_layers_and_tracks_full_precision
 @pytest.mark.slow
 def test_int4_base_with_lora_trains(tiny_model_dir):
     """int4 compiles optimum-quanto's C++ extension on first use (about 2 minutes on 2 cores)."""
-    model = build_model(folder=inspect_model_folder(tiny_model_dir), lora=LORA, precision="no",
-                        gradient_checkpointing=True, distributed="none", seed=0, env=CPU,
-                        quantization=_quant("int4-quanto"))
+    model = build_model(inspect_model_folder(tiny_model_dir), lora=LORA, memory=MemoryConfig(mixed_precision="no", gradient_checkpointing=True), parallelism=ParallelismConfig(distributed="none"), seed=0, env=CPU, quantization=_quant("int4-quanto"))
     from optimum.quanto import WeightQBitsTensor
 
     assert isinstance(model.inner.transformer_blocks[0].attn.to_q.base_layer.weight, WeightQBitsTensor)

@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from trainer import flux2, inference, sampling
-from trainer.model_files import inspect_model_folder
+from flux2_lora_pack.trainer import flux2, inference, sampling
+from flux2_lora_pack.trainer.model_files import inspect_model_folder
 
 PIPE_TOL = dict(atol=1e-5, rtol=0.0)
 GUIDANCE = 4.0

@@ -16,10 +16,9 @@ import torch
 from diffusers import Flux2Transformer2DModel
 from diffusers.models.transformers import transformer_flux2
 
-from trainer import blocks, flux2, sampling, tread
-from trainer.config import TrainConfig
-from trainer.objective import (
-    ObjectiveSpec,
+from flux2_lora_pack.trainer import blocks, flux2, sampling, tread
+from flux2_lora_pack.trainer.config import ObjectiveConfig, TrainConfig
+from flux2_lora_pack.trainer.objective import (
     flow_matching_loss,
     prepare_batch,
     sample_generators,
@@ -27,7 +26,7 @@ from trainer.objective import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from block_tools import NUM_BLOCKS, tiny_inputs, tiny_transformer  # noqa: E402
+from block_tools import NUM_BLOCKS, tiny_inputs, tiny_transformer, with_block_forward  # noqa: E402
 
 TARGET, REFS, TEXT = 16, 4, 7
 SPANNING = tread.Route(start=1, end=3, selection_ratio=0.5)  # double block 1, single blocks 2 and 3
@@ -89,7 +88,7 @@ def test_zero_equals_shared_when_the_sample_is_at_timestep_zero():
 
 
 def test_zero_changes_target_outputs_only_when_references_exist():
-    model = blocks.apply_block_forward(tiny_transformer().eval())
+    model = with_block_forward(tiny_transformer().eval())
     with torch.no_grad():
         with_refs = tiny_inputs()
         shared = model(**with_refs, return_dict=False, num_target_tokens=TARGET)[0]
@@ -135,7 +134,7 @@ def test_per_token_split_follows_the_kept_token_counts_under_tread(monkeypatch, 
     modulation are timestep 0's, the others (text and kept targets) the sample's, in every block; whether the
     block is checkpointed or not. A checkpoint gets only the (B, C) modulations (what it keeps for backward)
     and builds the per-token tensor inside."""
-    model = blocks.apply_block_forward(tiny_transformer().train(), routes=(SPANNING,), checkpoint_every=every)
+    model = with_block_forward(tiny_transformer().train(), routes=(SPANNING,), checkpoint_every=every)
     inputs = tiny_inputs()
     into_checkpoint = []
     real_checkpoint = blocks.checkpoint
@@ -168,10 +167,10 @@ def test_per_token_split_follows_the_kept_token_counts_under_tread(monkeypatch, 
 
 def test_tread_at_ratio_zero_equals_no_tread():
     inputs = tiny_inputs()
-    plain = blocks.apply_block_forward(tiny_transformer().train())
+    plain = with_block_forward(tiny_transformer().train())
     expected = plain(**inputs, return_dict=False, num_target_tokens=TARGET, reference_timestep="zero")[0]
-    routed = blocks.apply_block_forward(tiny_transformer().train(),
-                                        routes=(tread.Route(start=0, end=NUM_BLOCKS - 1, selection_ratio=0.0),))
+    routed = with_block_forward(tiny_transformer().train(),
+                                routes=(tread.Route(start=0, end=NUM_BLOCKS - 1, selection_ratio=0.0),))
     got = routed(**inputs, return_dict=False, tread_generators=generators(1, 2), num_target_tokens=TARGET,
                  reference_timestep="zero")[0]
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
@@ -197,7 +196,7 @@ def test_gradients_reach_every_lora_weight_and_checkpointing_changes_nothing():
     results = {}
     for name, every, mode in (("zero", None, "zero"), ("ckpt1", 1, "zero"), ("ckpt2", 2, "zero"),
                               ("shared", None, "shared")):
-        model = blocks.apply_block_forward(tiny_transformer().train(), routes=(SPANNING,), checkpoint_every=every)
+        model = with_block_forward(tiny_transformer().train(), routes=(SPANNING,), checkpoint_every=every)
         results[name] = _loss_and_grads(model, inputs, tread_generators=generators(1, 2), reference_timestep=mode)
     (loss, grads), (_, grads_shared) = results["zero"], results["shared"]
     assert len(grads) == 60 and all("lora_" in n for n in grads)
@@ -217,7 +216,7 @@ def test_gradients_reach_every_lora_weight_and_checkpointing_changes_nothing():
 # ------------------------------------------------------------------------------------ the objective
 
 
-def _edit_batch(spec: ObjectiveSpec, *, references: bool = True):
+def _edit_batch(spec: ObjectiveConfig, *, references: bool = True):
     g = torch.Generator().manual_seed(4)
     latents, embeds = torch.randn(2, 128, 4, 4, generator=g), torch.randn(2, TEXT, 96, generator=g)
     refs = [torch.randn(2, 128, 2, 2, generator=g)] if references else None
@@ -226,8 +225,8 @@ def _edit_batch(spec: ObjectiveSpec, *, references: bool = True):
 
 
 def test_flow_matching_loss_uses_the_objectives_reference_timestep():
-    model = blocks.apply_block_forward(tiny_transformer().eval())
-    prepared = _edit_batch(ObjectiveSpec(reference_timestep="zero"))
+    model = with_block_forward(tiny_transformer().eval())
+    prepared = _edit_batch(ObjectiveConfig(reference_timestep="zero"))
     assert prepared.reference_timestep == "zero" and prepared.num_target_tokens == TARGET
     inputs = dict(hidden_states=prepared.hidden_states, encoder_hidden_states=prepared.encoder_hidden_states,
                   timestep=prepared.timestep, img_ids=prepared.img_ids, txt_ids=prepared.txt_ids,
@@ -235,7 +234,7 @@ def test_flow_matching_loss_uses_the_objectives_reference_timestep():
     with torch.no_grad():
         loss = flow_matching_loss(model, prepared, device=torch.device("cpu"), dtype=torch.float32)
         expected = torch.nn.functional.mse_loss(zero(model, inputs)[:, :TARGET], prepared.target)
-        shared = flow_matching_loss(model, _edit_batch(ObjectiveSpec()), device=torch.device("cpu"),
+        shared = flow_matching_loss(model, _edit_batch(ObjectiveConfig()), device=torch.device("cpu"),
                                     dtype=torch.float32)
     torch.testing.assert_close(loss, expected, rtol=0, atol=0)
     assert abs(float(loss) - float(shared)) > 2e-6  # 1.2e-5 here; float32 rounding of a loss of 2.3 is ~2e-7
@@ -245,19 +244,19 @@ def test_zero_without_references_passes_diffusers_arguments_only():
     """A batch without references needs no trainer forward: a plain diffusers model still works."""
     model = tiny_transformer().eval()
     with torch.no_grad():
-        loss = flow_matching_loss(model, _edit_batch(ObjectiveSpec(reference_timestep="zero"), references=False),
+        loss = flow_matching_loss(model, _edit_batch(ObjectiveConfig(reference_timestep="zero"), references=False),
                                   device=torch.device("cpu"), dtype=torch.float32)
-        shared = flow_matching_loss(model, _edit_batch(ObjectiveSpec(), references=False),
+        shared = flow_matching_loss(model, _edit_batch(ObjectiveConfig(), references=False),
                                     device=torch.device("cpu"), dtype=torch.float32)
     assert torch.equal(loss, shared)
 
 
 def test_unused_reference_timestep_warns(caplog):
-    with caplog.at_level(logging.WARNING, logger="trainer.objective"):
-        warn_unused_reference_timestep(ObjectiveSpec(reference_timestep="zero"), has_references=True)
-        warn_unused_reference_timestep(ObjectiveSpec(), has_references=False)
+    with caplog.at_level(logging.WARNING, logger="flux2_lora_pack.trainer.objective"):
+        warn_unused_reference_timestep(ObjectiveConfig(reference_timestep="zero"), has_references=True)
+        warn_unused_reference_timestep(ObjectiveConfig(), has_references=False)
         assert caplog.records == []
-        warn_unused_reference_timestep(ObjectiveSpec(reference_timestep="zero"), has_references=False)
+        warn_unused_reference_timestep(ObjectiveConfig(reference_timestep="zero"), has_references=False)
     assert [r.getMessage() for r in caplog.records] == [
         "config: reference_timestep='zero' has no effect because the dataset has no reference images."]
 
@@ -276,7 +275,7 @@ def _denoise(model, reference_timestep: str, *, references: bool = True) -> torc
 
 def test_denoise_samples_references_in_the_chosen_mode():
     plain = tiny_transformer().eval()
-    ours = blocks.apply_block_forward(tiny_transformer().eval())
+    ours = with_block_forward(tiny_transformer().eval())
     shared = _denoise(plain, "shared")  # Flux2Pipeline / ComfyUI behaviour, the default
     torch.testing.assert_close(_denoise(ours, "shared"), shared, rtol=0, atol=1e-6)
     zeroed = _denoise(ours, "zero")
@@ -307,8 +306,9 @@ def test_denoise_refuses_zero_on_a_plain_diffusers_model_and_bad_values():
 
 
 def test_validation_renders_with_the_training_mode(monkeypatch, tmp_path):
-    from trainer import loop
-    from trainer.parallelize import DistEnv
+    from flux2_lora_pack.trainer import validation
+    from flux2_lora_pack.trainer.model import Model
+    from flux2_lora_pack.trainer.parallelize import DistEnv
 
     seen = []
 
@@ -317,16 +317,16 @@ def test_validation_renders_with_the_training_mode(monkeypatch, tmp_path):
         return torch.zeros(1, 16, 16, 3)
 
     monkeypatch.setattr(sampling, "generate_images", fake_generate_images)
-    module = blocks.apply_block_forward(tiny_transformer())
-    model = loop.Model(module=module, inner=module, compute_dtype=torch.float32, hidden_size=256)
+    module = with_block_forward(tiny_transformer())
+    model = Model(module=module, inner=module, compute_dtype=torch.float32, hidden_size=256)
     settings = SimpleNamespace(width=16, height=16, num_inference_steps=1, guidance=4.0, seed=0)
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     for mode in ("zero", "shared"):
-        loop.run_validation(model, None, prompts=[("p", "a prompt", torch.zeros(TEXT, 96))], settings=settings,
+        validation.run_validation(model, None, prompts=[("p", "a prompt", torch.zeros(TEXT, 96))], settings=settings,
                             step=1, out_dir=tmp_path, env=env, reference_timestep=mode)
     assert seen == ["zero", "shared"]
-    # What generate_images gets there (loop._Unwrapped) is recognised as running the trainer's forward.
-    assert blocks.supports_reference_timestep(loop._Unwrapped(model))
+    # What generate_images gets there (validation._Unwrapped) is recognised as running the trainer's forward.
+    assert blocks.supports_reference_timestep(validation._Unwrapped(model))
     assert not blocks.supports_reference_timestep(tiny_transformer())
 
 
@@ -347,4 +347,4 @@ def test_config_default_choice_and_bad_value(tmp_path):
         TrainConfig.from_dict(_config(tmp_path, reference_timestep="0"))
     assert "'0'" in str(info.value) and "zero" in str(info.value)
     with pytest.raises(ValueError, match=r"reference_timestep 'none' must be one of"):
-        ObjectiveSpec(reference_timestep="none")
+        ObjectiveConfig(reference_timestep="none")

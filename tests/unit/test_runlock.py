@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer import runlock
+from flux2_lora_pack.trainer import runlock
 
 
 def _lock_data(folder: Path) -> dict:

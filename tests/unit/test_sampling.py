@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from trainer import flux2, sampling
+from flux2_lora_pack.trainer import flux2, sampling
 
 PIPE_TOL = dict(atol=1e-5, rtol=0.0)
 STEPS = 3

@@ -174,7 +174,7 @@ def test_single_file_weights_are_only_read_behind_the_safetensors_suffix_check()
     # diffusers' from_single_file also reads pickled .ckpt files: only model_files may call it, after its check.
     callers = {str(f.relative_to(REPO)) for f in _python_files() if "from_single_file(" in f.read_text(encoding="utf-8")}
     assert callers <= {"trainer/model_files.py"}
-    from trainer.model_files import _check_single_file
+    from flux2_lora_pack.trainer.model_files import _check_single_file
 
     with pytest.raises(ValueError, match="only .safetensors is loaded"):
         _check_single_file(Path(__file__), what="transformer file")
@@ -188,6 +188,12 @@ def test_single_file_weights_are_only_read_behind_the_safetensors_suffix_check()
 def nodes_mod(pack, comfy_root):
     (comfy_root / "input").mkdir(exist_ok=True)
     return importlib.import_module(f"{pack.__name__}.nodes.train_nodes")
+
+
+@pytest.fixture
+def dataset_nodes(pack, comfy_root):
+    (comfy_root / "input").mkdir(exist_ok=True)
+    return importlib.import_module(f"{pack.__name__}.nodes.dataset_nodes")
 
 
 @pytest.fixture
@@ -206,34 +212,34 @@ def outside(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("typed", ["../../outside/images", "OUTSIDE/images", "input/../../outside/images"])
-def test_image_folder_must_stay_in_the_input_folder(nodes_mod, comfy_root, outside, typed):
+def test_image_folder_must_stay_in_the_input_folder(dataset_nodes, comfy_root, outside, typed):
     typed = typed.replace("OUTSIDE", str(outside))
-    message = nodes_mod.Flux2BuildDataset.VALIDATE_INPUTS(image_folder=typed)
+    message = dataset_nodes.Flux2BuildDataset.VALIDATE_INPUTS(image_folder=typed)
     assert isinstance(message, str) and "image_folder" in message and "outside the folders" in message
     with pytest.raises(ValueError, match="image_folder .* outside the folders"):
-        nodes_mod.resolve_image_folder(typed)
-    assert nodes_mod.Flux2BuildDataset.IS_CHANGED(image_folder=typed).startswith("refused:")
+        dataset_nodes.resolve_image_folder(typed)
+    assert dataset_nodes.Flux2BuildDataset.IS_CHANGED(image_folder=typed).startswith("refused:")
 
 
-def test_image_folder_inside_input_or_a_configured_root_is_accepted(nodes_mod, comfy_root, outside, monkeypatch):
+def test_image_folder_inside_input_or_a_configured_root_is_accepted(dataset_nodes, comfy_root, outside, monkeypatch):
     (comfy_root / "input" / "mine").mkdir()
-    assert nodes_mod.resolve_image_folder("mine") == comfy_root / "input" / "mine"
+    assert dataset_nodes.resolve_image_folder("mine") == comfy_root / "input" / "mine"
     monkeypatch.setenv("FLUX2LORA_DATASET_ROOTS", str(outside))
-    assert nodes_mod.resolve_image_folder(str(outside / "images")) == outside / "images"
+    assert dataset_nodes.resolve_image_folder(str(outside / "images")) == outside / "images"
 
 
-def test_data_backend_config_and_its_folders_are_checked(nodes_mod, comfy_root, outside):
-    message = nodes_mod.Flux2BuildDataset.VALIDATE_INPUTS(image_folder="", data_backend_config=str(outside / "lib.json"))
+def test_data_backend_config_and_its_folders_are_checked(dataset_nodes, comfy_root, outside):
+    message = dataset_nodes.Flux2BuildDataset.VALIDATE_INPUTS(image_folder="", data_backend_config=str(outside / "lib.json"))
     assert isinstance(message, str) and "data_backend_config" in message and "outside the folders" in message
     from types import SimpleNamespace
 
     spec = SimpleNamespace(id="ds", instance_data_dir=outside / "images", cache_dir_vae=None)
     config = SimpleNamespace(datasets=(spec,), conditioning={}, text_embeds=())
     with pytest.raises(ValueError, match="'ds' instance_data_dir .* outside the folders"):
-        nodes_mod.check_backend_paths(config)
+        dataset_nodes.check_backend_paths(config)
     inside = SimpleNamespace(id="ds", instance_data_dir=comfy_root / "input" / "x", cache_dir_vae=outside / "cache")
     with pytest.raises(ValueError, match="cache_dir_vae"):
-        nodes_mod.check_backend_paths(SimpleNamespace(datasets=(inside,), conditioning={}, text_embeds=()))
+        dataset_nodes.check_backend_paths(SimpleNamespace(datasets=(inside,), conditioning={}, text_embeds=()))
 
 
 @pytest.mark.parametrize("key", ["output_dir", "--output_dir", "pretrained_model_name_or_path", "dataset_manifest",
@@ -324,7 +330,7 @@ def test_routes_serve_only_run_folders_of_this_pack():
 
 
 def test_lora_metadata_holds_no_absolute_paths():
-    from trainer.lora_keys import lora_metadata
+    from flux2_lora_pack.trainer.lora_keys import lora_metadata
 
     meta = lora_metadata(rank=4, alpha=2.0, targets="all", base_model="FLUX.2-dev", steps=10,
                          dataset_fingerprint="abc123")

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import blocks, tread
-from trainer.config import TreadConfig
+from flux2_lora_pack.trainer import blocks, tread
+from flux2_lora_pack.trainer.config import TreadConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from block_tools import NUM_BLOCKS, diffusers_forward, tiny_inputs, tiny_transformer  # noqa: E402
+from block_tools import NUM_BLOCKS, diffusers_forward, tiny_inputs, tiny_transformer, with_block_forward  # noqa: E402
 
 # The tiny model: blocks 0-1 are double blocks, 2-4 single blocks. Route 1..3 spans the boundary.
 SPANNING = tread.Route(start=1, end=3, selection_ratio=0.5)
@@ -62,10 +62,26 @@ def test_plan_routes_resolves_simpletuner_indices_and_orders_routes():
     assert tread.plan_routes(dev, num_blocks=56) == (tread.Route(start=2, end=54, selection_ratio=0.5),)
 
 
+def test_plan_routes_refuses_routes_outside_the_model_or_overlapping():
+    config = TreadConfig.from_dict({"routes": [
+        {"selection_ratio": 0.3, "start_layer_idx": 1, "end_layer_idx": 3},
+        {"selection_ratio": 0.7, "start_layer_idx": -4, "end_layer_idx": -1},
+    ]})
+    assert tread.plan_routes(config, num_blocks=56) == (
+        tread.Route(start=1, end=3, selection_ratio=0.3), tread.Route(start=52, end=55, selection_ratio=0.7))
+    with pytest.raises(ValueError, match=r"tread_config routes overlap: blocks 1\.\.3 and 1\.\.4"):
+        tread.plan_routes(config, num_blocks=5)
+    with pytest.raises(ValueError, match=r"tread_config\.routes\[0\]: blocks 1\.\.3 resolve to 1\.\.3, outside"):
+        tread.plan_routes(config, num_blocks=3)
+    mixed = TreadConfig.from_dict({"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]})
+    with pytest.raises(ValueError, match=r"resolve to 2\.\.1"):
+        tread.plan_routes(mixed, num_blocks=3)
+
+
 def test_plan_routes_warns_above_half(caplog):
     high = TreadConfig.from_dict({"routes": [{"selection_ratio": 0.75, "start_layer_idx": 0, "end_layer_idx": 1}]})
     half = TreadConfig.from_dict({"routes": [{"selection_ratio": 0.5, "start_layer_idx": 0, "end_layer_idx": 1}]})
-    with caplog.at_level(logging.WARNING, logger="trainer.tread"):
+    with caplog.at_level(logging.WARNING, logger="flux2_lora_pack.trainer.tread"):
         tread.plan_routes(half, num_blocks=NUM_BLOCKS)
         assert caplog.records == []
         tread.plan_routes(high, num_blocks=NUM_BLOCKS)
@@ -180,12 +196,12 @@ def test_route_inside_the_double_blocks_only():
 
 
 def routed_model(*routes: tread.Route) -> torch.nn.Module:
-    return blocks.apply_block_forward(tiny_transformer().train(), routes=routes)
+    return with_block_forward(tiny_transformer().train(), routes=routes)
 
 
 def test_ratio_zero_equals_no_tread():
     inputs = tiny_inputs()
-    plain = blocks.apply_block_forward(tiny_transformer().train())
+    plain = with_block_forward(tiny_transformer().train())
     expected = plain(**inputs, return_dict=False)[0]
     model = routed_model(tread.Route(start=0, end=NUM_BLOCKS - 1, selection_ratio=0.0))
     got = model(**inputs, return_dict=False, tread_generators=generators(1, 2), num_target_tokens=16)[0]
@@ -245,7 +261,7 @@ def test_tread_with_checkpointing_gives_the_same_loss_and_grads():
     inputs = tiny_inputs()
     results = []
     for every in (None, 1):
-        model = blocks.apply_block_forward(tiny_transformer().train(), routes=(SPANNING,), checkpoint_every=every)
+        model = with_block_forward(tiny_transformer().train(), routes=(SPANNING,), checkpoint_every=every)
         out = model(**inputs, return_dict=False, tread_generators=generators(1, 2), num_target_tokens=16)[0]
         loss = out.square().mean()
         loss.backward()
@@ -256,21 +272,35 @@ def test_tread_with_checkpointing_gives_the_same_loss_and_grads():
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_model_tread_comes_from_the_plan_it_is_given():
+    """train_step hands tread_generators to the forward when Model.tread: that reads the plan build_model keeps
+    (apply_block_forward's result), never the module."""
+    from flux2_lora_pack.trainer.model import Model
+
+    module = tiny_transformer().train()
+    plan = blocks.apply_block_forward(module, routes=(SPANNING,))
+    common = dict(module=module, inner=module, compute_dtype=torch.float32, hidden_size=256)
+    assert Model(**common, block_forward=plan).tread
+    assert not Model(**common, block_forward=blocks.BlockForwardPlan(checkpoint_every=1, routes=())).tread
+    assert not Model(**common).tread
+
+
 def test_build_model_wires_tread_and_the_checkpoint_interval(tiny_model_dir):
-    from trainer.config import LoraSettings
-    from trainer.loop import build_model
-    from trainer.model_files import inspect_model_folder
-    from trainer.parallelize import DistEnv
+    from flux2_lora_pack.trainer.config import LoraConfig, MemoryConfig, ParallelismConfig
+    from flux2_lora_pack.trainer.model import build_model
+    from flux2_lora_pack.trainer.model_files import inspect_model_folder
+    from flux2_lora_pack.trainer.parallelize import DistEnv
 
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    lora = LoraSettings(rank=4, alpha=4.0, dropout=0.0, init="default", target="all")
+    lora = LoraConfig(rank=4, alpha=4.0, dropout=0.0, init="default", target="all")
     config = TreadConfig.from_dict({"routes": [{"selection_ratio": 0.5, "start_layer_idx": 1, "end_layer_idx": -2}]})
     folder = inspect_model_folder(tiny_model_dir)
-    cases = [(dict(gradient_checkpointing=True, gradient_checkpointing_interval=2, tread=config), 2, (SPANNING,)),
-             (dict(gradient_checkpointing=True), 1, ()),
-             (dict(gradient_checkpointing=False, gradient_checkpointing_interval=3), None, ())]
-    for kwargs, every, routes in cases:
-        model = build_model(folder=folder, lora=lora, precision="no", distributed="none", seed=0, env=env, **kwargs)
-        settings = model.inner._block_forward_settings
+    cases = [(dict(gradient_checkpointing=True, gradient_checkpointing_interval=2), config, 2, (SPANNING,)),
+             (dict(gradient_checkpointing=True), None, 1, ()),
+             (dict(gradient_checkpointing=False, gradient_checkpointing_interval=3), None, None, ())]
+    for memory, tread_config, every, routes in cases:
+        model = build_model(folder, lora=lora, memory=MemoryConfig(mixed_precision="no", **memory),
+                            parallelism=ParallelismConfig(distributed="none"), seed=0, env=env, tread=tread_config)
+        settings = model.block_forward
         assert (settings.checkpoint_every, settings.routes, model.tread) == (every, routes, bool(routes))
         assert model.module is model.inner and model.inner.training

@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer import flux2, loop, sampling
-from trainer.config import TrainConfig
+from flux2_lora_pack.trainer import flux2, sampling, validation
+from flux2_lora_pack.trainer.model import Model
+from flux2_lora_pack.trainer.config import TrainConfig
 
 KEY = "validation_reference_images"
 
@@ -86,7 +87,7 @@ def _truncated(path: Path) -> str:
 
 def test_references_without_a_validation_prompt_warn(tmp_path, caplog):
     image = _png(tmp_path / "a.png", (32, 32))
-    with caplog.at_level(logging.WARNING, logger="trainer.config"):
+    with caplog.at_level(logging.WARNING, logger="flux2_lora_pack.trainer.config"):
         TrainConfig.from_dict(_config(tmp_path, validation_prompt=None, **{KEY: str(image)}))
     assert [r.getMessage() for r in caplog.records] == [
         f"config: {KEY}={str(image)!r} has no effect because there is no validation prompt."]
@@ -97,7 +98,7 @@ def test_references_without_a_validation_prompt_warn(tmp_path, caplog):
 
 def test_references_are_encoded_once_as_the_pipeline_encodes_them(tiny_pipeline, tmp_path):
     paths = (_png(tmp_path / "a.png", (80, 64), seed=1), _png(tmp_path / "b.png", (70, 100), seed=2))
-    latents = loop.validation_reference_latents(paths, vae=tiny_pipeline.vae, device=torch.device("cpu"))
+    latents = validation.validation_reference_latents(paths, vae=tiny_pipeline.vae, device=torch.device("cpu"))
     assert [tuple(t.shape) for t in latents] == [(1, 128, 4, 5), (1, 128, 6, 4)]
     # The pipeline's own preparation (reading the files as it would be given them) and its VAE encode.
     images = [Image.open(p) for p in paths]
@@ -107,11 +108,11 @@ def test_references_are_encoded_once_as_the_pipeline_encodes_them(tiny_pipeline,
         batch_size=1, generator=None, device=torch.device("cpu"), dtype=torch.float32)
     assert torch.equal(torch.cat([flux2.pack_latents(t) for t in latents], dim=1), expected)
     assert torch.equal(flux2.reference_position_ids([(4, 5), (6, 4)], 1), ids)
-    assert loop.validation_reference_latents((), vae=tiny_pipeline.vae, device=torch.device("cpu")) is None
+    assert validation.validation_reference_latents((), vae=tiny_pipeline.vae, device=torch.device("cpu")) is None
 
 
 def test_run_validation_gives_every_prompt_the_references(monkeypatch, tmp_path):
-    from trainer.parallelize import DistEnv
+    from flux2_lora_pack.trainer.parallelize import DistEnv
 
     seen = []
 
@@ -121,16 +122,16 @@ def test_run_validation_gives_every_prompt_the_references(monkeypatch, tmp_path)
 
     monkeypatch.setattr(sampling, "generate_images", fake_generate_images)
     module = torch.nn.Linear(2, 2)
-    model = loop.Model(module=module, inner=module, compute_dtype=torch.float32, hidden_size=2)
+    model = Model(module=module, inner=module, compute_dtype=torch.float32, hidden_size=2)
     settings = SimpleNamespace(width=16, height=16, num_inference_steps=1, guidance=4.0, seed=0)
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     refs = [torch.ones(1, 128, 1, 1)]
     prompts = [("a", "first", torch.zeros(4, 96)), ("b", "second", torch.zeros(4, 96))]
-    records = loop.run_validation(model, None, prompts=prompts, settings=settings, step=3, out_dir=tmp_path, env=env,
+    records = validation.run_validation(model, None, prompts=prompts, settings=settings, step=3, out_dir=tmp_path, env=env,
                                   reference_timestep="zero", reference_latents=refs)
     assert [(r is refs, mode) for r, mode in seen] == [(True, "zero"), (True, "zero")]
     assert [r["path"] for r in records] == ["validation/step000003_a.png", "validation/step000003_b.png"]
-    loop.run_validation(model, None, prompts=prompts[:1], settings=settings, step=4, out_dir=tmp_path, env=env)
+    validation.run_validation(model, None, prompts=prompts[:1], settings=settings, step=4, out_dir=tmp_path, env=env)
     assert seen[-1] == (None, "shared")  # without references, as before
 
 

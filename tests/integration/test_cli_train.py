@@ -1,0 +1,51 @@
+"""`python -m trainer train --num-processes N` / `--export`: the Train LoRA node's launcher (trainer.run), from a
+shell."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flux2_lora_pack.trainer.__main__ import main
+from flux2_lora_pack.trainer.events import read_events
+from flux2_lora_pack.trainer.launch import export_instructions
+from flux2_lora_pack.trainer.runlock import LOCK_FILE
+
+
+def _write(config: dict, path: Path) -> Path:
+    path.write_text(json.dumps(config), encoding="utf-8")
+    return path
+
+
+def test_num_processes_trains_under_torchrun_and_prints_the_events(runs, tiny_model_dir, square_dataset, tmp_path,
+                                                                    capsys):
+    out = tmp_path / "run"
+    config = _write(runs.run_config(tiny_model_dir, square_dataset, out, max_train_steps=3), tmp_path / "my.json")
+    assert main(["train", "--config", str(config), "--num-processes", "1"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    events = [json.loads(line) for line in printed if line.startswith("{")]
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3] and events[-1]["event"] == "end"
+    [lora] = out.glob("*.safetensors")
+    assert f"LoRA: {lora}" in printed and "steps: 3  final loss: " in "\n".join(printed)
+    assert json.loads((out / "run.json").read_text())["max_train_steps"] == 3  # what torchrun was given
+    assert not (out / LOCK_FILE).exists()  # released
+    assert [e["event"] for e in read_events(out / "events.jsonl")].count("start") == 1
+
+
+def test_export_prints_the_cluster_command_the_node_prints(runs, tiny_model_dir, square_dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    config = _write(runs.run_config(tiny_model_dir, square_dataset, out), tmp_path / "my.json")
+    assert main(["train", "--config", str(config), "--export", "--num-processes", "8"]) == 0
+    expected = export_instructions(config_path=out / "run.json", num_processes=8)
+    assert capsys.readouterr().out == expected + "\n"
+    assert (out / "COMMAND.txt").read_text() == expected + "\n"
+    assert not (out / "train.log").exists() and not (out / LOCK_FILE).exists()  # nothing was launched
+
+
+def test_relative_paths_are_refused_before_anything_is_written(runs, tiny_model_dir, square_dataset, tmp_path,
+                                                               capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = _write(runs.run_config(tiny_model_dir, square_dataset, Path("run")), tmp_path / "my.json")
+    assert main(["train", "--config", str(config), "--num-processes", "1"]) == 2
+    assert "output_dir 'run' is relative; the trainer starts in" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,102 @@
+"""SimpleTuner's FLUX.2 config keys that this trainer reads under another name or deliberately refuses.
+
+TrainConfig.from_dict consults these tables: an alias is read as the key it names; an unsupported key is
+refused with the reason given here; a refused choice of a known key gets its reason in the error.
+"""
+
+from __future__ import annotations
+
+ALIASES: dict[str, str] = {
+    "checkpoint_step_interval": "checkpointing_steps",
+    "validation_step_interval": "validation_steps",
+}
+"""SimpleTuner's current names for keys this trainer spells the older SimpleTuner way."""
+
+_NO_HUB = "this trainer never talks to the Hugging Face Hub; upload the LoRA file yourself"
+_NO_TRACKER = "progress goes to events.jsonl in output_dir (charted live by the Train LoRA node); there is no tracker integration"
+_DATASET = "dataset settings belong to the dataset (the Build Dataset node, or the entries of data_backend_config)"
+_NO_CFG = "validation samples FLUX.2-dev through its guidance embedding (validation_guidance) without true CFG or a negative prompt"
+_LORA_ONLY = "this trainer trains standard PEFT LoRA only (no LyCORIS / LoKr)"
+_SCHEDULERS = "only the lr_scheduler choices constant, constant_with_warmup, cosine and linear exist"
+
+UNSUPPORTED_KEYS: dict[str, str] = {
+    "report_to": _NO_TRACKER, "tracker_project_name": _NO_TRACKER, "tracker_run_name": _NO_TRACKER,
+    "tracker_image_layout": _NO_TRACKER, "logging_dir": _NO_TRACKER, "webhook_config": _NO_TRACKER,
+    "push_to_hub": _NO_HUB, "push_checkpoints_to_hub": _NO_HUB, "hub_model_id": _NO_HUB,
+    "model_card_safe_for_work": _NO_HUB, "model_card_note": _NO_HUB,
+    "num_train_epochs": "training length is set by max_train_steps only",
+    "lora_type": _LORA_ONLY, "lycoris_config": _LORA_ONLY, "init_lokr_norm": _LORA_ONLY,
+    "lora_format": "the saved LoRA layout is chosen by this trainer (ComfyUI/BFL keys that load in stock ComfyUI)",
+    "use_ema": "EMA weights are not implemented", "ema_decay": "EMA weights are not implemented",
+    "grad_clip_method": "max_grad_norm always clips the global gradient norm (SimpleTuner's default 'value' clips each element)",
+    "validation_negative_prompt": _NO_CFG, "validation_guidance_real": _NO_CFG,
+    "validation_no_cfg_until_timestep": _NO_CFG, "validation_guidance_rescale": _NO_CFG,
+    "validation_disable_unconditional": _NO_CFG,
+    "validation_prompt_library": "SimpleTuner's built-in prompt library is not shipped; use user_prompt_library",
+    "validation_torch_compile": "validation runs the pipeline uncompiled",
+    "num_eval_images": "evaluation metrics are not implemented",
+    "eval_steps_interval": "evaluation metrics are not implemented",
+    "resolution": _DATASET, "resolution_type": _DATASET, "minimum_image_size": _DATASET,
+    "maximum_image_size": _DATASET, "target_downsample_size": _DATASET, "aspect_bucket_rounding": _DATASET,
+    "disable_bucket_pruning": _DATASET, "crop": _DATASET, "crop_style": _DATASET, "crop_aspect": _DATASET,
+    "caption_strategy": _DATASET, "instance_data_dir": _DATASET, "repeats": _DATASET,
+    "cache_dir": _DATASET, "cache_dir_vae": _DATASET, "cache_dir_text": _DATASET,
+    "lr_end": _SCHEDULERS, "lr_power": _SCHEDULERS, "lr_num_cycles": _SCHEDULERS,
+    "optimizer_config": "the optimizer is AdamW with the adam_* keys",
+    "use_8bit_adam": "the optimizer is torch AdamW (optimizer 'adamw')",
+    "fuse_qkv_projections": "attention runs with the separate q/k/v projections the LoRA targets",
+    "fused_qkv_projections": "attention runs with the separate q/k/v projections the LoRA targets",
+    "controlnet": "ControlNet training is not implemented",
+    "train_text_encoder": "only the transformer is trained; the text encoder only caches embeddings",
+    "text_encoder_2_precision": "FLUX.2 has one text encoder: use text_encoder_1_precision",
+    "text_encoder_3_precision": "FLUX.2 has one text encoder: use text_encoder_1_precision",
+    "text_encoder_4_precision": "FLUX.2 has one text encoder: use text_encoder_1_precision",
+    "pretrained_transformer_subfolder": ("the transformer is read from the model folder's transformer/ subfolder "
+                                         "or from pretrained_transformer_model_name_or_path"),
+    "custom_text_encoder_intermediary_layers": "text features are the Mistral hidden states 10, 20 and 30, as FLUX.2-dev expects",
+    "flux_attention_masked_training": "a FLUX.1 option; FLUX.2-dev does not mask text padding",
+    "flux_fast_schedule": "a FLUX.1 schnell option",
+    "snr_gamma": "the loss is plain flow-matching MSE", "noise_offset": "the loss is plain flow-matching MSE",
+    "input_perturbation": "the loss is plain flow-matching MSE",
+    "attention_mechanism": "attention uses diffusers' default (PyTorch SDPA)",
+    "disable_benchmark": "there is no start-up benchmark to disable",
+    "i_know_what_i_am_doing": "every supported key is always available",
+}
+"""SimpleTuner options this trainer deliberately does not implement, with the reason given to the user."""
+
+CHOICE_HINTS: dict[str, dict[str, str]] = {
+    "model_type": {"full": "full fine-tuning is not supported; this trainer trains LoRA adapters only"},
+    "model_family": {"flux": "this trainer is for FLUX.2; FLUX.1 is model_family 'flux' in SimpleTuner"},
+    "model_flavour": {
+        "klein-4b": "FLUX.2-klein uses a Qwen3 text encoder and has no guidance embedding; only FLUX.2-dev is supported",
+        "klein-9b": "FLUX.2-klein uses a Qwen3 text encoder and has no guidance embedding; only FLUX.2-dev is supported",
+    },
+    "optimizer": {"adamw_bf16": "SimpleTuner's bf16 AdamW is not implemented; 'adamw' keeps fp32 LoRA weights"},
+    "mixed_precision": {"fp8": "fp8 training is not implemented"},
+    "lora_init_type": {k: "only PEFT's default and gaussian initialisations are supported" for k in ("loftq", "olora", "pissa")},
+}
+"""Key -> {refused choice: why}: the reason an error gives for a choice SimpleTuner has and this trainer has not."""
+
+QUANT_HINT = "only optimum-quanto int8/int4 weight quantization is implemented"
+"""Why any other quantization choice (SimpleTuner's bnb, torchao, sdnq ...) is refused."""
+
+
+def choice_hint(key: str, value: str) -> str | None:
+    """Why `value` is refused for `key`, when this table knows."""
+    if key in ("base_model_precision", "text_encoder_1_precision"):
+        return QUANT_HINT
+    return CHOICE_HINTS.get(key, {}).get(value)
+
+
+def unknown_key_message(raw_key: str, *, known: frozenset[str]) -> str:
+    """The error for a key TrainConfig does not know: why, when SimpleTuner has it, else the closest known key."""
+    from .settings import closest
+
+    key = raw_key[2:] if raw_key.startswith("--") else raw_key
+    if key in UNSUPPORTED_KEYS:
+        return (f"config key {raw_key!r} is a SimpleTuner option that this trainer does not support: "
+                f"{UNSUPPORTED_KEYS[key]}. Remove it from the config.")
+    if key.startswith("sdnq_"):
+        return f"config key {raw_key!r} is a SimpleTuner SDNQ option, not supported: {QUANT_HINT}. Remove it."
+    return (f"unknown config key {raw_key!r}{closest(key, sorted(known | set(ALIASES)))} "
+            "Keys follow SimpleTuner's names; see trainer/config.py for the list.")
