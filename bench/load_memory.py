@@ -17,10 +17,10 @@ batch, and reports from /proc/self/status:
 is the host RAM each process needs per byte of the bf16 transformer; what does not grow with the model (imports,
 the process group, activations of the small batch) cancels. Modes: fsdp2 (2 processes), none (1 process), ddp
 (2 processes), int8 (int8-quanto base, default dtype bf16, quantized on the CPU, 1 process). The processes
-run with the default glibc allocator settings, as the trainer does.
+run with the default glibc allocator settings, as the trainer does (--malloc-mmap-threshold changes that).
 
 Usage (from the repository root):
-  python bench/load_memory.py [--modes fsdp2,none,ddp,int8] [--keep] [--work-dir DIR] [--steps 3]
+  python bench/load_memory.py [--modes fsdp2,none,ddp,int8] [--keep] [--work-dir DIR] [--steps 2]
   python bench/load_memory.py --dry-run          # model sizes and the commands; runs nothing
   python bench/load_memory.py --trainer-root /tmp/before   # measure another checkout's trainer (older API too)
 Progress goes to stderr; stdout is a markdown table, then one JSON line. Nothing here asserts.
@@ -54,9 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--double", type=int, default=2, help="double blocks in both models (default 2)")
     parser.add_argument("--small-single", type=int, default=4, help="single blocks of the small model (default 4)")
     parser.add_argument("--large-single", type=int, default=16, help="single blocks of the large model (default 16)")
-    parser.add_argument("--steps", type=int, default=3, help="train_step calls per process after the build")
-    parser.add_argument("--image-size", type=int, default=64, help="square image side in px, multiple of 16")
-    parser.add_argument("--text-tokens", type=int, default=64, help="text tokens per sample")
+    parser.add_argument("--steps", type=int, default=2, help="train_step calls per process after the build")
+    parser.add_argument("--image-size", type=int, default=32,
+                        help="square image side in px, multiple of 16 (default 32: 4 image tokens)")
+    parser.add_argument("--text-tokens", type=int, default=16,
+                        help="text tokens per sample (default 16: bf16 matmuls are slow on the CPU, and the slope is about weights, not activations)")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None,
+                        help="set MALLOC_MMAP_THRESHOLD_ in the measured processes (e.g. 65536: freed tensors go back to the OS at once); default: glibc's own adaptive threshold, as the trainer runs")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = rank)")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="where the two model folders go (default: a temp dir, or "
@@ -283,6 +287,8 @@ def run_mode(mode: str, *, model: Path, args: argparse.Namespace) -> list[dict]:
             "steps": args.steps, "image_size": args.image_size, "text_tokens": args.text_tokens,
             "trainer_root": str(args.trainer_root.resolve())}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(args.trainer_root.resolve())}
+    if args.malloc_mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     with tempfile.TemporaryDirectory(prefix="load_memory_out_") as out:
         spec["out"] = out
         proc = subprocess.run(command(mode, spec), cwd=args.trainer_root, env=env, capture_output=True, text=True,
@@ -368,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(models, results))
     api = next(iter(results.values()))["small"]["api"] if results else None
     out = {"trainer_root": str(args.trainer_root.resolve()), "api": api, "steps": args.steps,
+           "malloc_mmap_threshold": args.malloc_mmap_threshold,
            "image_size": args.image_size, "text_tokens": args.text_tokens, "rank": args.rank,
            "models": {k: {kk: (str(vv) if kk == "folder" else vv) for kk, vv in v.items()} for k, v in models.items()},
            "modes": results, "wall_s": time.perf_counter() - started}

@@ -190,6 +190,7 @@ class Flux2BuildDataset:
                                                   layout=layout)
         manifest_path = build_datasets(config, model=model.folder, out_dir=out_dir, text_precision=model.precision,
                                        device=str(comfy_bridge.torch_device()), vae_batch_size=vae_batch_size,
+                                       quantization=model.quantization, offload=model.offload,
                                        progress=BuildProgressBar())
         return self._result(manifest_path)
 

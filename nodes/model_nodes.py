@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+from ..trainer.config import CHOICES
 from ..trainer.model_files import PRECISIONS, inspect_model_folder
 from . import comfy_bridge
 
@@ -71,18 +72,38 @@ class Flux2LoadModel:
                 "folder_path": ("STRING", {"default": "", "tooltip": "Any folder path instead of the list above (a diffusers FLUX.2 folder). Empty: use the list."}),
                 "transformer_file": (transformer_files, {"default": FROM_FOLDER, "tooltip": "Optional single-file transformer from models/diffusion_models that replaces the folder's transformer."}),
                 "vae_file": (vae_files, {"default": FROM_FOLDER, "tooltip": "Optional single-file VAE from models/vae that replaces the folder's VAE."}),
+                "text_encoder_precision": (list(CHOICES["text_encoder_1_precision"]), {"default": "no_change", "tooltip": "Quantize the Mistral text encoder's weights (optimum-quanto) while Build Dataset, Mistral Encode and Train LoRA's validation prompts use it: int8-quanto halves its 48 GB (FLUX.2-dev), int4-quanto quarters it; layers are quantized one by one, so the full encoder never has to fit the GPU. Quantized embeddings differ slightly from no_change and are cached apart. Not with text_encoder_offload."}),
+                "text_encoder_offload": (list(TEXT_ENCODER_OFFLOAD), {"default": "off", "tooltip": "Keep the Mistral text encoder in CPU memory and move its layers to the GPU group by group while encoding (diffusers group offload): block_level (groups of decoder layers, faster) or leaf_level (each layer, least GPU memory). Needs CPU RAM for the whole encoder. Same embeddings as off. Not with a quantized text_encoder_precision."}),
             },
         }
 
     def load(self, model: str, precision: str, folder_path: str = "", transformer_file: str = FROM_FOLDER,
-             vae_file: str = FROM_FOLDER):
+             vae_file: str = FROM_FOLDER, text_encoder_precision: str = "no_change", text_encoder_offload: str = "off"):
         from ..trainer.inference import Flux2ModelSpec
 
         root = resolve_model_folder(model, folder_path)
         tfile = None if transformer_file == FROM_FOLDER else comfy_bridge.resolve_model_file("diffusion_models", transformer_file)
         vfile = None if vae_file == FROM_FOLDER else comfy_bridge.resolve_model_file("vae", vae_file)
         folder = inspect_model_folder(root, transformer_file=tfile, vae_file=vfile)
-        return (Flux2ModelSpec(folder=folder, precision=precision),)
+        quantization, offload = text_encoder_settings(precision=text_encoder_precision, offload=text_encoder_offload)
+        return (Flux2ModelSpec(folder=folder, precision=precision, quantization=quantization, offload=offload),)
+
+
+TEXT_ENCODER_OFFLOAD = ("off", "block_level", "leaf_level")
+
+
+def text_encoder_settings(*, precision: str, offload: str):
+    """Load FLUX.2's text-encoder widgets as the trainer's configs (None, None when both are off, so the handle
+    and its caches are what they were without them); a combination that cannot run is refused here."""
+    from ..trainer.config import OffloadConfig, QuantizationConfig
+
+    if offload not in TEXT_ENCODER_OFFLOAD:
+        raise ValueError(f"Load FLUX.2: text_encoder_offload {offload!r} is not one of {list(TEXT_ENCODER_OFFLOAD)}.")
+    quantization = QuantizationConfig(text_encoder_precision=precision) if precision != "no_change" else None
+    settings = OffloadConfig(enabled=True, text_encoder=True, offload_type=offload) if offload != "off" else None
+    if quantization is not None and settings is not None:
+        quantization.check_text_encoder(offload=settings)  # quanto's weights cannot be moved by offload hooks
+    return quantization, settings
 
 
 class Flux2MistralEncode:

@@ -247,6 +247,13 @@ def run_config(model, *, datasets: list[DatasetHandle], name: str, run_dir: Path
     }
     if model.folder.transformer_file is not None:
         config["pretrained_transformer_model_name_or_path"] = str(model.folder.transformer_file)
+    if model.quantization is not None:  # validation prompts are encoded as Load FLUX.2 says
+        precision = model.quantization.text_encoder_precision
+        if settings.get("text_encoder_1_precision", precision) != precision:
+            raise ValueError(f"Train LoRA: extra_config_json sets text_encoder_1_precision "
+                             f"{settings['text_encoder_1_precision']!r} but Load FLUX.2's text_encoder_precision is "
+                             f"{precision!r}; set it in one place.")
+        config["text_encoder_1_precision"] = precision
     return config
 
 

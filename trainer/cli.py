@@ -78,7 +78,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
         exit_with_parent()  # a rank never outlives torchrun (kill -9 of torchrun's group included)
         config = TrainConfig.from_json(args.config)  # every check before any process group or weights
-        env = init_distributed(timeout_s=config.collective_timeout_s)
+        env = init_distributed(timeout_s=config.parallelism.collective_timeout_s)
         finished = False
         try:
             # record: under torchrun the failing rank's exception heads torchrun's summary, the log's last lines.

@@ -1,7 +1,8 @@
 """Run under torchrun (2 CPU processes): FSDP2 built through build_model's sharded loading against the same model
-loaded whole in fp32 and then sharded (the path before sharded loading), on one batch. Prints one JSON line per rank.
+loaded whole in fp32 and then sharded (the path before sharded loading), on one batch. Each rank writes its
+figures to rank<N>.json in the output folder (one stdout shared by two ranks can interleave lines).
 
-argv: model folder, mixed precision ("bf16" or "no").
+argv: model folder, mixed precision ("bf16" or "no"), output folder.
 """
 
 from __future__ import annotations
@@ -68,13 +69,13 @@ def main() -> None:
     old_loss, old_grads = step(old, autocast=False)
     lora_new = {n: p.full_tensor() for n, p in new.module.named_parameters() if p.requires_grad}
     lora_old = {n: p.full_tensor() for n, p in old.named_parameters() if p.requires_grad}
-    print(json.dumps({
+    (Path(sys.argv[3]) / f"rank{env.rank}.json").write_text(json.dumps({
         "rank": env.rank, "base_dtypes": base_dtypes, "lora_dtypes": lora_dtypes,
         "local_base_fraction": local_base / total_base, "loss": [new_loss, old_loss],
         "max_grad_diff": max(float((new_grads[n] - old_grads[n]).abs().max()) for n in new_grads),
         "max_lora_diff": max(float((lora_new[n] - lora_old[n]).abs().max()) for n in lora_new),
         "same_names": sorted(new_grads) == sorted(old_grads),
-    }), flush=True)
+    }), encoding="utf-8")
     dist.destroy_process_group()
 
 

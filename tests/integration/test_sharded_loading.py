@@ -15,21 +15,21 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _probe(model_dir: Path, precision: str) -> list[dict]:
+def _probe(model_dir: Path, precision: str, out: Path) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO_ROOT / "tests")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO_ROOT / "tests" / "integration" / "sharded_load_probe.py"), str(model_dir), precision]
+           str(REPO_ROOT / "tests" / "integration" / "sharded_load_probe.py"), str(model_dir), precision, str(out)]
     done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    return sorted(rows, key=lambda r: r["rank"])
+    return [json.loads((out / f"rank{rank}.json").read_text(encoding="utf-8")) for rank in (0, 1)]
 
 
 @pytest.mark.parametrize(("precision", "base_dtype", "tolerance"), [("no", "torch.float32", 0.0),
                                                                    ("bf16", "torch.bfloat16", 0.0)])
-def test_sharded_loading_matches_loading_whole_then_sharding(tiny_model_dir, precision, base_dtype, tolerance):
-    ranks = _probe(tiny_model_dir, precision)
+def test_sharded_loading_matches_loading_whole_then_sharding(tiny_model_dir, tmp_path, precision, base_dtype,
+                                                             tolerance):
+    ranks = _probe(tiny_model_dir, precision, tmp_path)
     assert [r["rank"] for r in ranks] == [0, 1]
     for r in ranks:
         assert r["base_dtypes"] == [base_dtype] and r["lora_dtypes"] == ["torch.float32"]
