@@ -1,8 +1,8 @@
 """Run one of the pack's shipped API-format workflows headlessly on tiny FLUX.2 weights.
 
 Usage: python .ci/run_workflow.py [--root DIR] [--workflow workflows/api/NAME.json]
-The root gets a ComfyUI-like layout (models/diffusers/flux2-tiny, output/, input/); the tiny model is
-written there once. The pack is imported the way ComfyUI imports a custom node folder.
+The root gets a ComfyUI-like layout (models/diffusers/flux2-tiny, output/, input/); the tiny models the workflow
+names (TINY_MODELS: dev, or klein base and distilled) are written there once. The pack is imported the way ComfyUI imports a custom node folder.
 """
 
 from __future__ import annotations
@@ -16,6 +16,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+TINY_MODELS = {
+    "flux2-tiny": {"flavour": "dev"},
+    "flux2-klein-4b-tiny": {"flavour": "klein-4b"},
+    "flux2-klein-4b-distilled-tiny": {"flavour": "klein-4b", "distilled": True},
+}
+"""The tiny models the shipped workflows name, by folder under models/diffusers (the same seed: the distilled
+klein has the base klein's weights, so the klein workflow previews its LoRA on a model of the same size)."""
 DEFAULT_WORKFLOW = REPO / "workflows" / "api" / "flux2_lora_train_and_validate.json"
 FALLBACK_WORKFLOW = REPO / "workflows" / "api" / "flux2_sample.json"
 
@@ -41,10 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.sample_data import make_sample_dataset
     from trainer.tiny import make_tiny
 
-    model_dir = root / "models" / "diffusers" / "flux2-tiny"
-    if not (model_dir / "model_index.json").is_file():
-        print(f"writing tiny FLUX.2 weights to {model_dir}")
-        make_tiny(out_dir=model_dir, seed=0)
+    named = {node["inputs"].get("model") for node in json.loads(workflow.read_text()).values()
+             if node.get("class_type") == "Flux2LoraLoadModel"}
+    for name in sorted(named & set(TINY_MODELS)) or ["flux2-tiny"]:
+        model_dir = root / "models" / "diffusers" / name
+        if not (model_dir / "model_index.json").is_file():
+            print(f"writing tiny FLUX.2 weights to {model_dir}")
+            make_tiny(out_dir=model_dir, seed=0, **TINY_MODELS[name])
     dataset_dir = root / "input" / "flux2_lora_sample_squares"
     if not dataset_dir.is_dir():
         print(f"writing the sample dataset to {dataset_dir}")

@@ -17,7 +17,8 @@ batch, and reports from /proc/self/status:
 is the host RAM each process needs per byte of the bf16 transformer; what does not grow with the model (imports,
 the process group, activations of the small batch) cancels. Modes: fsdp2 (2 processes), none (1 process), ddp
 (2 processes), int8 (int8-quanto base, default dtype bf16, quantized on the CPU, 1 process). The processes
-run with the default glibc allocator settings, as the trainer does (--malloc-mmap-threshold changes that).
+set the C allocator as the trainer's ranks do (trainer/host_allocator.py; --glibc-default skips it,
+--malloc-mmap-threshold sets glibc's own variable instead).
 
 Usage (from the repository root):
   python bench/load_memory.py [--modes fsdp2,none,ddp,int8] [--keep] [--work-dir DIR] [--steps 2]
@@ -60,7 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--text-tokens", type=int, default=16,
                         help="text tokens per sample (default 16: bf16 matmuls are slow on the CPU, and the slope is about weights, not activations)")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=None,
-                        help="set MALLOC_MMAP_THRESHOLD_ in the measured processes (e.g. 65536: freed tensors go back to the OS at once); default: glibc's own adaptive threshold, as the trainer runs")
+                        help="set MALLOC_MMAP_THRESHOLD_ in the measured processes (e.g. 65536); default: the trainer's own setting")
+    parser.add_argument("--glibc-default", action="store_true",
+                        help="skip the trainer's allocator setting (trainer/host_allocator.py): glibc's adaptive "
+                             "mmap threshold, as before it")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = rank)")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="where the two model folders go (default: a temp dir, or "
@@ -125,12 +129,12 @@ def make_model(folder: Path, config: dict) -> Path:
     return folder
 
 
-def file_bytes(folder: Path) -> int:
-    """Bytes of the tensors in transformer/'s safetensors files (what a reader of them maps)."""
+def file_bytes(folder: Path, part: str = "transformer") -> int:
+    """Bytes of the tensors in the part's safetensors files (what a reader of them maps)."""
     from safetensors import safe_open
 
     total = 0
-    for path in sorted((folder / "transformer").glob("*.safetensors")):
+    for path in sorted((folder / part).glob("*.safetensors")):
         with safe_open(path, framework="pt") as handle:
             for key in handle.keys():
                 s = handle.get_slice(key)
@@ -228,6 +232,17 @@ def run_child(spec: dict) -> dict:
 
     if not Path(trainer.__file__).resolve().is_relative_to(Path(spec["trainer_root"]).resolve()):
         raise RuntimeError(f"imported {trainer.__file__}, not the trainer under {spec['trainer_root']}")
+    allocator = "glibc default"
+    if spec["trainer_allocator"]:
+        try:  # what the trainer's rank does first (trainer/host_allocator.py); checkouts before it lack it
+            from trainer.host_allocator import MMAP_THRESHOLD_BYTES, return_freed_memory_to_os
+        except ImportError:
+            pass
+        else:
+            if return_freed_memory_to_os():
+                allocator = f"mmap threshold {MMAP_THRESHOLD_BYTES}"
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        allocator = f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}"
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -263,7 +278,7 @@ def run_child(spec: dict) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     mb = 2**20
-    return {"rank": env.rank, "api": api.name, "base_mb": base["VmRSS"] / mb, "load_mb": built["VmHWM"] / mb,
+    return {"rank": env.rank, "api": api.name, "allocator": allocator, "base_mb": base["VmRSS"] / mb, "load_mb": built["VmHWM"] / mb,
             "built_mb": built["VmRSS"] / mb, "built_anon_mb": built["RssAnon"] / mb,
             "built_file_mb": built["RssFile"] / mb, "step_mb": end["VmHWM"] / mb, "end_mb": end["VmRSS"] / mb,
             "end_anon_mb": end["RssAnon"] / mb, "end_file_mb": end["RssFile"] / mb,
@@ -285,7 +300,7 @@ def run_mode(mode: str, *, model: Path, args: argparse.Namespace) -> list[dict]:
     distributed, _, quantized = MODES[mode]
     spec = {"model": str(model), "distributed": distributed, "quantized": quantized, "rank": args.rank,
             "steps": args.steps, "image_size": args.image_size, "text_tokens": args.text_tokens,
-            "trainer_root": str(args.trainer_root.resolve())}
+            "trainer_root": str(args.trainer_root.resolve()), "trainer_allocator": not args.glibc_default}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(args.trainer_root.resolve())}
     if args.malloc_mmap_threshold is not None:
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
@@ -374,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(models, results))
     api = next(iter(results.values()))["small"]["api"] if results else None
     out = {"trainer_root": str(args.trainer_root.resolve()), "api": api, "steps": args.steps,
+           "allocator": next(iter(results.values()))["small"]["allocator"] if results else None,
            "malloc_mmap_threshold": args.malloc_mmap_threshold,
            "image_size": args.image_size, "text_tokens": args.text_tokens, "rank": args.rank,
            "models": {k: {kk: (str(vv) if kk == "folder" else vv) for kk, vv in v.items()} for k, v in models.items()},

@@ -16,6 +16,7 @@ onload device is the CPU): its row shows the hooks' time cost, not the accelerat
 
 Usage (from the repository root):
   python bench/memory_modes.py [--size mid|tiny] [--rounds 2] [--steps 2] [--image-size 128] [--text-tokens 128]
+  python bench/memory_modes.py --estimates [--flavour dev|klein-4b|klein-9b]   # trainer.memory's table, no run
 Progress goes to stderr; the last stdout line is one JSON object. Nothing here asserts on time.
 """
 
@@ -56,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = rank)")
     parser.add_argument("--model", type=Path, default=None, help="FLUX.2 folder to use instead of a generated one")
     parser.add_argument("--estimates", action="store_true",
-                        help="print trainer.memory's FLUX.2-dev estimates as a markdown table and exit")
+                        help="print trainer.memory's estimates for --flavour as a markdown table and exit")
+    parser.add_argument("--flavour", choices=("dev", "klein-4b", "klein-9b"), default="dev",
+                        help="with --estimates: the FLUX.2 transformer (real config from trainer/flavours.py)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.steps < 1 or args.batch < 1 or args.image_size % 16:
@@ -167,12 +170,19 @@ def run_child(spec: dict) -> dict:
 # -------------------------------------------------------------------------------------------- parent
 
 
-def dev_estimates(*, resolution: int = 1024, rank: int = 16, dropout: float = 0.1) -> str:
-    """FLUX.2-dev peak-memory estimates per GPU (trainer.memory) as a markdown table."""
-    from trainer.memory import FLUX2_DEV_TRANSFORMER_CONFIG, estimate_peak_memory
+def dev_estimates(*, resolution: int = 1024, rank: int = 16, dropout: float = 0.1, flavour: str = "dev") -> str:
+    """FLUX.2 estimates (trainer.memory) as a markdown table: peak memory per GPU, and host RAM per process
+    (while loading / while training) and for all the processes of one node. flavour: dev, klein-4b or klein-9b,
+    whose real transformer config trainer/flavours.py holds (dev's equals trainer.memory's
+    FLUX2_DEV_TRANSFORMER_CONFIG)."""
+    from trainer.flavours import SPECS
+    from trainer.memory import estimate_host_memory, estimate_peak_memory
+
+    config = dict(SPECS[flavour].transformer)
 
     rows = [("| base weights | checkpointing | GPUs (mode) | weights | LoRA+AdamW | activations | overhead | "
-             "total GB | fits 24 / 48 / 80 |"), "|---|---|---|---:|---:|---:|---:|---:|---|"]
+             "total GB per GPU | fits 24 / 48 / 80 | host RAM per process: load / train GB | host RAM per node GB |"),
+            "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     cases = [("bf16", "no_change", False), ("int8-quanto", "int8-quanto", False), ("int4-quanto", "int4-quanto", False),
              ("bf16 + group offload", "no_change", True)]
     for label, precision, offload in cases:
@@ -181,23 +191,26 @@ def dev_estimates(*, resolution: int = 1024, rank: int = 16, dropout: float = 0.
                 continue  # refused: offload saves nothing without checkpointing
             gpus = [("1", "none", 1), ("8", "fsdp2" if precision == "no_change" and not offload else "ddp", 8)]
             for text, distributed, world in gpus:
-                e = estimate_peak_memory(FLUX2_DEV_TRANSFORMER_CONFIG, base_model_precision=precision,
-                                         lora_rank=rank, lora_dropout=dropout, resolution=(resolution, resolution),
-                                         gradient_checkpointing=checkpointing, group_offload=offload,
-                                         distributed=distributed, world_size=world)
+                settings = dict(base_model_precision=precision, group_offload=offload, distributed=distributed,
+                                world_size=world)
+                e = estimate_peak_memory(config, lora_rank=rank, lora_dropout=dropout,
+                                         resolution=(resolution, resolution), gradient_checkpointing=checkpointing,
+                                         **settings)
+                host = estimate_host_memory(config, **settings)
                 b = e.breakdown()
                 fits = " / ".join("yes" if e.fits(gb) else "no" for gb in (24, 48, 80))
                 mode = f"{text} ({distributed})" if world > 1 else text
                 rows.append(f"| {label} | {'on' if checkpointing else 'off'} | {mode} | {b['weights']:.1f} | "
                             f"{b['lora_and_optimizer']:.2f} | {b['activations']:.1f} | {b['overhead']:.1f} | "
-                            f"**{b['total']:.1f}** | {fits} |")
+                            f"**{b['total']:.1f}** | {fits} | {host.load_gb:.1f} / {host.steady_gb:.1f} | "
+                            f"{host.peak_gb * world:.0f} |")
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.estimates:
-        print(dev_estimates(rank=args.rank))
+        print(dev_estimates(rank=args.rank, flavour=args.flavour))
         return 0
     if args.child is not None:
         print(json.dumps(run_child(json.loads(args.child))))

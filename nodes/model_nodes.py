@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..trainer.config import CHOICES
+from ..trainer.flavours import PIPELINE_GUIDANCE, PIPELINE_STEPS
 from ..trainer.model_files import PRECISIONS, inspect_model_folder
 from . import comfy_bridge
 
@@ -50,8 +51,9 @@ def resolve_model_folder(model: str, folder_path: str) -> Path:
 class Flux2LoadModel:
     TITLE = "Load FLUX.2"
     DESCRIPTION = (
-        "Points at a FLUX.2-dev model in the diffusers layout (models/diffusers) and checks it. Nothing is "
-        "loaded here: the handle tells the encode, sample and train nodes where the weights are."
+        "Points at a FLUX.2 model in the diffusers layout (models/diffusers) and checks it: FLUX.2-dev, or FLUX.2 "
+        "[klein] 4B / 9B, base or distilled; which one it found is logged. Nothing is loaded here: the handle "
+        "tells the encode, sample and train nodes where the weights are."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("FLUX2_MODEL",)
@@ -65,7 +67,7 @@ class Flux2LoadModel:
         vae_files = [FROM_FOLDER] + comfy_bridge.list_model_files("vae")
         return {
             "required": {
-                "model": (diffusers_model_choices(), {"tooltip": "FLUX.2-dev diffusers folder under models/diffusers."}),
+                "model": (diffusers_model_choices(), {"tooltip": "FLUX.2 diffusers folder under models/diffusers (FLUX.2-dev, or FLUX.2-klein base/distilled 4B or 9B)."}),
                 "precision": (list(PRECISIONS), {"default": "bf16", "tooltip": "Weights dtype of the transformer and text encoder. bf16 on GPUs; fp32 for CPU tests."}),
             },
             "optional": {
@@ -85,6 +87,7 @@ class Flux2LoadModel:
         tfile = None if transformer_file == FROM_FOLDER else comfy_bridge.resolve_model_file("diffusion_models", transformer_file)
         vfile = None if vae_file == FROM_FOLDER else comfy_bridge.resolve_model_file("vae", vae_file)
         folder = inspect_model_folder(root, transformer_file=tfile, vae_file=vfile)
+        log.info("Load FLUX.2: %s holds model_flavour %r: %s", root, folder.flavour, folder.describe())
         quantization, offload = text_encoder_settings(precision=text_encoder_precision, offload=text_encoder_offload)
         return (Flux2ModelSpec(folder=folder, precision=precision, quantization=quantization, offload=offload),)
 
@@ -110,7 +113,8 @@ class Flux2MistralEncode:
     TITLE = "Mistral Encode (FLUX.2)"
     DESCRIPTION = (
         "Encodes a prompt with FLUX.2's Mistral text encoder exactly as the official pipeline does (chat template, "
-        "512 tokens, hidden layers 10/20/30). Results are cached on disk by content, so the text encoder runs "
+        "512 tokens, hidden layers 10/20/30); on a FLUX.2 [klein] model, with its Qwen3 text encoder as "
+        "Flux2KleinPipeline does (layers 9/18/27). Results are cached on disk by content, so the text encoder runs "
         "once per distinct prompt and is unloaded before the transformer loads."
     )
     CATEGORY = CATEGORY
@@ -138,12 +142,17 @@ class Flux2MistralEncode:
         embeds, truncated = encode_prompts_cached(
             model,
             [prompt],
-            cache_dir=comfy_bridge.output_directory() / "flux2_lora" / "cache" / "text",
+            cache_dir=text_cache_dir(),
             device=str(comfy_bridge.torch_device()),
         )
         if truncated[0]:
             log.warning("Mistral Encode: prompt is longer than 512 tokens and was truncated to 512.")
         return ([[embeds, {}]],)
+
+
+def text_cache_dir() -> Path:
+    """Where Mistral Encode and FLUX.2 Sample (klein's default negative "") cache prompt embeddings."""
+    return comfy_bridge.output_directory() / "flux2_lora" / "cache" / "text"
 
 
 def conditioning_tensor(conditioning, *, input_name: str):
@@ -161,8 +170,11 @@ def conditioning_tensor(conditioning, *, input_name: str):
 class Flux2Sample:
     TITLE = "FLUX.2 Sample"
     DESCRIPTION = (
-        "Renders images with FLUX.2 (Euler, the official pipeline's schedule and empirical time shift, guidance "
-        "through the distilled guidance embedding) from a FLUX2_MODEL and its LoRAs. Cancel stops between steps."
+        "Renders images with FLUX.2 (Euler, the official pipeline's schedule and empirical time shift) from a "
+        "FLUX2_MODEL and its LoRAs. FLUX.2-dev: guidance through its guidance embedding. FLUX.2 [klein] base: "
+        "classifier-free guidance against `negative` (default: the empty prompt, as Flux2KleinPipeline). klein "
+        "distilled: no guidance, made for 4 steps (a connected negative is ignored with a warning). Cancel stops "
+        "between steps."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
@@ -178,23 +190,25 @@ class Flux2Sample:
                 "positive": ("CONDITIONING", {"tooltip": "Prompt embeddings from Mistral Encode (FLUX.2)."}),
                 "width": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16, "tooltip": "Image width in pixels (multiple of 16)."}),
                 "height": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16, "tooltip": "Image height in pixels (multiple of 16)."}),
-                "steps": ("INT", {"default": 28, "min": 1, "max": 200, "step": 1, "tooltip": "Denoising steps; 28-50 for FLUX.2-dev."}),
-                "guidance": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 20.0, "step": 0.1, "round": 0.01, "tooltip": "Distilled guidance value fed to the guidance embedding; 3-5 is typical for FLUX.2-dev."}),
+                "steps": ("INT", {"default": PIPELINE_STEPS, "min": 1, "max": 200, "step": 1, "tooltip": "Denoising steps: 28-50 for FLUX.2-dev and FLUX.2 [klein] base, 4 for a step-distilled klein."}),
+                "guidance": ("FLOAT", {"default": PIPELINE_GUIDANCE, "min": 0.0, "max": 20.0, "step": 0.1, "round": 0.01, "tooltip": "FLUX.2-dev: the value fed to its guidance embedding (3-5 is typical). FLUX.2 [klein] base: the classifier-free guidance scale against negative (above 1 runs the model twice per step; 1 or less turns it off). Unused on a distilled klein."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "step": 1, "control_after_generate": True, "tooltip": "Noise seed; the same seed gives the same image on any device."}),
             },
             "optional": {
                 "reference_images": ("IMAGE", {"tooltip": "Reference images for edit LoRAs and FLUX.2 multi-reference editing: each image of the batch becomes one reference, resized as FLUX.2's pipeline does (shrunk to about 1024x1024 pixels when larger, then centre-cropped to multiples of 16). Unconnected: plain text-to-image."}),
+                "negative": ("CONDITIONING", {"tooltip": "FLUX.2 [klein] base only: the negative prompt's embeddings for classifier-free guidance (encode it with the same model). Unconnected: the empty prompt, as Flux2KleinPipeline. Ignored, with a warning, on a distilled klein; refused on FLUX.2-dev, which has no CFG."}),
             },
         }
 
     def sample(self, model, positive, width: int, height: int, steps: int, guidance: float, seed: int,
-               reference_images=None):
+               reference_images=None, negative=None):
         from ..trainer.inference import sample_images
         from ..trainer.sampling import check_size, check_steps
 
         check_size(width=width, height=height)
         check_steps(steps, name="steps")
         embeds = conditioning_tensor(positive, input_name="positive")
+        negative_embeds = None if negative is None else conditioning_tensor(negative, input_name="negative")
         progress = comfy_bridge.Progress(steps, label="FLUX.2 Sample")
         images = sample_images(
             model,
@@ -207,6 +221,8 @@ class Flux2Sample:
             device=str(comfy_bridge.torch_device()),
             reference_images=reference_images,
             callback=lambda i, total: progress.update_absolute(i + 1),
+            negative_prompt_embeds=negative_embeds,
+            text_cache_dir=text_cache_dir(),
         )
         return (images.float().cpu(),)
 

@@ -237,7 +237,7 @@ def run_config(model, *, datasets: list[DatasetHandle], name: str, run_dir: Path
     config = {
         "model_type": "lora",
         "model_family": "flux2",
-        "model_flavour": "dev",
+        "model_flavour": model.folder.flavour,  # what Load FLUX.2 found; the config says whether it trains
         "pretrained_model_name_or_path": str(model.folder.root),
         "output_dir": str(run_dir),
         "dataset_manifest": datasets[0].manifest if len(datasets) == 1 else [d.manifest for d in datasets],

@@ -13,7 +13,10 @@ from . import cli
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_config_keys", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra  # `train`: config keys given as --key=value (trainer/cli_config.py)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args) or 0)

@@ -109,14 +109,16 @@ def assign_bucket(
     return min(bucket_sizes(resolution, step=step, min_aspect=min_aspect, max_aspect=max_aspect), key=distance)
 
 
-def plan_crop(width: int, height: int, *, bucket: tuple[int, int]) -> CropPlan:
+def plan_crop(width: int, height: int, *, bucket: tuple[int, int], min_scale: float = 0.0) -> CropPlan:
     """Resize (width, height) to cover bucket with the aspect ratio kept, then center-crop: the geometry.
 
     The scale is max(bw / width, bh / height), so one side matches the bucket exactly and the other side
-    is at least as long; the excess is split evenly, the odd pixel going to the right or bottom.
+    is at least as long; the excess is split evenly, the odd pixel going to the right or bottom. min_scale
+    (downsample_scale's, for target_downsample_size) keeps more of the image's resolution: the crop then takes
+    the bucket from a larger resize.
     """
     bw, bh = bucket
-    scale = max(bw / width, bh / height)
+    scale = max(bw / width, bh / height, min_scale)
     rw = max(bw, round(width * scale))
     rh = max(bh, round(height * scale))
     return CropPlan(bucket=(bw, bh), resized=(rw, rh), crop=((rw - bw) // 2, (rh - bh) // 2), scale=scale)
@@ -155,6 +157,14 @@ def image_size_measure(width: int, height: int, *, resolution_type: str) -> floa
     if resolution_type == "pixel":
         return float(min(width, height))
     raise ValueError(f"resolution_type {resolution_type!r} is not one of {', '.join(RESOLUTION_TYPES)}.")
+
+
+def downsample_scale(width: int, height: int, *, size: float, resolution_type: str) -> float:
+    """The factor that brings an image to SimpleTuner's target_downsample_size, in resolution_type's unit
+    (pixel_area: the side of the equal-area square; area: megapixels; pixel: the shorter side), aspect kept."""
+    if resolution_type == "pixel":
+        return size / min(width, height)
+    return math.sqrt(target_area(size, resolution_type=resolution_type) / (width * height))
 
 
 def _floor_step(value: float, step: int) -> int:
@@ -273,14 +283,15 @@ def _bucket_sizes_for_area(area: int, step: int, min_aspect: float, max_aspect: 
 
 
 def plan_crop_styled(
-    width: int, height: int, *, bucket: tuple[int, int], crop_style: str = "center", random_key: str = ""
+    width: int, height: int, *, bucket: tuple[int, int], crop_style: str = "center", random_key: str = "",
+    min_scale: float = 0.0,
 ) -> CropPlan:
     """plan_crop with SimpleTuner's crop_style: center, corner (top-left, as SimpleTuner's current code) or
     random (an offset drawn from random_key, e.g. the image's sha256, so one image always gets one crop and
     its cached latent stays valid)."""
     if crop_style not in CROP_STYLES:
         raise ValueError(f"crop_style {crop_style!r} is not one of {', '.join(CROP_STYLES)}.")
-    plan = plan_crop(width, height, bucket=bucket)
+    plan = plan_crop(width, height, bucket=bucket, min_scale=min_scale)
     if crop_style == "center":
         return plan
     if crop_style == "corner":

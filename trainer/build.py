@@ -300,7 +300,8 @@ def _pending(build: _Build, spec: ImageDatasetSpec, image: ScannedImage, plan: C
 
 
 def size_limit_reason(image: ScannedImage, spec: ImageDatasetSpec) -> str | None:
-    """Why an image is outside the dataset's size or aspect limits, or None."""
+    """Why an image is outside the dataset's size or aspect limits, or None. As in SimpleTuner, no image is
+    skipped for being large: maximum_image_size only switches on target_downsample_size (plan_for)."""
     from .buckets import image_size_measure
 
     unit = {"pixel_area": "sqrt(w*h) px", "area": "megapixels", "pixel": "px shorter side"}[spec.resolution_type]
@@ -308,9 +309,6 @@ def size_limit_reason(image: ScannedImage, spec: ImageDatasetSpec) -> str | None
     if spec.minimum_image_size is not None and size < spec.minimum_image_size:
         return (f"too small: {image.width}x{image.height} is {size:.4g} {unit}, under minimum_image_size "
                 f"{spec.minimum_image_size:g}")
-    if spec.maximum_image_size is not None and size > spec.maximum_image_size:
-        return (f"too large: {image.width}x{image.height} is {size:.4g} {unit}, above maximum_image_size "
-                f"{spec.maximum_image_size:g}")
     aspect = image.width / image.height
     if spec.minimum_aspect_ratio is not None and aspect < spec.minimum_aspect_ratio:
         return f"aspect {aspect:.3g} ({image.width}x{image.height}) is under minimum_aspect_ratio {spec.minimum_aspect_ratio:g}"
@@ -321,7 +319,7 @@ def size_limit_reason(image: ScannedImage, spec: ImageDatasetSpec) -> str | None
 
 def plan_for(image: ScannedImage, spec: ImageDatasetSpec, *, step: int) -> CropPlan:
     """The image's bucket, resize and crop under its dataset's settings."""
-    from .buckets import choose_bucket, plan_crop_styled
+    from .buckets import choose_bucket, downsample_scale, plan_crop_styled
 
     # crop_aspect random draws from the dataset id and the image's content: a rebuild gets the same aspect,
     # hence the same latent cache key; the same file in two datasets may get different aspects.
@@ -330,7 +328,13 @@ def plan_for(image: ScannedImage, spec: ImageDatasetSpec, *, step: int) -> CropP
                            crop_aspect_buckets=spec.crop_aspect_buckets, random_key=f"{spec.id}/{image.sha256}",
                            step=step)
     style = spec.crop_style if spec.crop else "center"
-    return plan_crop_styled(image.width, image.height, bucket=bucket, crop_style=style, random_key=image.sha256)
+    min_scale = 0.0
+    if spec.crop and spec.maximum_image_size is not None and spec.target_downsample_size is not None:
+        # SimpleTuner's downsample before the crop: the bucket is cut from the image at that size
+        min_scale = downsample_scale(image.width, image.height, size=spec.target_downsample_size,
+                                     resolution_type=spec.resolution_type)
+    return plan_crop_styled(image.width, image.height, bucket=bucket, crop_style=style, random_key=image.sha256,
+                            min_scale=min_scale)
 
 
 def _stem_key(relpath: str) -> str:

@@ -35,7 +35,16 @@ TEXT_CONVENTIONS = {
     "hidden_layers": list(flux2.TEXT_HIDDEN_LAYERS),
     "max_length": flux2.MAX_TEXT_TOKENS,
 }
-"""Everything about how a caption becomes an embedding besides the weights; part of each text cache key."""
+"""Everything about how a caption becomes an embedding besides the weights (FLUX.2-dev); part of each text cache key."""
+
+
+def text_conventions(flavour: str) -> dict:
+    """TEXT_CONVENTIONS of a flavour: dev's as they always were (its caches stay valid); klein's name its own
+    chat template and hidden layers, so a caption cache of one flavour is never read for another."""
+    if flavour == "dev":
+        return TEXT_CONVENTIONS
+    return {"version": 1, "template": "qwen3-user-turn-generation-prompt-no-thinking", "flavour": flavour,
+            "hidden_layers": list(flux2.text_hidden_layers(flavour)), "max_length": flux2.MAX_TEXT_TOKENS}
 
 
 # ------------------------------------------------------------------------------------------------ keys
@@ -56,7 +65,7 @@ def encoder_identities(model: ModelFolder) -> dict[str, str]:
         "text_encoder": ident["text_encoder"],
         "text_encoder_weights": ident["text_encoder_weights"],
         "tokenizer": _files_signature(model.tokenizer_dir),
-        "conventions": TEXT_CONVENTIONS,
+        "conventions": text_conventions(model.flavour),
     }
     vae_hash, text_hash = hash_json(vae), hash_json(text)
     return {"vae": vae_hash, "text": text_hash, "model": hash_json([vae_hash, text_hash])}
@@ -245,8 +254,8 @@ def _encode_captions(misses: dict[str, list[tuple[str, str]]], *, paths: dict[st
             for start in range(0, len(todo), size):
                 chunk = todo[start : start + size]
                 prompts = [c for c, _ in chunk]
-                _, _, cut_flags = flux2.tokenize_prompts(tokenizer, prompts)
-                embeds = flux2.encode_prompts(text_encoder, tokenizer, prompts, device="cpu")
+                _, _, cut_flags = flux2.tokenize_prompts(tokenizer, prompts, flavour=model.flavour)
+                embeds = flux2.encode_prompts(text_encoder, tokenizer, prompts, device="cpu", flavour=model.flavour)
                 for (caption, key), embed, cut in zip(chunk, embeds, cut_flags):
                     write_entry(paths[tid][caption], {TEXT_TENSOR: embed}, kind="text", key=key,
                                 metadata={"truncated": "1" if cut else "0"})

@@ -8,17 +8,25 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from .flavours import FLAVOURS
+
 
 def _add_make_tiny(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-tiny", help="write a tiny random FLUX.2 (diffusers layout) for tests and the demo")
     p.add_argument("--out", required=True, help="folder to create (must be empty or new)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
     p.add_argument("--overwrite", action="store_true", help="replace a tiny model written there before")
+    p.add_argument("--flavour", choices=FLAVOURS, default="dev",
+                   help="which FLUX.2 to imitate: dev (Mistral3 text encoder) or klein-4b / klein-9b (Qwen3 text "
+                        "encoder, the real block counts, no guidance embedding)")
+    p.add_argument("--distilled", action="store_true",
+                   help="klein only: write the step-distilled variant (model_index.json is_distilled true)")
 
     def run(args: argparse.Namespace) -> int:
         from .tiny import make_tiny
 
-        out = make_tiny(out_dir=args.out, seed=args.seed, overwrite=args.overwrite)
+        out = make_tiny(out_dir=args.out, seed=args.seed, overwrite=args.overwrite, flavour=args.flavour,
+                        distilled=args.distilled)
         print(out)
         return 0
 
@@ -56,8 +64,13 @@ def _add_inspect_lora(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a LoRA (run under torchrun for several processes, or give --num-processes)")
-    p.add_argument("--config", required=True, help="run.json with SimpleTuner-style keys")
+    p = sub.add_parser("train", allow_abbrev=False,
+                       help="train a LoRA (run under torchrun for several processes, or give --num-processes)",
+                       description="Any further --key=value or --key value sets that config key over the file's.")
+    p.add_argument("--config", default=None,
+                   help="config.json / run.json with SimpleTuner-style keys (default: config/config.json, then "
+                        "config.json, under the working directory; trainer/cli_config.py)")
+    p.set_defaults(accepts_config_keys=True)
     p.add_argument("--num-processes", type=int, default=None,
                    help="supervise the run as the Train LoRA node does: take the output folder's lock, check memory, "
                         "start torchrun with this many processes on this machine and print its events as JSON lines "
@@ -69,15 +82,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         if args.num_processes is not None or args.export:
             return _supervise_training(args)
-        from .config import TrainConfig
+        from .cli_config import load_cli_config
+        from .host_allocator import return_freed_memory_to_os
         from .loop import train
         from .parallelize import close_distributed, init_distributed
         from torch.distributed.elastic.multiprocessing.errors import record
 
         from .runlock import exit_with_parent
 
+        return_freed_memory_to_os()  # before any weight: a rank's host RAM is its tensors, not freed heap
         exit_with_parent()  # a rank never outlives torchrun (kill -9 of torchrun's group included)
-        config = TrainConfig.from_json(args.config)  # every check before any process group or weights
+        config = load_cli_config(args.config, overrides=args.overrides)  # every check before any process group
         env = init_distributed(timeout_s=config.parallelism.collective_timeout_s)
         finished = False
         try:
@@ -99,18 +114,18 @@ def _supervise_training(args: argparse.Namespace) -> int:
     import json
     import sys
 
-    from .config import TrainConfig
+    from .cli_config import load_cli_config
     from .launch import PACK_ROOT, TrainingCancelled, TrainingFailed
     from .run import run_training
 
-    config = TrainConfig.from_json(args.config)
+    config = load_cli_config(args.config, overrides=args.overrides)
     # torchrun starts in the pack folder: a relative path would name another file there.
     for key, path in [("output_dir", config.checkpoint.output_dir),
                       ("pretrained_model_name_or_path", config.model.root),
                       *(("dataset_manifest", m) for m in config.data.dataset_manifests),
                       ("data_backend_config", config.data.data_backend_config)]:
         if path is not None and not path.is_absolute():
-            raise ValueError(f"config file {args.config}: {key} {str(path)!r} is relative; the trainer starts in "
+            raise ValueError(f"config: {key} {str(path)!r} is relative; the trainer starts in "
                              f"{PACK_ROOT}, so give absolute paths.")
     try:
         result = run_training(config, num_processes=args.num_processes or 1, owner="trainer CLI", export=args.export,

@@ -31,12 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from .flavours import check_config_flavour, check_flavour_settings
 from .flux2 import PIXELS_PER_TOKEN, check_reference_image
 from .prompt_library import read_prompt_library
 from .settings import (PATHS, Setting, as_paths, check_fields, check_file, closest, convert, expected, field_setting, literal_choices, setting,
                        to_json_value)
 from .tread import TreadConfig, TreadRoute
-from .simpletuner_keys import ALIASES, UNSUPPORTED_KEYS, choice_hint, unknown_key_message
+from .simpletuner_keys import ALIASES, UNSUPPORTED_KEYS, choice_hint, translate_simpletuner_keys, unknown_key_message
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,11 @@ class ModelConfig:
     """What is trained. Only "lora" (SimpleTuner's "full" fine-tuning is not supported)."""
     family: Literal["flux2"] = setting("model_family", "flux2")
     """Model architecture. Only "flux2"."""
-    flavour: Literal["dev"] = setting("model_flavour", "dev")
-    """FLUX.2 variant. "dev": FLUX.2-dev (Mistral-Small-3.1 text encoder, guidance-distilled, 8 double +
-    48 single blocks). SimpleTuner also lists "klein-4b" and "klein-9b" (FLUX.2-klein: a Qwen3 text
-    encoder and no guidance embedding) and defaults to "klein-9b"; this trainer supports dev only."""
+    flavour: Literal["dev", "klein-4b", "klein-9b"] = setting("model_flavour", "dev")
+    """FLUX.2 variant (trainer/flavours.py). "dev": FLUX.2-dev (Mistral-Small-3.1 text encoder, guidance
+    embedding, 8 double + 48 single blocks). "klein-4b" / "klein-9b": FLUX.2 [klein] base (or distilled) 4B /
+    9B (Qwen3 text encoder, no guidance embedding). The folder must hold this flavour (a mismatch names both).
+    SimpleTuner defaults to "klein-9b"; this trainer to "dev"."""
     root: Path = setting("pretrained_model_name_or_path")
     """Local diffusers-layout FLUX.2 folder (model_index.json, transformer/, vae/, text_encoder/,
     tokenizer/, scheduler/). Required. Weights are never downloaded, so a hub id is refused."""
@@ -96,6 +98,7 @@ class ModelConfig:
         for key, path in (("pretrained_transformer_model_name_or_path", self.transformer_file),
                           ("pretrained_vae_model_name_or_path", self.vae_file)):
             check_file(key, path, what="a local single-file .safetensors", suffix=".safetensors")
+        check_config_flavour(self.root, self.flavour)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -339,8 +342,8 @@ class ValidationConfig:
     """JSON file of {name: prompt} rendered at each validation, besides validation_prompt. Prompts may
     contain <subject>."""
     subject: str | None = setting("validation_subject", None, empty_means_null=True)
-    """Replaces <subject> in validation_prompt and user_prompt_library prompts (not a SimpleTuner key).
-    Required when any prompt contains <subject>."""
+    """Replaces <subject> in validation_prompt and user_prompt_library prompts (not a SimpleTuner key). Unset,
+    <subject> stays in the prompts as written, as SimpleTuner sends it (with a warning)."""
     every_steps: int = setting("validation_steps", 100, ge=0)
     """Render validation images every this many steps and after the last step; 0: only after the last
     step (SimpleTuner: validation_step_interval). >= 0."""
@@ -349,7 +352,8 @@ class ValidationConfig:
     num_inference_steps: int = setting("validation_num_inference_steps", 20, ge=1)
     """Euler sampling steps for validation images. >= 1."""
     guidance: float = setting("validation_guidance", 4.0, gt=0)
-    """Guidance value (FLUX.2-dev's guidance embedding, not CFG) for validation images. > 0."""
+    """Guidance for validation images: dev's guidance embedding value; klein base's classifier-free guidance scale
+    (negative prompt "", as Flux2KleinPipeline; <= 1 turns CFG off); unused on a distilled klein. > 0."""
     seed: int | None = setting("validation_seed", None, ge=0, le=SEED_MAX)
     """Seed for validation noise (the same images every time); null uses seed (the config then holds the
     training seed here). In [0, 2**31 - 1]."""
@@ -398,13 +402,7 @@ class ValidationConfig:
         validation_prompt comes first under the name "validation_prompt", then user_prompt_library in file order.
         """
         prompts = self.raw_prompts()
-        if self.subject is None:
-            needing = [name for name, p in prompts.items() if SUBJECT_PLACEHOLDER in p]
-            if needing:
-                raise ValueError(
-                    f"validation prompt(s) {needing} contain {SUBJECT_PLACEHOLDER} but validation_subject is null; "
-                    "set validation_subject to the words that should replace it."
-                )
+        if self.subject is None:  # sent as written, as SimpleTuner does (TrainConfig warns)
             return prompts
         return {name: p.replace(SUBJECT_PLACEHOLDER, self.subject) for name, p in prompts.items()}
 
@@ -596,6 +594,7 @@ class TrainConfig:
         if self.validation.seed is None:  # resolved once: validation renders with a number
             object.__setattr__(self, "validation", dataclasses.replace(self.validation, seed=self.seed))
         self.check_processes(None)
+        check_flavour_settings(self)
         self._warn_unused()
 
     def check_processes(self, world_size: int | None) -> None:
@@ -634,12 +633,16 @@ class TrainConfig:
             unused += [(k, "enable_group_offload is off") for k in _GROUP_OFFLOAD_KEYS if k in changed]
         if not self.quantization.base_quantized and self.quantization.text_encoder_precision == "no_change":
             unused += [(k, "nothing is quantized") for k in ("base_model_default_dtype", "quantize_via") if k in changed]
-        if self.validation.subject is not None and not any(
-            SUBJECT_PLACEHOLDER in p for p in self.validation.raw_prompts().values()
-        ):
+        placeholder = any(SUBJECT_PLACEHOLDER in p for p in self.validation.raw_prompts().values())
+        if not self.validation.enabled:
+            unused += [(k, "there is no validation prompt") for k in KEYS  # validation_seed: resolved from seed
+                       if k.startswith("validation_") and k in changed and k != "validation_seed"]
+        elif self.validation.subject is not None and not placeholder:
             unused.append(("validation_subject", f"no validation prompt contains {SUBJECT_PLACEHOLDER}"))
-        if self.validation.reference_images and not self.validation.enabled:
-            unused.append(("validation_reference_images", "there is no validation prompt"))
+        elif self.validation.subject is None and placeholder:
+            log.warning("config: validation prompts contain %s and validation_subject is unset: they are sent as "
+                        "written, as SimpleTuner sends them; set validation_subject to the words that replace it.",
+                        SUBJECT_PLACEHOLDER)
         for key, why in unused:
             log.warning("config: %s=%r has no effect because %s.", key, getattr(self, key), why)
 
@@ -652,7 +655,7 @@ class TrainConfig:
             raise ValueError(f"the config must be a JSON object of keys, got {type(data).__name__}.")
         values: dict[str, Any] = {}
         given_as: dict[str, str] = {}
-        for raw_key, value in data.items():
+        for raw_key, value in translate_simpletuner_keys(data).items():
             if not isinstance(raw_key, str):
                 raise ValueError(f"config key {raw_key!r} is not a string.")
             key = raw_key[2:] if raw_key.startswith("--") else raw_key
@@ -725,6 +728,7 @@ KNOWN_KEYS: frozenset[str] = frozenset(KEYS)
 DEFAULTS: dict[str, Any] = {key: f.default for key, _, f, _ in _TABLE if f.default is not dataclasses.MISSING}
 _SPECS: dict[str, Setting] = {key: field_setting(f) for key, _, f, _ in _TABLE}
 _HINTS: dict[str, Any] = {key: hint for key, _, _, hint in _TABLE}
+PATH_KEYS: frozenset[str] = frozenset(k for k, h in _HINTS.items() if h == PATHS or h in (Path, Path | None))
 _REQUIRED: tuple[str, ...] = tuple(k for k in KEYS if k not in DEFAULTS)
 _REQUIRED_HELP = ("pretrained_model_name_or_path is the local diffusers FLUX.2 folder and output_dir the folder "
                   "for checkpoints and the LoRA file.")

@@ -10,11 +10,11 @@ The file is a JSON list of datasets. Three kinds are understood:
   default (or the only one) is used by image datasets that do not name one with text_embeds.
 
 Differences from SimpleTuner, each deliberate:
-- Relative paths are taken relative to the JSON file's folder, not the process's working directory (the
-  file is read by ComfyUI, the CLI and torchrun workers, which run in different folders).
-- maximum_image_size skips larger images (with the reason in the report) instead of downsampling them
-  first: this trainer always resizes an image to cover its bucket before cropping, so a downsample step
-  would change nothing; target_downsample_size is therefore refused.
+- Relative paths are read without the process's working directory (the file is read by ComfyUI, the CLI and
+  torchrun workers, which run in different folders): for a file in SimpleTuner's layout (config/ or
+  config/<env>/) against the folder that holds config/, where SimpleTuner runs and reads them from; elsewhere
+  against the file's own folder. A path that exists only beside the file is read there; one that names two
+  existing places is refused, naming both.
 - crop_style "random" draws one offset per image (from its content hash), so its latent can be cached.
 - crop_aspect "random" draws one aspect per image from crop_aspect_buckets, keyed by the dataset id and the
   image's content hash instead of a stored random draw: a rebuild picks the same aspect and hits the cache.
@@ -89,7 +89,11 @@ class ImageDatasetSpec:
     minimum_image_size: float | None = None
     """Skip smaller images, in resolution_type's unit (pixel_area: sqrt(w*h); area: megapixels; pixel: shorter side)."""
     maximum_image_size: float | None = None
-    """Skip larger images, in the same unit."""
+    """As in SimpleTuner, no image is skipped for being large (each is resized to cover its bucket, then cropped);
+    with crop and target_downsample_size, it switches on the downsample before the crop. Its value is not compared."""
+    target_downsample_size: float | None = None
+    """With crop and maximum_image_size: each image is first resized to this size (resolution_type's unit, aspect
+    kept; never below what covers the bucket), then the bucket is cropped from it, as SimpleTuner does."""
     minimum_aspect_ratio: float | None = None
     """Skip images whose width / height is below this."""
     maximum_aspect_ratio: float | None = None
@@ -231,8 +235,8 @@ _COMMON = {"id", "type", "dataset_type", "disabled", "disable"}
 _IMAGE_KEYS = _COMMON | {
     "instance_data_dir", "caption_strategy", "instance_prompt", "crop", "crop_aspect", "crop_aspect_buckets",
     "crop_style", "resolution",
-    "resolution_type", "minimum_image_size", "maximum_image_size", "minimum_aspect_ratio", "maximum_aspect_ratio",
-    "repeats", "cache_dir_vae", "metadata_backend", "text_embeds", "conditioning_data",
+    "resolution_type", "minimum_image_size", "maximum_image_size", "target_downsample_size", "minimum_aspect_ratio",
+    "maximum_aspect_ratio", "repeats", "cache_dir_vae", "metadata_backend", "text_embeds", "conditioning_data",
     "conditioning_multidataset_sampling", "probability", "disable_multiline_split",
 }
 _CONDITIONING_KEYS = (_IMAGE_KEYS - {"conditioning_data", "conditioning_multidataset_sampling", "text_embeds",
@@ -241,10 +245,7 @@ _CONDITIONING_KEYS = (_IMAGE_KEYS - {"conditioning_data", "conditioning_multidat
 }
 _TEXT_KEYS = _COMMON | {"default", "cache_dir", "write_batch_size"}
 
-_HINT_DOWNSAMPLE = ("this trainer always resizes an image to cover its bucket before cropping, so there is no "
-                    "separate downsample step; remove it")
 _UNSUPPORTED: dict[str, str] = {
-    "target_downsample_size": _HINT_DOWNSAMPLE,
     "max_upscale_threshold": "upscaled images are reported as warnings; use minimum_image_size to skip small ones",
     "prepend_instance_prompt": "use caption_strategy instanceprompt, or write the trigger word into the captions",
     "only_instance_prompt": "use caption_strategy instanceprompt",
@@ -334,7 +335,27 @@ def _path(raw: dict[str, Any], key: str, *, ds: str, base: Path, required: bool)
     if not isinstance(value, str):
         raise _err(ds, key, f"is {value!r}; give a folder path as a string.")
     path = Path(value).expanduser()
-    return path if path.is_absolute() else (base / path)
+    if path.is_absolute():
+        return path
+    project = _project_folder(base)
+    if project is None:
+        return base / path
+    # SimpleTuner layout: SimpleTuner reads these paths from its working directory, the folder holding config/.
+    here, there = project / path, base / path
+    if here.exists() and there.exists() and here.resolve() != there.resolve():
+        raise _err(ds, key, f"{value!r} names both {here} (from the folder that holds config/, where SimpleTuner "
+                            f"runs) and {there} (beside the file); give an absolute path.")
+    return there if there.exists() and not here.exists() else here
+
+
+def _project_folder(base: Path) -> Path | None:
+    """The folder SimpleTuner would run from when the file lies in its layout (config/multidatabackend.json or
+    config/<env>/multidatabackend.json): the one holding config/. None elsewhere."""
+    if base.name == "config":
+        return base.parent
+    if base.parent.name == "config":
+        return base.parent.parent
+    return None
 
 
 def _is_number(value: Any) -> bool:
@@ -430,6 +451,10 @@ def _parse_image(raw: dict[str, Any], *, ds: str, base: Path, conditioning: bool
     max_size = _number(raw, "maximum_image_size", None, ds=ds, allow_equal=False)
     if min_size is not None and max_size is not None and min_size > max_size:
         raise _err(ds, "minimum_image_size", f"{min_size:g} is above maximum_image_size {max_size:g}.")
+    downsample = _number(raw, "target_downsample_size", None, ds=ds, allow_equal=False)
+    if downsample is not None and (max_size is None or not _bool(raw, "crop", True, ds=ds)):
+        warnings.append(f"dataset {ds!r}: target_downsample_size takes effect only with crop true and "
+                        "maximum_image_size set (as in SimpleTuner); it is not used here")
     min_ar = _number(raw, "minimum_aspect_ratio", None, ds=ds, allow_equal=False)
     max_ar = _number(raw, "maximum_aspect_ratio", None, ds=ds, allow_equal=False)
     if min_ar is not None and max_ar is not None and min_ar > max_ar:
@@ -474,6 +499,7 @@ def _parse_image(raw: dict[str, Any], *, ds: str, base: Path, conditioning: bool
         resolution_type=str(resolution_type),
         minimum_image_size=min_size,
         maximum_image_size=max_size,
+        target_downsample_size=downsample,
         minimum_aspect_ratio=min_ar,
         maximum_aspect_ratio=max_ar,
         repeats=int(_number(raw, "repeats", 0, ds=ds, integer=True)),

@@ -1,13 +1,20 @@
 """FLUX.2 conventions: text encoding, latents, position ids, timestep schedules.
 
 Every function here reproduces what diffusers' Flux2Pipeline (0.42) and FlowMatchEulerDiscreteScheduler do
-with FLUX.2-dev's configs; tests/unit/test_flux2_conventions.py compares each one with diffusers itself.
+with FLUX.2-dev's configs; tests/unit/test_flux2_conventions.py compares each one with diffusers itself. The text
+functions take a `flavour` (trainer/flavours.py): FLUX.2 [klein] encodes as diffusers' Flux2KleinPipeline does
+(tests/unit/test_klein.py holds them against it).
 
 Text: the Mistral3 chat template with the FLUX.2 system message, no generation prompt, padded to and
 truncated at 512 tokens. Padding follows the tokenizer's padding_side (left on FLUX.2-dev's tokenizer, as in
 diffusers); truncation cuts the end, so a truncated prompt loses its closing [/INST]. Hidden states 10, 20 and
 30 (index 0 = embeddings) are stacked per token: (B, 512, 3 * H). Pad tokens stay in the sequence; the
 transformer attends to them (it gets no text mask), exactly as in diffusers.
+
+klein text: each prompt alone through the Qwen3 chat template (one user turn, no system message, generation
+prompt added, enable_thinking=False, which closes an empty <think></think> block), then tokenized with padding to
+and truncation at 512 tokens on the tokenizer's padding side; hidden states 9, 18 and 27 stacked per token:
+(B, 512, 3 * H). "[IMG]" is not removed (there is no image token). Its negative prompt is always "".
 
 Latents: VAE posterior mode -> 2x2 patchify (32 -> 128 channels) -> the VAE's frozen batch-norm statistics,
 (x - mean) / sqrt(var + eps). One 128-channel token covers 16 x 16 pixels.
@@ -26,11 +33,17 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from .flavours import KLEIN_FLAVOURS, SPECS
+from .flavours import spec as flavour_spec
+
 if TYPE_CHECKING:
     import PIL.Image
 
 MAX_TEXT_TOKENS = 512
-TEXT_HIDDEN_LAYERS = (10, 20, 30)
+TEXT_HIDDEN_LAYERS = SPECS["dev"].text_hidden_layers  # (10, 20, 30)
+KLEIN_TEXT_HIDDEN_LAYERS = SPECS["klein-4b"].text_hidden_layers  # (9, 18, 27), klein-9b's too
+KLEIN_NEGATIVE_PROMPT = ""
+"""What Flux2KleinPipeline encodes as the negative prompt of its classifier-free guidance (it takes no other)."""
 REFERENCE_TIME_SCALE = 10
 LATENT_CHANNELS = 32
 PATCHIFIED_CHANNELS = 128
@@ -71,16 +84,40 @@ def _check_prompts(prompts: list[str]) -> None:
         raise ValueError("prompts is empty; pass at least one prompt (use \"\" for the empty prompt).")
 
 
+def text_hidden_layers(flavour: str = "dev") -> tuple[int, ...]:
+    """The hidden states a flavour stacks into its text features: (10, 20, 30) for dev, (9, 18, 27) for klein."""
+    return flavour_spec(flavour).text_hidden_layers
+
+
+def format_klein_prompt(tokenizer, prompt: str) -> str:
+    """The Qwen3 chat text of one klein prompt, as Flux2KleinPipeline makes it (a user turn, generation prompt,
+    thinking disabled)."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=False)
+
+
+def _tokenize_klein(tokenizer, prompts: list[str], *, max_length: int) -> tuple[Tensor, Tensor, list[bool]]:
+    # One prompt at a time, like the pipeline: each row is padded on its own to max_length.
+    texts = [format_klein_prompt(tokenizer, p) for p in prompts]
+    rows = [tokenizer(t, return_tensors="pt", padding="max_length", truncation=True, max_length=max_length)
+            for t in texts]
+    truncated = [len(ids) > max_length for ids in tokenizer(texts, padding=False, truncation=False)["input_ids"]]
+    return (torch.cat([r["input_ids"] for r in rows]), torch.cat([r["attention_mask"] for r in rows]), truncated)
+
+
 def tokenize_prompts(
-    tokenizer, prompts: list[str], *, max_length: int = MAX_TEXT_TOKENS
+    tokenizer, prompts: list[str], *, max_length: int = MAX_TEXT_TOKENS, flavour: str = "dev"
 ) -> tuple[Tensor, Tensor, list[bool]]:
     """input_ids and attention_mask (B, max_length), and whether each prompt was cut at max_length.
 
-    Works with a tokenizer or a processor that has the Mistral chat template (apply_chat_template).
+    dev: a tokenizer or a processor that has the Mistral chat template (apply_chat_template). klein: the Qwen2
+    tokenizer with the Qwen3 chat template.
     """
     _check_prompts(prompts)
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}; FLUX.2 uses {MAX_TEXT_TOKENS}.")
+    if flavour_spec(flavour).name in KLEIN_FLAVOURS:  # flavour_spec refuses an unknown flavour
+        return _tokenize_klein(tokenizer, prompts, max_length=max_length)
     messages = format_messages(prompts)
     inputs = tokenizer.apply_chat_template(
         messages,
@@ -112,7 +149,7 @@ def _check_hidden_layers(text_encoder, *, hidden_layers: Sequence[int]) -> None:
         raise ValueError(
             f"hidden_layers {tuple(hidden_layers)} must index hidden states 0..{num_layers} (0 = embeddings) of a "
             f"text encoder with {num_layers} layers; FLUX.2 uses {TEXT_HIDDEN_LAYERS}, which needs >= 30 layers "
-            "(FLUX.2-dev's Mistral3 has 40)."
+            f"(FLUX.2-dev's Mistral3 has 40); klein uses {KLEIN_TEXT_HIDDEN_LAYERS} (its Qwen3 has 36)."
         )
 
 
@@ -146,17 +183,20 @@ def encode_prompts(
     tokenizer,
     prompts: list[str],
     *,
-    hidden_layers: Sequence[int] = TEXT_HIDDEN_LAYERS,
+    hidden_layers: Sequence[int] | None = None,
     max_length: int = MAX_TEXT_TOKENS,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    flavour: str = "dev",
 ) -> Tensor:
-    """Prompt embeddings (B, max_length, len(hidden_layers) * H) as Flux2Pipeline.encode_prompt makes them.
+    """Prompt embeddings (B, max_length, len(hidden_layers) * H) as Flux2Pipeline.encode_prompt (dev) or
+    Flux2KleinPipeline.encode_prompt (klein) makes them.
 
-    device and dtype default to the text encoder's. Computed without gradients.
+    hidden_layers defaults to the flavour's; device and dtype to the text encoder's. Computed without gradients.
     """
+    hidden_layers = text_hidden_layers(flavour) if hidden_layers is None else hidden_layers
     _check_hidden_layers(text_encoder, hidden_layers=hidden_layers)  # before tokenizing: fail fast
-    input_ids, attention_mask, _ = tokenize_prompts(tokenizer, prompts, max_length=max_length)
+    input_ids, attention_mask, _ = tokenize_prompts(tokenizer, prompts, max_length=max_length, flavour=flavour)
     return encode_tokens(
         text_encoder, input_ids, attention_mask=attention_mask, hidden_layers=hidden_layers, device=device, dtype=dtype
     )

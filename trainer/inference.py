@@ -101,7 +101,10 @@ def _image_key(spec: Flux2ModelSpec, device: str) -> str:
 
 
 def text_embedding_cache_key(spec: Flux2ModelSpec, prompt: str, *, max_length: int) -> str:
-    """Content hash of (model text encoder, conventions, prompt, settings): equal keys give equal embeddings."""
+    """Content hash of (model text encoder, conventions, prompt, settings): equal keys give equal embeddings.
+
+    dev and klein never share a key: their text encoder configs (Mistral3 vs Qwen3) differ, and so does every
+    klein size's (tests/unit/test_klein.py)."""
     ident = spec.folder.identity()
     payload = json.dumps(
         {
@@ -189,9 +192,11 @@ def encode_prompts_cached(
                 _loaded["text_key"] = _text_key(spec)
             text_encoder, tokenizer = _loaded["text"]
             texts = [p for _, p in missing]
-            _, _, was_truncated = flux2.tokenize_prompts(tokenizer, texts, max_length=max_length)
+            flavour = spec.folder.flavour  # dev and klein encode text differently (trainer/flux2.py)
+            _, _, was_truncated = flux2.tokenize_prompts(tokenizer, texts, max_length=max_length, flavour=flavour)
             with torch.no_grad():
-                embeds = flux2.encode_prompts(text_encoder, tokenizer, texts, max_length=max_length, device=device)
+                embeds = flux2.encode_prompts(text_encoder, tokenizer, texts, max_length=max_length, device=device,
+                                              flavour=flavour)
             for (key, _), emb, cut in zip(missing, embeds.cpu(), was_truncated):
                 found[key] = emb.contiguous()
                 truncated[key] = cut
@@ -214,6 +219,59 @@ def _loaded_image_models(spec: Flux2ModelSpec, device: str):
         return _loaded["image"]
 
 
+def check_text_features(folder: ModelFolder, embeds: Any, *, input_name: str) -> None:
+    """Refuse embeddings another FLUX.2 encoded (dev 15360, klein-4b 7680, klein-9b 12288 features per token)
+    before any weights load, naming both; the transformer would fail with a bare shape error."""
+    expected = folder.transformer_config().get("joint_attention_dim")
+    got = int(embeds.shape[-1])
+    if expected is not None and got != int(expected):
+        raise ValueError(
+            f"{input_name} has {got} features per token, but this model ({folder.describe()}) takes {expected}: it "
+            "was encoded by another FLUX.2's text encoder. Encode the prompt with the model you sample (base and "
+            "distilled klein of one size share their text encoder)."
+        )
+
+
+def negative_for_sampling(spec: Flux2ModelSpec, *, guidance: float, negative_prompt_embeds: Any | None,
+                          text_cache_dir: Path | None, device: str = "cpu", who: str = "FLUX.2 Sample") -> Any | None:
+    """The negative embeddings sampling uses, or None for no classifier-free guidance, as Flux2KleinPipeline
+    decides (flavours.uses_classifier_free_guidance):
+
+    - FLUX.2-dev: guidance goes through the guidance embedding; a negative is refused (it could never act).
+    - klein base, guidance > 1: CFG against the given negative, else against the encoding of "" (the pipeline's
+      negative prompt), encoded with the on-disk text cache in text_cache_dir.
+    - klein distilled, or guidance <= 1: no CFG; a given negative is ignored with a warning, as the pipeline
+      warns about its guidance on a distilled model (so one graph can feed base and distilled previews alike).
+    """
+    from . import flux2
+    from .flavours import uses_classifier_free_guidance
+
+    folder = spec.folder
+    if folder.spec.has_guidance_embedding:
+        if negative_prompt_embeds is not None:
+            raise ValueError(
+                f"{who}: negative is connected, but {folder.spec.title} has no classifier-free guidance: its guidance "
+                "value goes through the model's guidance embedding. Disconnect negative (it is for FLUX.2 [klein] base)."
+            )
+        return None
+    if not uses_classifier_free_guidance(folder.spec, is_distilled=folder.is_distilled, guidance=guidance):
+        why = ("the model is step-distilled (no CFG)" if folder.is_distilled
+               else f"guidance {guidance:g} <= 1 turns classifier-free guidance off")
+        if negative_prompt_embeds is not None:
+            log.warning("%s: negative is ignored: %s.", who, why)
+        if folder.is_distilled and guidance > 1:
+            log.info("%s: guidance %g is ignored: %s.", who, guidance, why)
+        return None
+    if negative_prompt_embeds is not None:
+        check_text_features(folder, negative_prompt_embeds, input_name="negative")
+        return negative_prompt_embeds
+    if text_cache_dir is None:
+        raise ValueError(f"{who}: classifier-free guidance on {folder.describe()} needs a negative; connect one, or "
+                         "pass text_cache_dir to encode the pipeline's empty negative prompt.")
+    embeds, _ = encode_prompts_cached(spec, [flux2.KLEIN_NEGATIVE_PROMPT], cache_dir=text_cache_dir, device=device)
+    return embeds
+
+
 def sample_images(
     spec: Flux2ModelSpec,
     *,
@@ -226,21 +284,33 @@ def sample_images(
     device: str = "cpu",
     reference_images: torch.Tensor | list[PIL.Image.Image] | None = None,
     callback: Callable[[int, int], None] | None = None,
+    negative_prompt_embeds=None,
+    text_cache_dir: Path | None = None,
 ):
     """Images (B, H, W, 3) in [0, 1] from prompt embeddings, with the spec's LoRAs active.
 
     reference_images: None, or FLUX.2 reference images (edit LoRAs, multi-reference editing) as
     flux2.prepare_reference_pixels takes them (a ComfyUI IMAGE batch, one reference per image, or a list of PIL
     images); each is prepared as Flux2Pipeline prepares `image=`, VAE-encoded and shared by every prompt.
+    guidance, negative_prompt_embeds, text_cache_dir: as negative_for_sampling takes them (dev: the guidance
+    embedding's value; klein base: the CFG scale; klein distilled: unused).
     """
     from . import flux2
+    from .flavours import DISTILLED_STEPS
     from .lora_adapters import attached_loras
     from .sampling import check_size, check_steps, generate_images
 
-    # Refuse a bad size, step count or reference image before gigabytes of weights load.
+    # Refuse a bad size, step count, prompt or reference image before gigabytes of weights load.
     check_size(width=width, height=height)
     check_steps(num_steps)
+    check_text_features(spec.folder, prompt_embeds, input_name="positive")
     pixels = None if reference_images is None else flux2.prepare_reference_pixels(reference_images)
+    if spec.folder.is_distilled and num_steps != DISTILLED_STEPS:
+        log.info("FLUX.2 Sample: %s is made for %d steps; sampling with %d.", spec.folder.describe(), DISTILLED_STEPS,
+                 num_steps)
+    # Before the transformer loads: encoding the default negative needs the text encoder (never both at once).
+    negative = negative_for_sampling(spec, guidance=guidance, negative_prompt_embeds=negative_prompt_embeds,
+                                     text_cache_dir=text_cache_dir, device=device)
     transformer, vae = _loaded_image_models(spec, device)
     with _lock, attached_loras(transformer, loras=spec.loras):
         reference_latents = None
@@ -260,4 +330,5 @@ def sample_images(
             seed=seed,
             reference_latents=reference_latents,
             callback=callback,
+            negative_prompt_embeds=None if negative is None else negative.to(device=device, dtype=transformer.dtype),
         )

@@ -9,6 +9,7 @@ comes from the dataset cache (latents, text embeddings), so no encoder is loaded
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -108,7 +109,12 @@ def build_run(config: TrainConfig, *, env: parallelize.DistEnv, events: EventWri
 
     out_dir = config.checkpoint.output_dir
     folder = inspect_model_folder(config.model.root, transformer_file=config.model.transformer_file,
-                                  vae_file=config.model.vae_file)
+                                  vae_file=config.model.vae_file, flavour=config.model.flavour)
+    if env.is_main and folder.is_distilled:
+        log.warning("model folder %s is %s: training works, but a LoRA trained on the base model (FLUX.2-klein-base-"
+                    "4B / -9B) is recommended; it also previews on the distilled one. Validation renders without "
+                    "CFG here (validation_guidance is unused), as Flux2KleinPipeline does.", folder.root,
+                    folder.describe())
     if env.is_main:  # free space and LoRA rank vs model, before any weights load
         preflight.check_run(config, folder=folder, out_dir=out_dir,
                             existing_checkpoints=len(checkpoint.list_checkpoints(out_dir)))
@@ -119,8 +125,8 @@ def build_run(config: TrainConfig, *, env: parallelize.DistEnv, events: EventWri
         device=str(env.device), vae_batch_size=config.data.vae_batch_size, quantization=config.quantization,
         offload=config.offload)
     # The text encoder runs (and is released) before the transformer loads: never both at once.
-    prompts = validation_prompts(config.validation, folder=folder, quantization=config.quantization,
-                                 offload=config.offload, env=env, cache_dir=out_dir / "text_cache")
+    prompts, negative = validation_prompts(config.validation, folder=folder, quantization=config.quantization,
+                                           offload=config.offload, env=env, cache_dir=out_dir / "text_cache")
     empty = load_text_embedding(manifest, "") if config.objective.caption_dropout_probability > 0 else None
     where["phase"] = "model load"
     faults.fault_point("load")  # test-only
@@ -129,7 +135,7 @@ def build_run(config: TrainConfig, *, env: parallelize.DistEnv, events: EventWri
                         tread=config.tread)
     has_references = any(item.references for item in manifest.items)
     validation = prepare_validation(config, prompts=prompts, folder=folder, env=env,
-                                    dataset_has_references=has_references)
+                                    dataset_has_references=has_references, negative=negative)
     optimizer = build_optimizer(model, optim=config.optim)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(**dataclasses.asdict(config.schedule)))
     sampler = BucketBatchSampler(manifest, batch_size=config.data.train_batch_size, seed=config.seed,
@@ -248,6 +254,7 @@ def train_step(model: Model, optimizer: torch.optim.Optimizer, *, micro_batches:
         prepared = prepare_batch(
             latents=batch.latents, prompt_embeds=batch.prompt_embeds, empty_embeds=empty_embeds, spec=objective,
             generators=generators, reference_latents=batch.reference_latents or None,
+            guidance_embeds=bool(model.inner.config.guidance_embeds),  # klein has none: guidance is not passed
         )
         with torch.autocast(env.device.type, dtype=model.compute_dtype, enabled=model.compute_dtype != torch.float32):
             loss = flow_matching_loss(model.module, prepared, device=env.device, dtype=model.compute_dtype,
@@ -342,6 +349,8 @@ def save_final_lora(model: Model, *, config: TrainConfig, out_dir: Path, step: i
         rank=lora.rank, alpha=lora.alpha, targets=lora.target, base_model="FLUX.2-" + config.model.flavour,
         steps=step, dataset_fingerprint=dataset_fingerprint,
     )
+    # SimpleTuner's name for it too: Apply LoRA names both flavours when the LoRA meets another FLUX.2 size.
+    metadata["model_flavour"] = json.dumps(config.model.flavour)
     path = out_dir / f"{config.checkpoint.output_name}.safetensors"
     save_lora_file(path, state=comfy, metadata=metadata, layout="comfyui")
     return path

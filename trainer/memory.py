@@ -27,6 +27,7 @@ some percent, so `fits` leaves the margin in the overhead term rather than prete
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,6 +260,98 @@ def estimate_peak_memory(
     )
 
 
+DDP_BROADCAST_BUCKET = 250 * 1024**2  # torch DDP's broadcast_bucket_size: one flat copy at a time
+PROCESS_HOST_GB = {"cpu": 0.4, "cuda": 3.0}
+"""Host RAM of a training process before any weight: torch, diffusers and the process group. CPU: 0.37 GB
+measured (bench/load_memory.py base_mb); CUDA: the CUDA runtime and kernel libraries add host mappings of a few
+GB (typical figure; not measured here, no GPU was lent)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HostMemoryEstimate:
+    """Estimated host RAM (system memory) of one training process, in GiB: what the operating system must give it
+    while the transformer loads and while it trains."""
+
+    load_gb: float
+    steady_gb: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def peak_gb(self) -> float:
+        return max(self.load_gb, self.steady_gb)
+
+    def summary(self, *, processes: int = 1) -> str:
+        per = f"{self.peak_gb:.1f} GB host RAM per process (loading {self.load_gb:.1f}, training {self.steady_gb:.1f})"
+        return per if processes == 1 else f"{per}, {self.peak_gb * processes:.1f} GB for {processes} processes"
+
+
+def estimate_host_memory(
+    transformer_config: dict[str, Any],
+    *,
+    mixed_precision: str = "bf16",
+    base_model_precision: str = "no_change",
+    base_model_default_dtype: str = "bf16",
+    group_offload: bool = False,
+    distributed: str = "none",
+    world_size: int = 1,
+    device: str = "cuda",
+    single_file: bool = False,
+    device_estimate: MemoryEstimate | None = None,
+) -> HostMemoryEstimate:
+    """Host RAM of one training process, from how trainer/model.py loads (each weight read once, straight into
+    its tensor: model_files.load_transformer):
+
+    - on an accelerator, without offload: the weights pass through host memory one tensor at a time, except that
+      an FSDP2 rank fills its shard on the CPU before moving it (1/world of the base) and a quantized base keeps
+      one block in base_model_default_dtype plus quanto's temporaries while that block is quantized;
+    - with group offload the offloaded blocks live in host memory for the whole run (pinned with streams);
+    - on the CPU everything the accelerator would hold is host memory: device_estimate (estimate_peak_memory with
+      device "cpu"), or, without it, the weights alone;
+    - a single-file transformer (pretrained_transformer_model_name_or_path) loads whole, with its converted copy
+      (two copies in the load dtype) before anything else happens;
+
+    plus PROCESS_HOST_GB and, off the CPU, FRAGMENTATION of the rest as a margin. bench/load_memory.py measures
+    the CPU slopes this reproduces (bench/MEMORY.md).
+    """
+    _check_choice("distributed", distributed, ("fsdp2", "ddp", "none"))
+    counts = count_transformer(transformer_config, lora_rank=1, lora_target="all")
+    quantized = base_model_precision != "no_change"
+    fsdp = distributed == "fsdp2" and world_size > 1 and not single_file
+    if quantized:
+        storage = _BYTES[base_model_default_dtype]
+    elif fsdp:
+        storage = 2 if mixed_precision == "bf16" else 4  # model.py's _SHARD_DTYPES
+    else:
+        storage = _BYTES["fp32" if mixed_precision == "no" else mixed_precision]
+    full = counts.total * storage
+    one_tensor = counts.largest_linear * storage  # a read buffer (file dtype differs) or a tensor in transit
+    # while loading, beside what stays: quanto quantizes one block read in default dtype, with fp32 temporaries
+    transient = counts.largest_block * storage + 2 * counts.largest_linear * 4 if quantized else one_tensor
+    if device == "cpu":  # the host is the device: what it holds is the accelerator estimate's
+        weights = device_estimate.weights_gb * GB if device_estimate is not None else full
+        steady = device_estimate.total_gb * GB if device_estimate is not None else full
+        load = weights + transient
+        if distributed == "ddp" and world_size > 1:
+            load += min(DDP_BROADCAST_BUCKET, full)  # DDP's start-up broadcast copies parameters bucket by bucket
+    elif fsdp:  # the shard is filled on the CPU, then moved
+        load, steady = full / world_size + one_tensor, 0.0
+    elif group_offload and not quantized:  # offloaded blocks stay in host memory
+        steady = (counts.block_linear + counts.block_other) * storage
+        load = steady + one_tensor
+    elif quantized:  # the unquantized rest waits on the CPU until the last block is done
+        load, steady = counts.outside * storage + transient, 0.0
+    else:  # each weight goes to the device as it is read
+        load, steady = one_tensor, 0.0
+    if single_file:  # diffusers converts a whole single-file checkpoint before the model exists
+        load = max(load, 2 * full)
+    base = PROCESS_HOST_GB["cpu" if device == "cpu" else "cuda"] * GB
+    margin = 1.0 if device == "cpu" else 1 + FRAGMENTATION  # as estimate_peak_memory: the CPU term is measured
+    load_gb, steady_gb = (base + margin * load) / GB, (base + margin * steady) / GB
+    return HostMemoryEstimate(load_gb=load_gb, steady_gb=steady_gb,
+                              details={"process_gb": base / GB, "load_weights_gb": load / GB,
+                                       "resident_weights_gb": steady / GB, "single_file": single_file})
+
+
 def _largest_item_tokens(manifest_path: Path) -> int | None:
     """Image tokens of the largest sample (bucket plus reference images) of a built dataset, or None."""
     from .manifest import load_manifest
@@ -279,24 +372,42 @@ def _largest_item_tokens(manifest_path: Path) -> int | None:
 def estimate_for_config(config: Any, *, world_size: int, device: str = "cuda") -> MemoryEstimate:
     """The estimate for a TrainConfig run on `world_size` processes (largest bucket of its dataset, or
     the dataset's resolution when only data_backend_config is given: then 1024 px is assumed)."""
-    transformer_config = json.loads((Path(config.model.root) / "transformer" / "config.json").read_text())
     sizes = [t for p in config.data.dataset_manifests if (t := _largest_item_tokens(p)) is not None]
     tokens = max(sizes) if sizes else None
     extra = 0.0
     if config.validation.enabled and not config.offload.during_startup:
         extra = _vae_gb(Path(config.model.root))
     return estimate_peak_memory(
-        transformer_config, mixed_precision=config.memory.mixed_precision,
-        base_model_precision=config.quantization.base_model_precision,
-        base_model_default_dtype=config.quantization.base_model_default_dtype,
+        _transformer_config(config), **_shared_settings(config, world_size=world_size, device=device),
         lora_rank=config.lora.rank, lora_target=config.lora.target, lora_dropout=config.lora.dropout,
         batch_size=config.data.train_batch_size, image_tokens=tokens,
-        gradient_checkpointing=config.memory.gradient_checkpointing, group_offload=config.offload.enabled,
+        gradient_checkpointing=config.memory.gradient_checkpointing,
         group_offload_type=config.offload.offload_type,
         group_offload_blocks_per_group=config.offload.blocks_per_group,
-        group_offload_use_stream=config.offload.use_stream, distributed=config.parallelism.distributed,
-        world_size=world_size, device=device, extra_weights_gb=extra,
+        group_offload_use_stream=config.offload.use_stream, extra_weights_gb=extra,
     )
+
+
+def estimate_host_for_config(config: Any, *, world_size: int, device: str = "cuda") -> HostMemoryEstimate:
+    """Host RAM per process of a TrainConfig run on `world_size` processes of this machine."""
+    return estimate_host_memory(
+        _transformer_config(config), **_shared_settings(config, world_size=world_size, device=device),
+        single_file=config.model.transformer_file is not None,
+        device_estimate=estimate_for_config(config, world_size=world_size, device="cpu") if device == "cpu" else None,
+    )
+
+
+def _transformer_config(config: Any) -> dict[str, Any]:
+    return json.loads((Path(config.model.root) / "transformer" / "config.json").read_text())
+
+
+def _shared_settings(config: Any, *, world_size: int, device: str) -> dict[str, Any]:
+    """The settings both estimates read, named as their keyword arguments."""
+    return {"mixed_precision": config.memory.mixed_precision,
+            "base_model_precision": config.quantization.base_model_precision,
+            "base_model_default_dtype": config.quantization.base_model_default_dtype,
+            "group_offload": config.offload.enabled, "distributed": config.parallelism.distributed,
+            "world_size": world_size, "device": device}
 
 
 def _vae_gb(root: Path) -> float:
@@ -308,6 +419,22 @@ def _vae_gb(root: Path) -> float:
     with init_empty_weights():
         vae = AutoencoderKLFlux2.from_config({k: v for k, v in config.items() if not k.startswith("_")})
     return sum(p.numel() for p in vae.parameters()) * 4 / GB
+
+
+def available_host_memory_gb() -> float | None:
+    """Memory the operating system can give new work now (Linux MemAvailable: free plus reclaimable cache), GiB;
+    None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / GB
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GB
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def accelerator_memory_gb(device_index: int = 0) -> float | None:

@@ -7,7 +7,9 @@ Each step is one apply_* of the module that owns that feature.
 Under FSDP2 no rank holds the whole model: the transformer starts with uninitialised weights that take no
 memory until written (model_files.empty_transformer), LoRA is added as usual, the frozen weights take their
 storage dtype (bf16 with bf16 mixed precision, else fp32), fully_shard splits them, and each rank then reads
-only its own rows from the safetensors files (model_files.fill_from_safetensors).
+only its own rows from the safetensors files (model_files.fill_from_safetensors). Without FSDP2 each weight is
+read straight into its tensor too (model_files.load_transformer), and a quantized base is quantized block by
+block as it is read (quantize.load_quantized_transformer): host memory holds one copy of the weights.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def build_model(folder: ModelFolder, *, lora: LoraConfig, memory: MemoryConfig, 
     from .lora import apply_lora
     from .model_files import empty_transformer, fill_from_safetensors, load_transformer
     from .offload import apply_group_offload
-    from .quantize import apply_quantization
+    from .quantize import load_quantized_transformer
     from .tread import plan_routes
 
     quantization, offload = quantization or QuantizationConfig(), offload or OffloadConfig()
@@ -75,17 +77,18 @@ def build_model(folder: ModelFolder, *, lora: LoraConfig, memory: MemoryConfig, 
     if parallelism.distributed == "fsdp2" and env.world_size == 1 and env.is_main:
         log.info("distributed 'fsdp2' with one process: nothing to shard, the model runs unwrapped as with 'none'.")
     sharded = parallelism.shards(env.world_size) and folder.transformer_file is None
+    # Quantization and offload start from CPU memory: the full model never has to fit the device.
+    on_cpu = parallelism.shards(env.world_size) or quantization.base_quantized or offload.enabled
     if sharded:  # weights are read after fully_shard, each rank its own rows
         transformer = empty_transformer(folder)
-    else:  # quantization and offload start from CPU memory: the full model never has to fit the device
-        on_cpu = parallelism.shards(env.world_size) or quantization.base_quantized or offload.enabled
+    elif quantization.base_quantized:  # each block is quantized as soon as it is read
+        transformer = load_quantized_transformer(folder, precision=quantization.base_model_precision,
+                                                 default_dtype=quantization.base_model_default_dtype,
+                                                 quantize_via=quantization.quantize_via, device=env.device)
+    else:
         transformer = load_transformer(folder, precision=_load_precision(memory, quantization,
                                                                          sharded=parallelism.shards(env.world_size)),
                                        device="cpu" if on_cpu else str(env.device))
-    if quantization.base_quantized:
-        apply_quantization(transformer, precision=quantization.base_model_precision,
-                           default_dtype=quantization.base_model_default_dtype,
-                           quantize_via=quantization.quantize_via, device=env.device)
     # LoRA A is drawn from the global generator: the same seed on every rank gives every rank (and a rerun)
     # the same initial adapter, which FSDP2 shards and a resumed run must match.
     torch.manual_seed(seed)

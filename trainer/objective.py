@@ -54,7 +54,8 @@ class PreparedBatch:
     """Packed noisy target tokens, then reference tokens (B, N_img + N_ref, 128)."""
     encoder_hidden_states: torch.Tensor
     timestep: torch.Tensor
-    guidance: torch.Tensor
+    guidance: torch.Tensor | None
+    """Per-sample guidance for the guidance embedding; None for a transformer without one (FLUX.2 [klein])."""
     img_ids: torch.Tensor
     txt_ids: torch.Tensor
     target: torch.Tensor
@@ -73,8 +74,13 @@ def prepare_batch(
     spec: ObjectiveConfig,
     generators: list[torch.Generator],
     reference_latents: list[torch.Tensor] | None = None,
+    guidance_embeds: bool = True,
 ) -> PreparedBatch:
-    """Noise, timesteps, guidance, dropout and ids for one batch of cached latents (B, 128, h, w)."""
+    """Noise, timesteps, guidance, dropout and ids for one batch of cached latents (B, 128, h, w).
+
+    guidance_embeds: whether the transformer has a guidance embedding (its config's guidance_embeds; false on
+    klein). Without one no guidance is drawn or passed (drawn last, so the other draws do not change).
+    """
     batch, _, h, w = latents.shape
     if len(generators) != batch:
         raise ValueError(f"prepare_batch needs one generator per sample: {len(generators)} for a batch of {batch}")
@@ -104,7 +110,7 @@ def prepare_batch(
         hidden_states=tokens,
         encoder_hidden_states=embeds,
         timestep=sigmas,
-        guidance=sample_guidance(spec.guidance, generators),
+        guidance=sample_guidance(spec.guidance, generators) if guidance_embeds else None,
         img_ids=img_ids,
         txt_ids=flux2.text_position_ids(batch, embeds.shape[1]),
         target=target,
@@ -133,7 +139,7 @@ def flow_matching_loss(model: torch.nn.Module, prepared: PreparedBatch, *, devic
         timestep=prepared.timestep.to(device=device, dtype=dtype),
         img_ids=prepared.img_ids.to(device),
         txt_ids=prepared.txt_ids.to(device),
-        guidance=prepared.guidance.to(device=device, dtype=dtype),
+        guidance=None if prepared.guidance is None else prepared.guidance.to(device=device, dtype=dtype),
         return_dict=False,
         **extra,
     )[0]

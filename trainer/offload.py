@@ -290,24 +290,23 @@ def check_encoders(*, quantization: QuantizationConfig, offload: OffloadConfig, 
 
 def load_text_encoder(folder: Any, *, precision: str, device: str, quantization: QuantizationConfig | None = None,
                       offload: OffloadConfig | None = None):
-    """The Mistral text encoder in `precision`, computing on `device`: quantized (text_encoder_1_precision) and/or
-    group-offloaded (group_offload_text_encoder), loaded in CPU memory first so the full-precision encoder never
-    has to fit on the device."""
+    """The text encoder in `precision`, computing on `device`: quantized weight by weight as it loads
+    (text_encoder_1_precision; quantize.load_quantized_text_encoder) or group-offloaded (group_offload_text_encoder,
+    loaded in CPU memory first), so the full-precision encoder never has to fit on the device."""
     from . import model_files
 
     quantization, offload = quantization or QuantizationConfig(), offload or OffloadConfig()
     check_encoders(quantization=quantization, offload=offload, device=device)
-    if quantization.text_encoder_precision == "no_change" and not offload.offloads_text_encoder:
+    if quantization.text_encoder_precision != "no_change":  # quantized as it loads, never whole in precision
+        from .quantize import load_quantized_text_encoder
+
+        return load_quantized_text_encoder(folder, precision=precision, quantization=quantization.text_encoder_precision,
+                                           quantize_via=quantization.quantize_via, device=device)
+    if not offload.offloads_text_encoder:
         return model_files.load_text_encoder(folder, precision=precision, device=device)
     text_encoder = model_files.load_text_encoder(folder, precision=precision, device="cpu")
-    if quantization.text_encoder_precision != "no_change":
-        from .quantize import apply_text_encoder_quantization
-
-        apply_text_encoder_quantization(text_encoder, precision=quantization.text_encoder_precision,
-                                        quantize_via=quantization.quantize_via, device=device)
-    else:
-        apply_encoder_offload(text_encoder, kind="text_encoder", device=device, offload_type=offload.offload_type,
-                              blocks_per_group=offload.blocks_per_group, use_stream=offload.use_stream)
+    apply_encoder_offload(text_encoder, kind="text_encoder", device=device, offload_type=offload.offload_type,
+                          blocks_per_group=offload.blocks_per_group, use_stream=offload.use_stream)
     return text_encoder
 
 

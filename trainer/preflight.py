@@ -148,20 +148,34 @@ def check_run(config: Any, *, folder: Any, out_dir: Path, existing_checkpoints: 
 
 
 def check_memory(config: Any, *, num_processes: int, enforce: bool) -> str:
-    """The estimated peak GPU memory per process, as text; with enforce, refuses a run that cannot fit this
-    machine's GPU (export mode does not enforce: the run goes to another machine)."""
-    from .memory import accelerator_memory_gb, estimate_for_config
+    """The estimated peak GPU memory and host RAM per process, as text; with enforce, refuses a run that cannot
+    fit this machine's GPU or its available host RAM (export mode does not enforce: the run goes to another
+    machine)."""
+    from .memory import accelerator_memory_gb, available_host_memory_gb, estimate_for_config, estimate_host_for_config
 
-    estimate = estimate_for_config(config, world_size=num_processes)
-    log.info("Train LoRA: %s", estimate.summary())
     available = accelerator_memory_gb()
+    device = "cpu" if available is None else "cuda"
+    estimate = estimate_for_config(config, world_size=num_processes)
+    host = estimate_host_for_config(config, world_size=num_processes, device=device)
+    summary = f"{estimate.summary()}; {host.summary(processes=num_processes)}"
+    log.info("Train LoRA: %s", summary)
     if enforce and available is not None and not estimate.fits(available):
         raise ValueError(
             f"Train LoRA: {estimate.summary()}, more than this GPU's {available:.0f} GB. Turn on "
             "gradient_checkpointing, set base_model_precision int8-quanto/int4-quanto (distributed ddp or none), "
             "enable_group_offload, lower the resolution or train_batch_size, or use more GPUs with fsdp2."
         )
-    return estimate.summary()
+    free = available_host_memory_gb()
+    needed = host.peak_gb * num_processes
+    if enforce and free is not None and needed > free:
+        raise ValueError(
+            f"Train LoRA: {host.summary(processes=num_processes)}, more than the {free:.1f} GB of host RAM this "
+            "machine has available now. Close other programs (ComfyUI keeps models loaded: free them first), "
+            "use fsdp2 on several GPUs (each rank reads only its shard), set base_model_precision int8-quanto "
+            "(quantized block by block while loading), turn enable_group_offload off, or give the diffusers "
+            "folder instead of a single-file transformer (which loads whole)."
+        )
+    return summary
 
 
 @functools.lru_cache(maxsize=4)
@@ -177,13 +191,50 @@ def _linear_shapes(transformer_config: str) -> tuple[dict[str, tuple[int, int]],
     return shapes, len(model.transformer_blocks), len(model.single_transformer_blocks)
 
 
+def lora_flavour(metadata: dict[str, str]) -> str | None:
+    """The FLUX.2 flavour a LoRA file says it was trained on: its `model_flavour` header, else the flavour in
+    `base_model` ("FLUX.2-klein-4b", as the trainer has always written it); None for files from elsewhere."""
+    from .flavours import FLAVOURS
+
+    for key, strip in (("model_flavour", ""), ("base_model", "FLUX.2-")):
+        raw = metadata.get(key)
+        if raw is None:
+            continue
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if isinstance(value, str) and value.startswith(strip) and value[len(strip):] in FLAVOURS:
+            return value[len(strip):]
+    return None
+
+
 def check_lora_fits_model(path: str | os.PathLike, *, folder: Any) -> None:
-    """Refuse a LoRA file whose modules or shapes do not match the model's transformer (no weights loaded)."""
+    """Refuse a LoRA file trained on another FLUX.2 flavour, or whose modules or shapes do not match the model's
+    transformer (no weights loaded).
+
+    Every FLUX.2 size has its own widths (dev 6144, klein-9b 4096, klein-4b 3072) and block counts, so a LoRA fits
+    exactly the size it was trained on, base and distilled alike. A file whose header names its flavour
+    (lora_flavour) is refused by name when that is another flavour; any file is refused at the first layer that
+    differs.
+    """
+    from safetensors import safe_open
+
+    from .flavours import SPECS
     from .lora_adapters import load_as_diffusers
 
-    state, _ = load_as_diffusers(str(path))
-    shapes, doubles, singles = _linear_shapes(json.dumps(folder.transformer_config(), sort_keys=True))
+    state, _ = load_as_diffusers(str(path))  # checks the file and every key first
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        trained_on = lora_flavour(dict(handle.metadata() or {}))
     name = Path(path).name
+    if trained_on is not None and trained_on != folder.flavour:
+        raise ValueError(
+            f"Apply LoRA: {name!r} was trained on {SPECS[trained_on].title} (model_flavour {trained_on!r}), but this "
+            f"model is {folder.describe()} (model_flavour {folder.flavour!r}). A LoRA fits only the FLUX.2 size it "
+            f"was trained on; base and distilled of one size share LoRAs. Load a {SPECS[trained_on].title} model, "
+            f"or use a LoRA trained on {folder.spec.title}."
+        )
+    shapes, doubles, singles = _linear_shapes(json.dumps(folder.transformer_config(), sort_keys=True))
     for key, tensor in sorted(state.items()):
         if not key.endswith(".lora_A.weight") and not key.endswith(".lora_B.weight"):
             continue
@@ -191,7 +242,8 @@ def check_lora_fits_model(path: str | os.PathLike, *, folder: Any) -> None:
         if module_name not in shapes:
             raise ValueError(
                 f"LoRA file {name!r} adapts {module_name!r}, which this FLUX.2 model does not have (it has "
-                f"{doubles} double and {singles} single blocks); the LoRA was trained for another model."
+                f"{doubles} double and {singles} single blocks: {folder.spec.title}); the LoRA was trained for "
+                "another model."
             )
         is_a = key.endswith("lora_A.weight")
         expected = shapes[module_name][0] if is_a else shapes[module_name][1]
@@ -200,5 +252,5 @@ def check_lora_fits_model(path: str | os.PathLike, *, folder: Any) -> None:
             raise ValueError(
                 f"LoRA file {name!r}: {module_name} has {'input' if is_a else 'output'} size {got}, this model's "
                 f"layer has {expected}; the LoRA was trained for another model (e.g. FLUX.1 or another FLUX.2 "
-                "variant). Use a LoRA trained on this model."
+                f"variant: this one is {folder.spec.title}). Use a LoRA trained on this model."
             )

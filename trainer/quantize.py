@@ -37,15 +37,18 @@ from __future__ import annotations
 
 import logging
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
+    from .model_files import ModelFolder
+
 log = logging.getLogger(__name__)
 
 from .config import QuantizationConfig, QuantPrecision
+from .host_allocator import release_freed_memory
 
 QUANTIZE_VIA: tuple[str, ...] = typing.get_args(typing.get_type_hints(QuantizationConfig)["quantize_via"])
 DEFAULT_DTYPES: tuple[str, ...] = typing.get_args(typing.get_type_hints(QuantizationConfig)["base_model_default_dtype"])
@@ -105,21 +108,55 @@ def quantized_module_names(model: torch.nn.Module) -> set[str]:
     return {name for name, module in model.named_modules() if isinstance(module, QModuleMixin)}
 
 
-def _quantize_units(units: Iterable[tuple[str, torch.nn.Module, list[str]]], *, qtype, device: torch.device,
-                    quantize_via: str, on_unit: Callable[[str, torch.nn.Module], None] | None) -> None:
-    """Quantize and freeze each (name, module, Linear names inside it) where quantize_via says, one at a time."""
+def _quantize_unit(name: str, unit: torch.nn.Module, *, qtype, device: torch.device, quantize_via: str,
+                   on_unit: Callable[[str, torch.nn.Module], None] | None) -> None:
+    """Quantize and freeze every Linear inside one block or decoder layer, where quantize_via says."""
+    import torch
     from optimum.quanto import freeze, quantize
 
-    for name, unit, include in units:
-        if quantize_via == "accelerator":
-            unit.to(device)
-        if include:
-            quantize(unit, weights=qtype, include=include)
-            freeze(unit)
-        if on_unit is not None:
-            on_unit(name, unit)
-        if quantize_via == "cpu":
-            unit.to(device)
+    if quantize_via == "accelerator":
+        unit.to(device)
+    include = [n for n, m in unit.named_modules() if isinstance(m, torch.nn.Linear)]
+    if include:
+        quantize(unit, weights=qtype, include=include)
+        freeze(unit)
+    if on_unit is not None:
+        on_unit(name, unit)
+    if quantize_via == "cpu":
+        unit.to(device)
+    release_freed_memory()  # the unit's full-precision weights and quanto's temporaries, freed into the heap
+
+
+def _check_settings(precision: str, default_dtype: str, quantize_via: str):
+    qtype = _qtype(precision, key="base_model_precision")
+    if default_dtype not in DEFAULT_DTYPES:
+        raise ValueError(f"base_model_default_dtype must be one of {list(DEFAULT_DTYPES)}, got {default_dtype!r}.")
+    if quantize_via not in QUANTIZE_VIA:
+        raise ValueError(f"quantize_via must be one of {list(QUANTIZE_VIA)}, got {quantize_via!r}.")
+    return qtype
+
+
+def load_quantized_transformer(folder: ModelFolder, *, precision: str, default_dtype: str = "bf16",
+                               quantize_via: str = "accelerator", device: torch.device | str = "cpu",
+                               on_block: Callable[[str, torch.nn.Module], None] | None = None) -> torch.nn.Module:
+    """The folder's transformer with its block Linears quantized and frozen, quantized while it is read.
+
+    Each block's weights are read in default_dtype, then quantized and frozen before the next block's are read
+    (model_files.load_transformer's after_block), so host memory holds the quantized blocks plus one block in
+    default_dtype, never the whole model in it. The result is the same as apply_quantization on a loaded model.
+    """
+    import torch
+
+    from .model_files import load_transformer
+
+    qtype = _check_settings(precision, default_dtype, quantize_via)
+    device = torch.device(device)
+
+    def quantize_block(name: str, block: torch.nn.Module) -> None:
+        _quantize_unit(name, block, qtype=qtype, device=device, quantize_via=quantize_via, on_unit=on_block)
+
+    transformer = load_transformer(folder, precision=default_dtype, device="cpu", after_block=quantize_block)
+    return _finish_transformer(transformer, precision=precision, device=device, quantize_via=quantize_via)
 
 
 def apply_quantization(transformer: torch.nn.Module, *, precision: str, default_dtype: str = "bf16",
@@ -131,16 +168,13 @@ def apply_quantization(transformer: torch.nn.Module, *, precision: str, default_
     the accelerator); it ends on `device`, every parameter frozen. Layers left unquantized are cast to
     default_dtype ("bf16" or "fp32"). Call it before apply_lora: LoRA must wrap the quantized layers, not be
     quantized itself. on_block(name, block) runs after each block is quantized (tests use it to see where).
+    load_quantized_transformer does the same while loading, without the whole model in default_dtype.
     """
     import torch
 
     from .model_files import torch_dtype
 
-    qtype = _qtype(precision, key="base_model_precision")
-    if default_dtype not in DEFAULT_DTYPES:
-        raise ValueError(f"base_model_default_dtype must be one of {list(DEFAULT_DTYPES)}, got {default_dtype!r}.")
-    if quantize_via not in QUANTIZE_VIA:
-        raise ValueError(f"quantize_via must be one of {list(QUANTIZE_VIA)}, got {quantize_via!r}.")
+    qtype = _check_settings(precision, default_dtype, quantize_via)
     if quantized_module_names(transformer):
         raise ValueError("apply_quantization: this transformer is already quantized; load a fresh one.")
     from peft.tuners.lora import LoraLayer
@@ -153,21 +187,61 @@ def apply_quantization(transformer: torch.nn.Module, *, precision: str, default_
     dtype = torch_dtype(default_dtype)
     if any(p.dtype != dtype for p in transformer.parameters()):
         transformer.to(dtype)  # the unquantized parts' dtype; quanto keeps its scales in it too
-    targets = transformer_quantization_targets(transformer)
-    units = []
-    for prefix, blocks in (("transformer_blocks", transformer.transformer_blocks),
-                           ("single_transformer_blocks", transformer.single_transformer_blocks)):
-        for i, block in enumerate(blocks):
-            include = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
-            units.append((f"{prefix}.{i}", block, include))
-    _quantize_units(units, qtype=qtype, device=device, quantize_via=quantize_via, on_unit=on_block)
+    for prefix in ("transformer_blocks", "single_transformer_blocks"):
+        for i, block in enumerate(getattr(transformer, prefix)):
+            _quantize_unit(f"{prefix}.{i}", block, qtype=qtype, device=device, quantize_via=quantize_via,
+                           on_unit=on_block)
+    _finish_transformer(transformer, precision=precision, device=device, quantize_via=quantize_via)
+    return transformer_quantization_targets(transformer)
+
+
+def _finish_transformer(transformer: torch.nn.Module, *, precision: str, device: torch.device,
+                        quantize_via: str) -> torch.nn.Module:
+    """Move the unquantized rest to device, freeze everything, and check quanto replaced exactly the targets."""
     transformer.to(device)  # the unquantized rest
     transformer.requires_grad_(False)  # quanto's freeze() makes new Parameters that require grad
+    targets = transformer_quantization_targets(transformer)
     done = quantized_module_names(transformer)
     assert done == set(targets), f"quanto quantized {sorted(done ^ set(targets))[:4]} unexpectedly"
     log.info("quantized %d transformer Linears to %s on %s (%s)", len(targets), precision,
              device if quantize_via == "accelerator" else "cpu", quantize_via)
-    return targets
+    return transformer
+
+
+def load_quantized_text_encoder(folder: ModelFolder, *, precision: str, quantization: str,
+                                quantize_via: str = "accelerator", device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The folder's text encoder with its decoder-layer Linears quantized while it loads.
+
+    transformers loads the encoder on the CPU with its weights mapped from the files, untouched; then each decoder
+    layer gets freshly read weights and is quantized and frozen before the next is read
+    (model_files.fill_text_encoder_layers), so host memory holds the quantized layers plus one layer in `precision`
+    (Mistral-Small-3.1's 40 layers are 48 GB in bf16, 24 GB in int8), and the device only ever sees quantized
+    layers. The result equals apply_text_encoder_quantization on a loaded encoder (tests/unit/test_weight_loading.py).
+    """
+    import torch
+
+    from .model_files import fill_text_encoder_layers, load_text_encoder
+
+    qtype = _qtype(quantization, key="text_encoder_1_precision")
+    if quantize_via not in QUANTIZE_VIA:
+        raise ValueError(f"quantize_via must be one of {list(QUANTIZE_VIA)}, got {quantize_via!r}.")
+    device = torch.device(device)
+    text_encoder = load_text_encoder(folder, precision=precision, device="cpu")
+    layers_name, _ = _text_layers(text_encoder)
+
+    def quantize_layer(name: str, layer: torch.nn.Module) -> None:
+        _quantize_unit(name, layer, qtype=qtype, device=device, quantize_via=quantize_via, on_unit=None)
+
+    if not fill_text_encoder_layers(text_encoder, folder, layers_name=layers_name, after_layer=quantize_layer):
+        log.info("text encoder files: layer names not recognised; quantizing the weights as loaded")
+        apply_text_encoder_quantization(text_encoder, precision=quantization, quantize_via=quantize_via, device=device)
+        return text_encoder
+    text_encoder.to(device).requires_grad_(False)
+    targets = text_encoder_quantization_targets(text_encoder)
+    done = quantized_module_names(text_encoder)
+    assert done == set(targets), f"quanto quantized {sorted(done ^ set(targets))[:4]} unexpectedly"
+    log.info("quantized %d text-encoder Linears to %s while loading", len(targets), quantization)
+    return text_encoder
 
 
 def apply_text_encoder_quantization(text_encoder: torch.nn.Module, *, precision: str,
@@ -185,9 +259,9 @@ def apply_text_encoder_quantization(text_encoder: torch.nn.Module, *, precision:
     text_encoder.requires_grad_(False)
     layers_name, layers = _text_layers(text_encoder)
     targets = text_encoder_quantization_targets(text_encoder)
-    units = [(f"{layers_name}.{i}", layer,
-              [n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]) for i, layer in enumerate(layers)]
-    _quantize_units(units, qtype=qtype, device=device, quantize_via=quantize_via, on_unit=None)
+    for i, layer in enumerate(layers):
+        _quantize_unit(f"{layers_name}.{i}", layer, qtype=qtype, device=device, quantize_via=quantize_via,
+                       on_unit=None)
     text_encoder.to(device)
     text_encoder.requires_grad_(False)
     done = quantized_module_names(text_encoder)

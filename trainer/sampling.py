@@ -1,4 +1,5 @@
-"""Euler sampling for FLUX.2, step for step what Flux2Pipeline does (tests compare the two).
+"""Euler sampling for FLUX.2, step for step what Flux2Pipeline does (tests compare the two), and for FLUX.2 [klein]
+what Flux2KleinPipeline does: no guidance embedding, classifier-free guidance against a negative prompt instead.
 
 The Euler state is kept in float32 whatever the transformer's dtype; diffusers rounds it back to the model dtype
 after every step, so in bf16 the two differ by that rounding only (in fp32 they are identical).
@@ -61,6 +62,16 @@ def _model_dtype(module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
+def has_guidance_embedding(transformer) -> bool:
+    """Whether the transformer (or the one a DDP / validation wrapper holds) has a guidance embedding: FLUX.2-dev
+    does, FLUX.2 [klein] does not (its config's guidance_embeds)."""
+    for candidate in (transformer, getattr(transformer, "inner", None), getattr(transformer, "module", None)):
+        config = getattr(candidate, "config", None)
+        if config is not None and hasattr(config, "guidance_embeds"):
+            return bool(config.guidance_embeds)
+    return True
+
+
 @torch.no_grad()
 def denoise(
     transformer,
@@ -72,11 +83,15 @@ def denoise(
     reference_latents: list[Tensor] | None = None,
     reference_timestep: ReferenceTimestep = "shared",
     callback: Callable[[int, int], None] | None = None,
+    negative_prompt_embeds: Tensor | None = None,
 ) -> Tensor:
     """Euler-integrate from noise latents (B, 128, h, w) to clean latents (B, 128, h, w), float32.
 
-    Runs on prompt_embeds' device. The model gets timestep = sigma (it scales by 1000 inside) and the guidance
-    value per sample. Reference latents, each (B or 1, 128, h_k, w_k) and normalised like encode_images
+    Runs on prompt_embeds' device. The model gets timestep = sigma (it scales by 1000 inside) and, when it has a
+    guidance embedding (dev), the guidance value per sample. Without one (klein) guidance is the classifier-free
+    scale: with negative_prompt_embeds (klein base: the encoding of "") and guidance > 1 each step runs the
+    negative too and takes neg + guidance * (pos - neg), as Flux2KleinPipeline; otherwise (a distilled klein: no
+    negative) guidance is unused. Reference latents, each (B or 1, 128, h_k, w_k) and normalised like encode_images
     returns them, are appended after the target tokens with reference_position_ids and their outputs dropped.
     reference_timestep: "shared" (Flux2Pipeline and ComfyUI: references get sigma too) or "zero" (references
     modulated as at timestep 0, as a LoRA trained with reference_timestep "zero" saw them; needs the
@@ -112,7 +127,17 @@ def denoise(
     img_ids = img_ids.to(device)
     txt_ids = flux2.text_position_ids(batch, prompt_embeds.shape[1]).to(device)
     encoder_hidden_states = prompt_embeds.to(model_dtype)
-    guidance_vec = torch.full((batch,), float(guidance), device=device, dtype=torch.float32)
+    guidance_vec, negative = None, None
+    if has_guidance_embedding(transformer):
+        if negative_prompt_embeds is not None:
+            raise ValueError("negative_prompt_embeds: this transformer has a guidance embedding (FLUX.2-dev), which "
+                             "takes the guidance value instead of classifier-free guidance; pass no negative prompt.")
+        guidance_vec = torch.full((batch,), float(guidance), device=device, dtype=torch.float32)
+    elif negative_prompt_embeds is not None and guidance > 1:
+        if tuple(negative_prompt_embeds.shape) not in ((1, *prompt_embeds.shape[1:]), tuple(prompt_embeds.shape)):
+            raise ValueError(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must be (1 or {batch}, "
+                             f"{prompt_embeds.shape[1]}, {prompt_embeds.shape[2]}) like prompt_embeds.")
+        negative = negative_prompt_embeds.to(device=device, dtype=model_dtype).expand_as(encoder_hidden_states)
 
     extra = {}
     if reference_timestep != "shared" and ref_tokens is not None:
@@ -127,17 +152,17 @@ def denoise(
         hidden = x.to(model_dtype)
         if ref_tokens is not None:
             hidden = torch.cat([hidden, ref_tokens], dim=1)
-        pred = transformer(
-            hidden_states=hidden,
-            encoder_hidden_states=encoder_hidden_states,
-            timestep=sigmas[i].expand(batch).to(model_dtype),
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            guidance=guidance_vec,
-            return_dict=False,
-            **extra,
-        )[0]
-        pred = pred[:, :num_target].float()
+        def predict(text: Tensor) -> Tensor:
+            out = transformer(hidden_states=hidden, encoder_hidden_states=text,
+                              timestep=sigmas[i].expand(batch).to(model_dtype), img_ids=img_ids, txt_ids=txt_ids,
+                              guidance=guidance_vec, return_dict=False, **extra)[0]
+            return out[:, :num_target]
+
+        pred = predict(encoder_hidden_states)
+        if negative is not None:  # in the model's dtype, as the pipeline combines them
+            uncond = predict(negative)
+            pred = uncond + guidance * (pred - uncond)
+        pred = pred.float()
         x = x + (sigmas[i + 1] - sigmas[i]) * pred
         if callback is not None:
             callback(i, num_steps)
@@ -158,11 +183,12 @@ def generate_images(
     reference_latents: list[Tensor] | None = None,
     reference_timestep: ReferenceTimestep = "shared",
     callback: Callable[[int, int], None] | None = None,
+    negative_prompt_embeds: Tensor | None = None,
 ) -> Tensor:
     """Images (B, height, width, 3) float32 on the CPU in [0, 1] (ComfyUI's IMAGE layout), one per prompt.
 
     Noise from initial_noise(seed) for the whole batch, denoise on prompt_embeds' device, decode with the VAE.
-    reference_latents and reference_timestep: as denoise takes them.
+    reference_latents, reference_timestep, guidance and negative_prompt_embeds: as denoise takes them.
     """
     check_size(width=width, height=height)
     check_steps(num_steps)
@@ -178,6 +204,7 @@ def generate_images(
         reference_latents=reference_latents,
         reference_timestep=reference_timestep,
         callback=callback,
+        negative_prompt_embeds=negative_prompt_embeds,
     )
     images = flux2.decode_latents(vae, latents)
     return (images.float() * 0.5 + 0.5).clamp(0.0, 1.0).permute(0, 2, 3, 1).cpu()

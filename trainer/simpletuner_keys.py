@@ -15,12 +15,13 @@ ALIASES: dict[str, str] = {
 _NO_HUB = "this trainer never talks to the Hugging Face Hub; upload the LoRA file yourself"
 _NO_TRACKER = "progress goes to events.jsonl in output_dir (charted live by the Train LoRA node); there is no tracker integration"
 _DATASET = "dataset settings belong to the dataset (the Build Dataset node, or the entries of data_backend_config)"
-_NO_CFG = "validation samples FLUX.2-dev through its guidance embedding (validation_guidance) without true CFG or a negative prompt"
+_NO_CFG = ("validation samples as the FLUX.2 pipelines do: dev through its guidance embedding, klein base with "
+           "classifier-free guidance against the empty prompt, both scaled by validation_guidance")
 _LORA_ONLY = "this trainer trains standard PEFT LoRA only (no LyCORIS / LoKr)"
 _SCHEDULERS = "only the lr_scheduler choices constant, constant_with_warmup, cosine and linear exist"
 
 UNSUPPORTED_KEYS: dict[str, str] = {
-    "report_to": _NO_TRACKER, "tracker_project_name": _NO_TRACKER, "tracker_run_name": _NO_TRACKER,
+    "tracker_project_name": _NO_TRACKER, "tracker_run_name": _NO_TRACKER,
     "tracker_image_layout": _NO_TRACKER, "logging_dir": _NO_TRACKER, "webhook_config": _NO_TRACKER,
     "push_to_hub": _NO_HUB, "push_checkpoints_to_hub": _NO_HUB, "hub_model_id": _NO_HUB,
     "model_card_safe_for_work": _NO_HUB, "model_card_note": _NO_HUB,
@@ -67,10 +68,6 @@ UNSUPPORTED_KEYS: dict[str, str] = {
 CHOICE_HINTS: dict[str, dict[str, str]] = {
     "model_type": {"full": "full fine-tuning is not supported; this trainer trains LoRA adapters only"},
     "model_family": {"flux": "this trainer is for FLUX.2; FLUX.1 is model_family 'flux' in SimpleTuner"},
-    "model_flavour": {
-        "klein-4b": "FLUX.2-klein uses a Qwen3 text encoder and has no guidance embedding; only FLUX.2-dev is supported",
-        "klein-9b": "FLUX.2-klein uses a Qwen3 text encoder and has no guidance embedding; only FLUX.2-dev is supported",
-    },
     "optimizer": {"adamw_bf16": "SimpleTuner's bf16 AdamW is not implemented; 'adamw' keeps fp32 LoRA weights"},
     "mixed_precision": {"fp8": "fp8 training is not implemented"},
     "lora_init_type": {k: "only PEFT's default and gaussian initialisations are supported" for k in ("loftq", "olora", "pissa")},
@@ -79,6 +76,54 @@ CHOICE_HINTS: dict[str, dict[str, str]] = {
 
 QUANT_HINT = "only optimum-quanto int8/int4 weight quantization is implemented"
 """Why any other quantization choice (SimpleTuner's bnb, torchao, sdnq ...) is refused."""
+
+
+_FSDP2 = "this trainer shards every FLUX.2 block with FSDP2 when distributed is 'fsdp2' (trainer/parallelize.py)"
+SAME_AS_THIS_TRAINER: dict[str, tuple[tuple[object, ...], str]] = {
+    "report_to": (("none",), _NO_TRACKER),
+    "fsdp_version": ((2, "2"), "only FSDP2 is implemented (SimpleTuner deprecates version 1)"),
+    "fsdp_reshard_after_forward": ((True, "true"), "each block is resharded after its forward, as FSDP2's default"),
+    "fsdp_cpu_ram_efficient_loading": ((True, False, "true", "false"),
+                                       "every rank always reads only its own shard from the files"),
+    "fsdp_auto_wrap_policy": (("TRANSFORMER_BASED_WRAP",), _FSDP2),
+    "fsdp_transformer_layer_cls_to_wrap": (("Flux2TransformerBlock,Flux2SingleTransformerBlock",
+                                            "Flux2SingleTransformerBlock,Flux2TransformerBlock"), _FSDP2),
+    "fsdp_limit_all_gathers": ((True, "true"), "FSDP2 limits its all-gathers itself"),
+    "fsdp_state_dict_type": (("SHARDED_STATE_DICT", "FULL_STATE_DICT"),
+                             "checkpoints hold only the LoRA and its optimizer state, gathered into one file"),
+    "fsdp_cpu_offload": ((False, "false"), "use enable_group_offload (one process) to keep weights in CPU memory"),
+    "fsdp_activation_checkpointing": ((False, "false"), "use gradient_checkpointing"),
+}
+"""SimpleTuner keys whose listed values say what this trainer always does: accepted and read as nothing; any other
+value is refused with the reason. (fsdp_enable sets distributed: translate_simpletuner_keys.)"""
+
+
+def translate_simpletuner_keys(data: dict[str, object]) -> dict[str, object]:
+    """`data` without the SAME_AS_THIS_TRAINER keys (checked), and with fsdp_enable read as distributed
+    (true: "fsdp2", false: "ddp", as SimpleTuner runs several processes without FSDP)."""
+    out: dict[str, object] = {}
+    fsdp = None
+    for raw_key, value in data.items():
+        key = raw_key[2:] if isinstance(raw_key, str) and raw_key.startswith("--") else raw_key
+        if key in SAME_AS_THIS_TRAINER:
+            allowed, why = SAME_AS_THIS_TRAINER[key]
+            if not any(type(a) is type(value) and a == value for a in allowed):
+                raise ValueError(f"config key {raw_key!r} is {value!r}; this trainer supports only "
+                                 f"{' or '.join(repr(a) for a in allowed)}: {why}.")
+        elif key == "fsdp_enable":
+            if not isinstance(value, bool) and str(value).lower() not in ("true", "false"):
+                raise ValueError(f"config key {raw_key!r} is {value!r}; use true or false.")
+            fsdp = (value if isinstance(value, bool) else str(value).lower() == "true", raw_key)
+        else:
+            out[raw_key] = value
+    if fsdp is not None:
+        wanted = "fsdp2" if fsdp[0] else "ddp"
+        given = next((v for k, v in out.items() if k in ("distributed", "--distributed")), None)
+        if given is not None and given != wanted:
+            raise ValueError(f"config keys {fsdp[1]!r} ({fsdp[0]}) and 'distributed' ({given!r}) disagree; keep one.")
+        if given is None:
+            out["distributed"] = wanted
+    return out
 
 
 def choice_hint(key: str, value: str) -> str | None:

@@ -10,6 +10,11 @@ What is kept from the real model because our code depends on it:
   - a Mistral3 text encoder with 32 decoder layers, so hidden states 10, 20 and 30 exist;
   - a Mistral chat template with [SYSTEM_PROMPT]/[INST] special tokens and a pad token.
 For tests and the demo only: the weights are random and the images it makes are noise-like.
+
+`flavour="klein-4b"` / `"klein-9b"` writes a tiny FLUX.2 [klein] instead, through Flux2KleinPipeline.save_pretrained
+(model_index.json with is_distilled; `distilled=True` for the step-distilled twin): the real block counts (5 + 20,
+8 + 24; trainer/flavours.py), one 128-wide head, no guidance embedding, a Qwen3ForCausalLM text encoder with 28
+layers (hidden states 9, 18 and 27 exist) and a Qwen2 tokenizer with the Qwen3 chat template, built offline.
 """
 
 from __future__ import annotations
@@ -200,6 +205,69 @@ def build_text_encoder(vocab_size: int):
     return Mistral3ForConditionalGeneration(config)
 
 
+# ------------------------------------------------------------------------------------------------- klein
+
+KLEIN_TEXT_HIDDEN = 32
+KLEIN_TEXT_LAYERS = 28
+
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+# What Qwen3's template renders for plain user/assistant turns: <|im_start|>role\ncontent<|im_end|>\n, then the
+# generation prompt; enable_thinking=False closes an empty think block, as the real template does.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def build_qwen_tokenizer():
+    """A Qwen2Tokenizer (Qwen's pre-tokenizer regex, byte-level BPE) trained offline on a fixed corpus, with
+    Qwen3's special tokens and chat template. Right padding with <|endoftext|>, as the tokenizer class defaults."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=QWEN_SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([line for line in _CORPUS.splitlines() if line.strip()] * 4, trainer=trainer)
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(tok.to_str())["model"]["merges"]]
+    qwen = Qwen2Tokenizer(vocab=tok.get_vocab(), merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                          model_max_length=131072)
+    qwen.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
+    qwen.chat_template = QWEN3_CHAT_TEMPLATE
+    return qwen
+
+
+def build_qwen_text_encoder(vocab_size: int, *, tie_word_embeddings: bool):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=vocab_size, hidden_size=KLEIN_TEXT_HIDDEN, intermediate_size=64,
+                         num_hidden_layers=KLEIN_TEXT_LAYERS, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                         max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+                         tie_word_embeddings=tie_word_embeddings)
+    return Qwen3ForCausalLM(config)
+
+
+def klein_transformer_config(flavour: str) -> dict:
+    """The tiny klein transformer: the flavour's real block counts and no guidance embedding, one 128-wide head."""
+    from .flavours import KLEIN_FLAVOURS, SPECS
+
+    if flavour not in KLEIN_FLAVOURS:
+        raise ValueError(f"make-tiny --flavour {flavour!r}: klein flavours are {list(KLEIN_FLAVOURS)}.")
+    real = SPECS[flavour].transformer
+    return dict(TRANSFORMER_CONFIG, num_layers=real["num_layers"], num_single_layers=real["num_single_layers"],
+                num_attention_heads=1, joint_attention_dim=3 * KLEIN_TEXT_HIDDEN, guidance_embeds=False)
+
+
 def _randomise_batch_norm(vae, generator) -> None:
     """Give the VAE's frozen latent statistics non-trivial values, so normalising is visible in tests."""
     import torch
@@ -210,8 +278,10 @@ def _randomise_batch_norm(vae, generator) -> None:
         bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=generator) * 0.5 + 0.75)
 
 
-def make_tiny(*, out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write a tiny random FLUX.2 pipeline to out_dir and return the path.
+def make_tiny(*, out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False, flavour: str = "dev",
+              distilled: bool = False) -> Path:
+    """Write a tiny random FLUX.2 pipeline (dev, or klein-4b / klein-9b base or distilled) to out_dir and return
+    the path.
 
     Deterministic for a seed. Refuses to write into a non-empty folder unless overwrite is set,
     so a user's files are never replaced by accident.
@@ -224,6 +294,13 @@ def make_tiny(*, out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = Fa
         Flux2Transformer2DModel,
     )
 
+    from .flavours import FLAVOURS
+
+    if flavour not in FLAVOURS:
+        raise ValueError(f"make-tiny --flavour {flavour!r} is not a FLUX.2 flavour; choose one of {list(FLAVOURS)}.")
+    if distilled and flavour == "dev":
+        raise ValueError("make-tiny --distilled: only FLUX.2 [klein] has a step-distilled variant; drop --distilled "
+                         "or choose --flavour klein-4b / klein-9b.")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -237,6 +314,8 @@ def make_tiny(*, out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = Fa
                 "(model_index.json missing); choose an empty or new folder."
             )
 
+    if flavour != "dev":
+        return _make_tiny_klein(out, seed=seed, flavour=flavour, distilled=distilled)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
@@ -261,6 +340,33 @@ def make_tiny(*, out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = Fa
     index = json.loads(index_path.read_text())
     index["tokenizer"] = ["transformers", "PixtralProcessor"]
     index_path.write_text(json.dumps(index, indent=2) + "\n")
-    info = {"note": "tiny random FLUX.2 for tests; not a real model", "seed": seed}
+    _write_info(out, seed=seed, flavour="dev", distilled=False)
+    return out
+
+
+def _write_info(out: Path, *, seed: int, flavour: str, distilled: bool) -> None:
+    info = {"note": "tiny random FLUX.2 for tests; not a real model", "seed": seed, "flavour": flavour,
+            "distilled": distilled}
     (out / "TINY_MODEL.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _make_tiny_klein(out: Path, *, seed: int, flavour: str, distilled: bool) -> Path:
+    import torch
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    tokenizer = build_qwen_tokenizer()
+    # Qwen3-4B ties its input and output embeddings, Qwen3-8B does not.
+    text_encoder = build_qwen_text_encoder(len(tokenizer), tie_word_embeddings=flavour == "klein-4b")
+    torch.manual_seed(seed + 1)
+    transformer = Flux2Transformer2DModel(**klein_transformer_config(flavour))
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLFlux2(**VAE_CONFIG)
+    _randomise_batch_norm(vae, generator)
+    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=vae,
+                              text_encoder=text_encoder.eval(), tokenizer=tokenizer, transformer=transformer,
+                              is_distilled=distilled)
+    pipe.save_pretrained(out, safe_serialization=True)
+    _write_info(out, seed=seed, flavour=flavour, distilled=distilled)
     return out

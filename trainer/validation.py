@@ -37,6 +37,8 @@ class ValidationRun:
     offload: OffloadConfig
     reference_timestep: str
     references: list[torch.Tensor] | None
+    negative: torch.Tensor | None = None
+    """klein base: the encoding of its negative prompt "" for classifier-free guidance; None: no CFG."""
 
     def due(self, step: int, *, total: int) -> bool:
         """Whether step (1-based) renders: every validation_steps steps, and after the last step."""
@@ -49,11 +51,12 @@ class ValidationRun:
         with onloaded(self.vae, device=env.device, offload=self.offload):  # offload_during_startup
             return run_validation(model, self.vae, prompts=self.prompts, settings=self.settings, step=step,
                                   out_dir=out_dir, env=env, reference_timestep=self.reference_timestep,
-                                  reference_latents=self.references)
+                                  reference_latents=self.references, negative_prompt_embeds=self.negative)
 
 
 def prepare_validation(config: TrainConfig, *, prompts: list[tuple[str, str, torch.Tensor]], folder: ModelFolder,
-                       env: parallelize.DistEnv, dataset_has_references: bool) -> ValidationRun | None:
+                       env: parallelize.DistEnv, dataset_has_references: bool,
+                       negative: torch.Tensor | None = None) -> ValidationRun | None:
     """The run's validation over validation_prompts' result, or None when there is no validation prompt."""
     from .offload import load_validation_vae
 
@@ -66,27 +69,40 @@ def prepare_validation(config: TrainConfig, *, prompts: list[tuple[str, str, tor
         log.warning("config: validation_reference_images is set but the dataset has no reference images: "
                     "validation renders with references a LoRA never trained on.")
     return ValidationRun(settings=config.validation, prompts=prompts, vae=vae, offload=config.offload,
-                         reference_timestep=config.objective.reference_timestep, references=references)
+                         reference_timestep=config.objective.reference_timestep, references=references,
+                         negative=negative)
+
+
+def uses_classifier_free_guidance(settings: ValidationConfig, *, folder: ModelFolder) -> bool:
+    """Whether validation renders with CFG, as Flux2KleinPipeline decides (flavours.uses_classifier_free_guidance
+    with validation_guidance as the scale)."""
+    from .flavours import uses_classifier_free_guidance as rule
+
+    return rule(folder.spec, is_distilled=folder.is_distilled, guidance=settings.guidance)
 
 
 def validation_prompts(settings: ValidationConfig, *, folder: ModelFolder, quantization: QuantizationConfig,
                        offload: OffloadConfig, env: parallelize.DistEnv,
-                       cache_dir: Path) -> list[tuple[str, str, torch.Tensor]]:
-    """(name, prompt, embeddings) of every validation prompt; rank 0 encodes, then releases the encoder."""
+                       cache_dir: Path) -> tuple[list[tuple[str, str, torch.Tensor]], torch.Tensor | None]:
+    """(name, prompt, embeddings) of every validation prompt, and the negative prompt's embeddings (1, L, D) when
+    validation uses CFG (klein base), else None; rank 0 encodes, then releases the encoder."""
+    from . import flux2
     from .inference import Flux2ModelSpec, encode_prompts_cached, release_all
 
     prompts = settings.prompts() if settings.enabled else {}
     if not prompts:
-        return []
+        return [], None
     spec = Flux2ModelSpec(folder=folder, precision="fp32" if env.device.type == "cpu" else "bf16",
                           quantization=quantization, offload=offload)  # text_encoder_1_precision, group offload
+    cfg = uses_classifier_free_guidance(settings, folder=folder)
     names, texts = list(prompts), list(prompts.values())
+    encoded = texts + [flux2.KLEIN_NEGATIVE_PROMPT] if cfg else texts  # one text-encoder load for both
     if env.is_main:
-        encode_prompts_cached(spec, texts, cache_dir=cache_dir, device=str(env.device))
+        encode_prompts_cached(spec, encoded, cache_dir=cache_dir, device=str(env.device))
     parallelize.barrier(env)
-    embeds, _ = encode_prompts_cached(spec, texts, cache_dir=cache_dir, device=str(env.device))
+    embeds, _ = encode_prompts_cached(spec, encoded, cache_dir=cache_dir, device=str(env.device))
     release_all()
-    return [(n, t, e) for n, t, e in zip(names, texts, embeds)]
+    return [(n, t, e) for n, t, e in zip(names, texts, embeds)], (embeds[-1:] if cfg else None)
 
 
 class _Unwrapped(torch.nn.Module):
@@ -133,11 +149,13 @@ def validation_reference_latents(paths: tuple[Path, ...], *, vae, device: torch.
 
 def run_validation(model: Model, vae, *, prompts: list[tuple[str, str, torch.Tensor]], settings, step: int,
                    out_dir: Path, env: parallelize.DistEnv, reference_timestep: str = "shared",
-                   reference_latents: list[torch.Tensor] | None = None) -> list[dict[str, Any]]:
+                   reference_latents: list[torch.Tensor] | None = None,
+                   negative_prompt_embeds: torch.Tensor | None = None) -> list[dict[str, Any]]:
     """Render every validation prompt with the current LoRA; all ranks run the forward (FSDP2 needs it).
 
     reference_timestep: the training objective's, so images rendered with reference latents see them as training did.
     reference_latents: validation_reference_latents' result, given to every prompt; None renders without references.
+    negative_prompt_embeds: validation_prompts' negative (klein base: CFG with scale validation_guidance) or None.
     """
     from PIL import Image
 
@@ -153,7 +171,8 @@ def run_validation(model: Model, vae, *, prompts: list[tuple[str, str, torch.Ten
                     _Unwrapped(model), vae, prompt_embeds=embeds.unsqueeze(0).to(env.device, model.compute_dtype),
                     width=settings.width, height=settings.height, num_steps=settings.num_inference_steps,
                     guidance=settings.guidance, seed=settings.seed, reference_timestep=reference_timestep,
-                    reference_latents=reference_latents,
+                    reference_latents=reference_latents, negative_prompt_embeds=None if negative_prompt_embeds is None
+                    else negative_prompt_embeds.to(env.device, model.compute_dtype),
                 )
                 if env.is_main:
                     rel = Path("validation") / f"step{step:06d}_{_slug(name)}.png"

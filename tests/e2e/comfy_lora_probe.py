@@ -53,8 +53,10 @@ class _Capture(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def _seed_state_dict(*, hidden: int, in_channels: int, context_dim: int, depth: int, depth_single: int) -> dict:
-    """The keys ComfyUI's detector reads for a FLUX.2-dev checkpoint, as meta tensors with dev's shapes."""
+def _seed_state_dict(*, hidden: int, in_channels: int, context_dim: int, depth: int, depth_single: int,
+                     guidance_embed: bool = True) -> dict:
+    """The keys ComfyUI's detector reads for a FLUX.2 checkpoint, as meta tensors with its shapes: FLUX.2-dev's, or
+    FLUX.2 [klein]'s (other width and text features, no guidance_in: ComfyUI reads guidance_embed from its presence)."""
     import torch
 
     def meta(*shape: int):
@@ -63,9 +65,10 @@ def _seed_state_dict(*, hidden: int, in_channels: int, context_dim: int, depth: 
     sd = {
         "img_in.weight": meta(hidden, in_channels),
         "txt_in.weight": meta(hidden, context_dim),
-        "guidance_in.in_layer.weight": meta(hidden, 256),
         "double_stream_modulation_img.lin.weight": meta(6 * hidden, hidden),
     }
+    if guidance_embed:
+        sd["guidance_in.in_layer.weight"] = meta(hidden, 256)
     for i in range(depth):
         sd[f"double_blocks.{i}.img_attn.norm.key_norm.scale"] = meta(128)
     for i in range(depth_single):
@@ -80,10 +83,11 @@ def build_meta_model(args: argparse.Namespace):
     import torch
 
     seed = _seed_state_dict(hidden=args.hidden, in_channels=args.in_channels, context_dim=args.context_dim,
-                            depth=args.depth, depth_single=args.depth_single)
+                            depth=args.depth, depth_single=args.depth_single,
+                            guidance_embed=not args.no_guidance_embed)
     model_config = comfy.model_detection.model_config_from_unet(seed, "")
     if model_config is None:
-        raise SystemExit("ComfyUI's model detection did not recognise the FLUX.2-dev key layout")
+        raise SystemExit("ComfyUI's model detection did not recognise the FLUX.2 key layout")
     # float32 weights so that patched - base is exact up to float32 rounding (bf16 would round the sum).
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model(seed, "", device=torch.device("meta"))
@@ -242,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=6144)
     parser.add_argument("--in-channels", type=int, default=128)
     parser.add_argument("--context-dim", type=int, default=15360)
+    parser.add_argument("--no-guidance-embed", action="store_true",
+                        help="FLUX.2 [klein]: no guidance_in weights (klein-4b: --hidden 3072 --context-dim 7680)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

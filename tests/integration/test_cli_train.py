@@ -42,10 +42,14 @@ def test_export_prints_the_cluster_command_the_node_prints(runs, tiny_model_dir,
     assert not (out / "train.log").exists() and not (out / LOCK_FILE).exists()  # nothing was launched
 
 
-def test_relative_paths_are_refused_before_anything_is_written(runs, tiny_model_dir, square_dataset, tmp_path,
-                                                               capsys, monkeypatch):
+def test_relative_paths_are_read_from_the_working_directory_as_simpletuner_reads_them(runs, tiny_model_dir,
+                                                                                      square_dataset, tmp_path, capsys,
+                                                                                      monkeypatch):
+    # torchrun starts in the pack's folder: the launcher makes every relative path absolute first (cli_config)
     monkeypatch.chdir(tmp_path)
-    config = _write(runs.run_config(tiny_model_dir, square_dataset, Path("run")), tmp_path / "my.json")
-    assert main(["train", "--config", str(config), "--num-processes", "1"]) == 2
-    assert "output_dir 'run' is relative; the trainer starts in" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
+    config = _write(runs.run_config(tiny_model_dir, square_dataset, Path("run"), max_train_steps=1),
+                    tmp_path / "my.json")
+    assert main(["train", "--config", "my.json", "--num-processes", "1"]) == 0
+    written = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert written["output_dir"] == str(tmp_path / "run")
+    assert list((tmp_path / "run").glob("*.safetensors"))

@@ -153,12 +153,33 @@ VIEWS: dict[str, Callable[[TrainConfig], Any]] = {
     "group_offload_type": lambda c: c.offload.offload_type,
     "reference_timestep": lambda c: c.objective.reference_timestep,
 }
-# What a choice needs beside it to be valid (quantized weights cannot be FSDP2-sharded).
-COMPANIONS: dict[tuple[str, str], dict[str, Any]] = {
+def _klein_folder(flavour: str) -> Callable[[Paths], dict[str, Any]]:
+    """A klein flavour is checked against its folder when the config is read: the JSON a klein folder shows."""
+    def companion(p: Paths) -> dict[str, Any]:
+        from flux2_lora_pack.trainer.flavours import SPECS
+
+        folder = p.root / flavour
+        (folder / "transformer").mkdir(parents=True, exist_ok=True)
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline"}))
+        double, single = SPECS[flavour].block_counts
+        (folder / "transformer" / "config.json").write_text(json.dumps({"num_layers": double, "num_single_layers": single}))
+        return {"pretrained_model_name_or_path": str(folder)}
+    return companion
+
+
+# What a choice needs beside it to be valid (quantized weights cannot be FSDP2-sharded; klein needs its folder).
+COMPANIONS: dict[tuple[str, str], dict[str, Any] | Callable[[Paths], dict[str, Any]]] = {
     ("base_model_precision", "int8-quanto"): {"distributed": "ddp"},
     ("base_model_precision", "int4-quanto"): {"distributed": "ddp"},
     ("group_offload_type", "leaf_level"): {"enable_group_offload": True},
+    ("model_flavour", "klein-4b"): _klein_folder("klein-4b"),
+    ("model_flavour", "klein-9b"): _klein_folder("klein-9b"),
 }
+
+
+def _companion(p: Paths, key: str, choice: str) -> dict[str, Any]:
+    companion = COMPANIONS.get((key, choice), {})
+    return companion(p) if callable(companion) else companion
 
 
 def test_every_enumeration_has_a_view() -> None:
@@ -167,11 +188,11 @@ def test_every_enumeration_has_a_view() -> None:
 
 @pytest.mark.parametrize(("key", "choice"), [(k, c) for k, cs in CHOICES.items() for c in cs])
 def test_every_choice_changes_the_resolved_config(paths: Paths, key: str, choice: str) -> None:
-    cfg = TrainConfig.from_dict(base(paths, **{key: choice}, **COMPANIONS.get((key, choice), {})))
+    cfg = TrainConfig.from_dict(base(paths, **{key: choice}, **_companion(paths, key, choice)))
     assert VIEWS[key](cfg) == choice
     for other in CHOICES[key]:
         if other != choice:
-            other_cfg = TrainConfig.from_dict(base(paths, **{key: other}, **COMPANIONS.get((key, other), {})))
+            other_cfg = TrainConfig.from_dict(base(paths, **{key: other}, **_companion(paths, key, other)))
             assert VIEWS[key](other_cfg) != VIEWS[key](cfg)
 
 
@@ -190,12 +211,42 @@ def test_unknown_key_names_the_closest_known_key(paths: Paths, key: str, closest
         TrainConfig.from_dict(base(paths, **{key: 1}))
 
 
-@pytest.mark.parametrize("key", ["report_to", "push_to_hub", "--hub_model_id", "num_train_epochs", "lora_type",
+@pytest.mark.parametrize("key", ["tracker_project_name", "push_to_hub", "--hub_model_id", "num_train_epochs", "lora_type",
                                  "grad_clip_method", "validation_negative_prompt", "use_ema", "resolution",
                                  "sdnq_use_hadamard"])
 def test_simpletuner_keys_we_do_not_implement_are_refused_by_name(paths: Paths, key: str) -> None:
     with pytest.raises(ValueError, match=rf"'{key}' is a SimpleTuner .*not support"):
         TrainConfig.from_dict(base(paths, **{key: "none"}))
+
+
+def test_simpletuner_keys_that_say_what_this_trainer_does_are_accepted_and_others_refused(paths: Paths) -> None:
+    # report_to none (SimpleTuner's default) and the FSDP2 settings this trainer always uses are read as nothing
+    config = TrainConfig.from_dict(base(paths, report_to="none", fsdp_enable=True, fsdp_version=2,
+                                        fsdp_reshard_after_forward=True, fsdp_state_dict_type="SHARDED_STATE_DICT"))
+    assert config.parallelism.distributed == "fsdp2"
+    assert TrainConfig.from_dict(base(paths, **{"--fsdp_enable": "false"})).parallelism.distributed == "ddp"
+    with pytest.raises(ValueError, match=r"config key 'report_to' is 'tensorboard'; this trainer supports only 'none': "
+                                         r"progress goes to events.jsonl"):
+        TrainConfig.from_dict(base(paths, report_to="tensorboard"))
+    with pytest.raises(ValueError, match=r"config key 'fsdp_version' is 1; .*only FSDP2 is implemented"):
+        TrainConfig.from_dict(base(paths, fsdp_version=1))
+    with pytest.raises(ValueError, match=r"'fsdp_enable' \(True\) and 'distributed' \('ddp'\) disagree"):
+        TrainConfig.from_dict(base(paths, fsdp_enable=True, distributed="ddp"))
+
+
+def test_subject_placeholder_without_validation_subject_is_sent_as_written_with_a_warning(paths: Paths, caplog) -> None:
+    # SimpleTuner's quickstart prompt library uses <subject> and SimpleTuner fills nothing in
+    config = TrainConfig.from_dict(base(paths, validation_prompt="a photo of <subject>"))
+    assert config.validation.prompts() == {"validation_prompt": "a photo of <subject>"}
+    assert "validation prompts contain <subject> and validation_subject is unset" in caplog.text
+    replaced = TrainConfig.from_dict(base(paths, validation_prompt="a photo of <subject>", validation_subject="sks dog"))
+    assert replaced.validation.prompts() == {"validation_prompt": "a photo of sks dog"}
+
+
+def test_validation_settings_without_a_validation_prompt_warn_that_they_do_nothing(paths: Paths, caplog) -> None:
+    TrainConfig.from_dict(base(paths, validation_resolution="1024x1024", validation_num_inference_steps=20))
+    assert caplog.text.count("has no effect because there is no validation prompt") == 1  # 20 is the default
+    assert "config: validation_resolution='1024x1024' has no effect because there is no validation prompt." in caplog.text
 
 
 def test_unsupported_keys_are_not_known_keys() -> None:
@@ -304,7 +355,6 @@ BAD_VALUES: list[tuple[str, Callable[[Paths], dict[str, Any]], str]] = [
     ("manifest-missing", lambda p: {"dataset_manifest": str(p.root / "nope.json")}, r"dataset_manifest .* does not exist"),
     ("two-datasets", lambda p: {"data_backend_config": str(p.manifest)}, r"dataset_manifest and data_backend_config are both set"),
     ("library-missing", lambda p: {"user_prompt_library": str(p.root / "nope.json")}, r"user_prompt_library .* does not exist"),
-    ("subject-missing", lambda p: {"validation_prompt": "a photo of <subject>"}, r"<subject> but validation_subject is null"),
     ("tread-ratio-one", lambda p: {"tread_config": {"routes": [{"selection_ratio": 1.0, "start_layer_idx": 0, "end_layer_idx": 1}]}},
      r"tread_config\.routes\[0\]\.selection_ratio must be in \[0, 1\)"),
     ("tread-index-text", lambda p: {"tread_config": {"routes": [{"selection_ratio": 0.5, "start_layer_idx": "2", "end_layer_idx": 4}]}},

@@ -183,7 +183,7 @@ def sample_node(pack, comfy_root, tiny_model_dir):
 def test_the_sample_node_declares_and_passes_reference_images(sample_node, pipe, embeds, monkeypatch):
     model_nodes, pack_inference, model = sample_node
     optional = model_nodes.Flux2Sample.INPUT_TYPES()["optional"]
-    assert list(optional) == ["reference_images"] and optional["reference_images"][0] == "IMAGE"
+    assert list(optional) == ["reference_images", "negative"] and optional["reference_images"][0] == "IMAGE"
     assert "each image of the batch becomes one reference" in optional["reference_images"][1]["tooltip"]
 
     refs = [_noise_image(80, 64, seed=8), _noise_image(80, 64, seed=9)]
