@@ -13,7 +13,8 @@ interleaved one step at a time after --warmup untimed rounds:
   tread_ckpt   both
 
 MFU = model FLOPs (bench/flux2_flops.py: linear + attention + LoRA, forward + backward, each forward once)
-/ median step time / the card's dense bf16 peak (H100 SXM and H200: 989 TFLOP/s; --peak-tflops for others).
+/ median step time / the card's dense bf16 peak (trainer.throughput.GPU_PEAKS, bench/GPU_THROUGHPUT.md;
+--peak-tflops for others).
 HFU also counts the forwards that checkpointing recomputes. Peak VRAM is torch.cuda.max_memory_allocated
 over each variant's steps.
 
@@ -37,8 +38,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0}
-"""Dense bf16 peaks (NVIDIA datasheets, without sparsity), matched in this order against the device name."""
 
 VARIANTS = ("off", "tread", "ckpt", "tread_ckpt")
 
@@ -110,9 +109,13 @@ def plan(args: argparse.Namespace, *, num_blocks: int):
 
 
 def peak_tflops(name: str, override: float | None) -> float | None:
+    """--peak-tflops, else the card's dense bf16 peak from trainer.throughput.GPU_PEAKS (bench/GPU_THROUGHPUT.md)."""
     if override is not None:
         return override
-    return next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), None)
+    from trainer.throughput import lookup_peak
+
+    gpu = lookup_peak(name)
+    return None if gpu is None else gpu.bf16_tflops
 
 
 def main(argv: list[str] | None = None) -> dict:

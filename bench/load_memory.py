@@ -270,8 +270,8 @@ def run_child(spec: dict) -> dict:
 
     losses = []
     for i in range(spec["steps"]):
-        loss, _ = train_step(model, optimizer, micro_batches=[Batch], objective=api.objective(), empty_embeds=None,
-                             seed=0, step=i, env=env, max_grad_norm=2.0, nan_policy="stop")
+        loss = train_step(model, optimizer, micro_batches=[Batch], objective=api.objective(), empty_embeds=None,
+                             seed=0, step=i, env=env, max_grad_norm=2.0, nan_policy="stop")[0]
         losses.append(loss)
     end = _status()
     if world > 1:

@@ -238,9 +238,9 @@ def run(args: argparse.Namespace, *, work: Path) -> dict[str, Any]:
     load_times: list[float] = []
 
     def ours_train(batch) -> float:
-        loss, _ = train_step(ours, optimizer, micro_batches=[batch], objective=objective, empty_embeds=None,
+        loss = train_step(ours, optimizer, micro_batches=[batch], objective=objective, empty_embeds=None,
                              seed=args.seed, step=step_no[0], env=env, max_grad_norm=args.max_grad_norm,
-                             nan_policy="stop")
+                             nan_policy="stop")[0]
         step_no[0] += 1
         return loss
 

@@ -51,6 +51,28 @@ def input_directory() -> Path:
     return Path.cwd() / "input"
 
 
+def temp_directory() -> Path:
+    """ComfyUI's temp folder (emptied at start-up; PreviewImage writes there)."""
+    fp = _folder_paths()
+    if fp is not None:
+        return Path(fp.get_temp_directory())
+    if _HEADLESS_ROOT is not None:
+        return _HEADLESS_ROOT / "temp"
+    return Path.cwd() / "temp"
+
+
+def save_preview_png(image, *, prefix: str) -> dict[str, str]:
+    """Write a PIL image to the temp folder as PreviewImage does; return the entry a node's {"ui": {"images": [...]}}
+    lists, which the front end shows on the node (it fetches it through /view?type=temp)."""
+    import uuid
+
+    folder = temp_directory()
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}.png"
+    image.save(folder / name, compress_level=1)  # PreviewImage's level: a preview is written often, kept briefly
+    return {"filename": name, "subfolder": "", "type": "temp"}
+
+
 def models_directory() -> Path:
     fp = _folder_paths()
     if fp is not None:

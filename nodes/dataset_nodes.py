@@ -107,15 +107,19 @@ class Flux2BuildDataset:
     TITLE = "Build Dataset (FLUX.2)"
     DESCRIPTION = (
         "Scans a folder of images with same-name .txt captions, sorts them into aspect buckets and caches their "
-        "VAE latents and caption embeddings on disk (once per image/caption content). Reports what was skipped."
+        "VAE latents and caption embeddings on disk (once per image/caption content). Reports what was skipped, "
+        "and previews the crops it trains (a few per bucket, with captions), the bucket table and the skipped files."
     )
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("FLUX2_DATASET", "INT", "STRING")
-    RETURN_NAMES = ("dataset", "num_images", "report")
+    # New outputs go last: saved workflows link outputs by slot.
+    RETURN_TYPES = ("FLUX2_DATASET", "INT", "STRING", "IMAGE")
+    RETURN_NAMES = ("dataset", "num_images", "report", "preview")
     OUTPUT_TOOLTIPS = (
         "The built dataset (manifest and caches on disk) for Train LoRA.",
         "How many images are usable.",
         "Summary: usable images, buckets and every skipped file with its reason.",
+        ("One sheet (1, height, width, 3): the crops trained, preview_per_bucket per bucket with their captions "
+         "(scaled down past 256 px), the bucket table and the skipped files with their reasons; also on the node."),
     )
     FUNCTION = "build"
 
@@ -139,6 +143,7 @@ class Flux2BuildDataset:
                 "data_backend_config": ("STRING", {"default": "", "tooltip": "Optional path of a SimpleTuner multidatabackend.json (several datasets, reference/conditioning datasets for edit LoRAs, text_embeds cache). When set, it is built instead of image_folder and the widgets above."}),
                 "vae_batch_size": ("INT", {"default": 4, "min": 1, "max": 64, "step": 1, "tooltip": "Images the VAE encodes at once while caching; lower it if caching runs out of memory."}),
                 "split_caption_lines": ("BOOLEAN", {"default": True, "tooltip": "textfile captions: each non-empty line of a .txt file is a caption of its own and one is drawn per sample (SimpleTuner's multi-caption files). Off: the whole file is one caption."}),
+                "preview_per_bucket": ("INT", {"default": 4, "min": 0, "max": 32, "step": 1, "tooltip": "Training crops shown per bucket in the preview (exactly the pixels the latents are encoded from, spread over the bucket's images); 0 shows only the bucket table and the skipped files. Changes only the preview, never the dataset."}),
             },
         }
 
@@ -177,7 +182,7 @@ class Flux2BuildDataset:
     def build(self, model, image_folder: str, resolution: int, repeats: int, caption_strategy: str,
               instance_prompt: str = "", crop_aspect: str = "closest", crop_style: str = "center",
               minimum_image_size: int = 0, data_backend_config: str = "", vae_batch_size: int = 4,
-              split_caption_lines: bool = True):
+              split_caption_lines: bool = True, preview_per_bucket: int = 4):
         from ..trainer.build import build_datasets
 
         if data_backend_config.strip():
@@ -192,7 +197,7 @@ class Flux2BuildDataset:
                                        device=str(comfy_bridge.torch_device()), vae_batch_size=vae_batch_size,
                                        quantization=model.quantization, offload=model.offload,
                                        progress=BuildProgressBar())
-        return self._result(manifest_path)
+        return self._result(manifest_path, preview_per_bucket=preview_per_bucket)
 
     @staticmethod
     def _backend_config(model, data_backend_config: str):
@@ -227,16 +232,23 @@ class Flux2BuildDataset:
         return config, _dataset_folder(folder.name, key_parts, input_name="image_folder")
 
     @staticmethod
-    def _result(manifest_path):
+    def _result(manifest_path, *, preview_per_bucket: int):
         from ..trainer.build_report import load_build_report
+        from ..trainer.dataset_preview import render_dataset_preview
         from ..trainer.manifest import load_manifest
 
         manifest = load_manifest(manifest_path)
-        report = load_build_report(Path(manifest_path).parent).summary()
+        build_report = load_build_report(Path(manifest_path).parent)
+        report = build_report.summary()
         handle = DatasetHandle(manifest=str(manifest_path), fingerprint=manifest.fingerprint,
                                num_images=len(manifest.items))
-        # The summary is shown as text on the node as well as returned.
-        return {"ui": {"text": [report]}, "result": (handle, handle.num_images, report)}
+        # Drawn from the manifest and the image files, never the encoders: a Run that reuses every cache entry
+        # previews the same crops.
+        preview = render_dataset_preview(manifest, build_report, per_bucket=preview_per_bucket)
+        shown = comfy_bridge.save_preview_png(preview.image, prefix="flux2lora_dataset_preview")
+        # The summary is shown as text on the node as well as returned; the sheet as the node's image.
+        return {"ui": {"text": [report], "images": [shown]},
+                "result": (handle, handle.num_images, report, preview.to_tensor())}
 
 
 NODE_CLASS_MAPPINGS = {

@@ -202,7 +202,6 @@ class Flux2Sample:
 
     def sample(self, model, positive, width: int, height: int, steps: int, guidance: float, seed: int,
                reference_images=None, negative=None):
-        from ..trainer.inference import sample_images
         from ..trainer.sampling import check_size, check_steps
 
         check_size(width=width, height=height)
@@ -210,21 +209,33 @@ class Flux2Sample:
         embeds = conditioning_tensor(positive, input_name="positive")
         negative_embeds = None if negative is None else conditioning_tensor(negative, input_name="negative")
         progress = comfy_bridge.Progress(steps, label="FLUX.2 Sample")
-        images = sample_images(
-            model,
-            prompt_embeds=embeds,
-            width=width,
-            height=height,
-            num_steps=steps,
-            guidance=guidance,
-            seed=seed,
-            device=str(comfy_bridge.torch_device()),
-            reference_images=reference_images,
-            callback=lambda i, total: progress.update_absolute(i + 1),
-            negative_prompt_embeds=negative_embeds,
-            text_cache_dir=text_cache_dir(),
-        )
-        return (images.float().cpu(),)
+        images = render_images(model, prompt_embeds=embeds, width=width, height=height, steps=steps, guidance=guidance,
+                               seed=seed, reference_images=reference_images, negative_prompt_embeds=negative_embeds,
+                               callback=lambda i, total: progress.update_absolute(i + 1))
+        return (images,)
+
+
+def render_images(model, *, prompt_embeds, width: int, height: int, steps: int, guidance: float, seed: int,
+                  callback, reference_images=None, negative_prompt_embeds=None):
+    """FLUX.2 Sample's rendering (also LoRA Grid's, cell by cell): the model's LoRAs attached, on ComfyUI's device,
+    klein's default negative from the text cache; images (B, H, W, 3) float32 on the CPU. callback(step, total)."""
+    from ..trainer.inference import sample_images
+
+    images = sample_images(
+        model,
+        prompt_embeds=prompt_embeds,
+        width=width,
+        height=height,
+        num_steps=steps,
+        guidance=guidance,
+        seed=seed,
+        device=str(comfy_bridge.torch_device()),
+        reference_images=reference_images,
+        callback=callback,
+        negative_prompt_embeds=negative_prompt_embeds,
+        text_cache_dir=text_cache_dir(),
+    )
+    return images.float().cpu()
 
 
 NODE_CLASS_MAPPINGS = {

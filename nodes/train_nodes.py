@@ -19,6 +19,7 @@ from ..trainer.run import RunResult, finished_run, run_identity, run_training
 from . import comfy_bridge
 from .dataset_nodes import DatasetHandle, sanitize_name
 from .model_nodes import CATEGORY
+from .option_nodes import OPTIONS_TYPE, TrainOptions
 from .paths import DATASET_ROOTS_ENV, check_inside, dataset_roots, run_roots
 
 log = logging.getLogger("flux2_lora")
@@ -95,12 +96,13 @@ class Flux2TrainLora:
                 "extra_config_json": ("STRING", {"multiline": True, "default": "", "tooltip": "Advanced: more trainer keys as a JSON object (SimpleTuner names), e.g. {\"lr_scheduler\": \"cosine\"}."}),
                 **{f"dataset_{n}": ("FLUX2_DATASET", {"tooltip": f"Optional dataset {n} from another Build Dataset, trained together with the first: each batch comes from one dataset, each dataset's repeats weight it. All must be built with the same model."})
                    for n in EXTRA_DATASET_INPUTS},
+                "options": (OPTIONS_TYPE, {"tooltip": "Optional trainer options from a chain of Memory / Speed / Schedule / Validation Options nodes. A key they set may not also be set by a widget here or by extra_config_json."}),
             },
         }
 
     def train(self, model, dataset, output_name: str, launch: str = "run", attach_run_folder: str = "",
               extra_config_json: str = "", num_processes: int = 1, dataset_2=None, dataset_3=None, dataset_4=None,
-              **widgets):
+              options: TrainOptions | None = None, **widgets):
         from ..trainer.config import TrainConfig
         from ..trainer.launch import TrainingCancelled
 
@@ -109,7 +111,7 @@ class Flux2TrainLora:
             raise ValueError(f"launch {launch!r} is not one of {', '.join(LAUNCH_MODES)}.")
         if launch == "attach":
             return self._attach(attach_run_folder)
-        settings = training_settings(widgets, extra_config_json=extra_config_json)
+        settings = training_settings(widgets, extra_config_json=extra_config_json, options=options)
         datasets = training_datasets(dataset, dataset_2, dataset_3, dataset_4)
         identity = run_identity(model=model, fingerprints=[d.fingerprint for d in datasets], settings=settings,
                                 num_processes=num_processes)
@@ -163,15 +165,20 @@ def check_extra_paths(extra: dict[str, Any]) -> None:
         key = str(raw_key).removeprefix("--")
         if key in _NODE_SET_KEYS:
             raise ValueError(f"extra_config_json key {raw_key!r} cannot be set here: {_NODE_SET_KEYS[key]}. Remove it.")
-        if key == "user_prompt_library" and isinstance(value, str) and value.strip():
-            extra[raw_key] = _input_file(value, input_name="extra_config_json user_prompt_library")
+        if key == "logging_dir" and isinstance(value, str) and (Path(value).expanduser().is_absolute()
+                                                                or ".." in Path(value).parts):
+            # The trackers write there: the node keeps it inside the run folder, as it keeps every other output.
+            raise ValueError(f"extra_config_json logging_dir {value!r} must be a folder inside the run folder: a "
+                             "relative path without '..'.")
+        if key in ("user_prompt_library", "lycoris_config") and isinstance(value, str) and value.strip():
+            extra[raw_key] = resolve_input_file(value, input_name=f"extra_config_json {key}")
         if key == "validation_reference_images":
             # One path or a list, as the trainer takes it; anything else is left for TrainConfig to refuse by name.
             name = "extra_config_json validation_reference_images"
             if isinstance(value, str) and value.strip():
-                extra[raw_key] = _input_file(value, input_name=name)
+                extra[raw_key] = resolve_input_file(value, input_name=name)
             elif isinstance(value, list):
-                extra[raw_key] = [_input_file(v, input_name=name) if isinstance(v, str) and v.strip() else v
+                extra[raw_key] = [resolve_input_file(v, input_name=name) if isinstance(v, str) and v.strip() else v
                                   for v in value]
         if key == "resume_from_checkpoint" and isinstance(value, str) and value.strip() and value != "latest" \
                 and not re.fullmatch(r"checkpoint-\d+", value):
@@ -179,8 +186,9 @@ def check_extra_paths(extra: dict[str, Any]) -> None:
                              "name of this run's folder.")
 
 
-def _input_file(value: str, *, input_name: str) -> str:
-    """A file path from extra_config_json, absolute and inside the dataset roots; relative = in ComfyUI's input."""
+def resolve_input_file(value: str, *, input_name: str) -> str:
+    """A file path typed into a node (extra_config_json, an option node), absolute and inside the dataset roots;
+    relative = in ComfyUI's input folder."""
     path = Path(value.strip()).expanduser()
     path = path if path.is_absolute() else comfy_bridge.input_directory() / path
     return str(check_inside(path, roots=dataset_roots(), env_name=DATASET_ROOTS_ENV, input_name=input_name))
@@ -198,13 +206,22 @@ def _parse_extra(text: str) -> dict[str, Any]:
     return data
 
 
-def training_settings(widgets: dict[str, Any], *, extra_config_json: str) -> dict[str, Any]:
-    """The trainer keys of Train LoRA's widgets and extra_config_json (which wins), checked for paths."""
+def training_settings(widgets: dict[str, Any], *, extra_config_json: str,
+                      options: TrainOptions | None = None) -> dict[str, Any]:
+    """The trainer keys of Train LoRA's widgets, its option nodes and extra_config_json (which wins over the
+    widgets), checked for paths. A key the options set may be set nowhere else: that is refused, naming both."""
     extra = _parse_extra(extra_config_json)
     check_extra_paths(extra)
     settings = dict(widgets)
     if not settings.get("validation_prompt", "").strip():
         settings["validation_prompt"] = None
+    if options is not None:
+        from ..trainer.config import ALIASES
+
+        options.check_unset({**{key: f"Train LoRA's {key} widget" for key in widgets},
+                             **{ALIASES.get(str(k).removeprefix("--"), str(k).removeprefix("--")): "extra_config_json"
+                                for k in extra}})
+        settings.update(options.settings())
     settings.update(extra)
     return settings
 
@@ -258,11 +275,23 @@ def run_config(model, *, datasets: list[DatasetHandle], name: str, run_dir: Path
 
 
 def _outputs(result: RunResult):
-    from ..trainer.lora_keys import load_lora_file
+    from safetensors import safe_open
 
-    metadata = load_lora_file(result.lora_path)[1] if result.lora_path else {}  # export mode: nothing trained yet
-    lora = TrainedLora(path=result.lora_path, metadata=dict(metadata))
-    return {"ui": {"text": [result.info]}, "result": (lora, result.loss_history, result.info)}
+    from .comfy_keycheck import check_lora_keys
+
+    metadata: dict[str, str] = {}
+    info = result.info
+    if result.lora_path:  # export mode: nothing trained yet
+        # The header only: a file whose keys ComfyUI would drop is reported here (and refused by Save LoRA), not
+        # refused as a training result; Apply LoRA parses every key before it samples.
+        with safe_open(result.lora_path, framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+        check = check_lora_keys(result.lora_path)
+        if check.ran and not check.ok:
+            log.warning("Train LoRA: %s", check.line())
+        info += "\n" + check.line()
+    lora = TrainedLora(path=result.lora_path, metadata=metadata)
+    return {"ui": {"text": [info]}, "result": (lora, result.loss_history, info)}
 
 
 class Flux2ApplyLora:
@@ -295,11 +324,11 @@ class Flux2ApplyLora:
 
     def apply(self, model, lora: TrainedLora, strength: float, native_model=None):
         from ..trainer.inference import LoraRef
-        from ..trainer.lora_keys import load_lora_file
+        from ..trainer.lokr_keys import load_adapter_file
 
         if not lora.path:
             raise ValueError("Apply LoRA: the LoRA input has no file (Train LoRA ran in export mode); train or attach first.")
-        state, metadata, layout = load_lora_file(lora.path)  # refuses foreign or broken files before sampling
+        state = load_adapter_file(lora.path)[0]  # a LoRA or LoKr; refuses foreign or broken files before sampling
         from ..trainer.preflight import check_lora_fits_model
 
         check_lora_fits_model(lora.path, folder=model.folder)  # modules and shapes vs this model, no weights loaded
@@ -314,7 +343,9 @@ class Flux2ApplyLora:
 
 class Flux2SaveLora:
     TITLE = "Save LoRA (FLUX.2)"
-    DESCRIPTION = "Copies the trained LoRA into ComfyUI's models/loras, where LoraLoaderModelOnly finds it. Never overwrites a different file."
+    DESCRIPTION = ("Copies the trained LoRA into ComfyUI's models/loras, where LoraLoaderModelOnly finds it. Never overwrites "
+                   "a different file. Inside ComfyUI it first loads the file through ComfyUI's own LoRA loader and refuses "
+                   "to copy one that would lose keys, naming each.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("path",)
@@ -333,6 +364,7 @@ class Flux2SaveLora:
 
     def save(self, lora: TrainedLora, filename: str):
         from ..trainer.checkpoint import file_sha256
+        from .comfy_keycheck import check_lora_keys
 
         if not lora.path:
             raise ValueError("Save LoRA: the LoRA input has no file (Train LoRA ran in export mode).")
@@ -344,18 +376,25 @@ class Flux2SaveLora:
         target = root.joinpath(*clean[:-1], clean[-1] + ".safetensors")
         target.parent.mkdir(parents=True, exist_ok=True)
         source = Path(lora.path)
+        check = check_lora_keys(source)
+        if check.ran and not check.ok:
+            raise ValueError(
+                f"Save LoRA: {source} would lose keys in ComfyUI, so nothing was copied to {target.parent}. "
+                f"{check.line()} Keys ComfyUI drops do nothing: retrain with this pack's current version (it writes "
+                "ComfyUI/BFL keys), or convert a diffusers-layout file with `python -m trainer convert-lora SRC DST "
+                "--to comfyui`.")
         digest = file_sha256(source)
         candidate, n = target, 1
         while candidate.exists():
             if file_sha256(candidate) == digest:
-                return {"ui": {"text": [str(candidate)]}, "result": (str(candidate),)}
+                return {"ui": {"text": [str(candidate), check.line()]}, "result": (str(candidate),)}
             n += 1
             candidate = target.with_name(f"{target.stem}_{n}.safetensors")
         tmp = candidate.with_name(f".{candidate.name}.tmp")
         shutil.copyfile(source, tmp)
         tmp.replace(candidate)
-        log.info("Save LoRA: wrote %s", candidate)
-        return {"ui": {"text": [str(candidate)]}, "result": (str(candidate),)}
+        log.info("Save LoRA: wrote %s; %s", candidate, check.line())
+        return {"ui": {"text": [str(candidate), check.line()]}, "result": (str(candidate),)}
 
 
 class Flux2LossPlot:

@@ -160,7 +160,8 @@ def build_datasets(
     default_text = config.default_text_embeds()
     text_paths = fill_text_cache(
         _text_jobs(config, usable, extra_prompts=extra_prompts, text_dirs=build.text_dirs), text_dirs=build.text_dirs,
-        batch_sizes={t.id: t.write_batch_size for t in (config.text_embeds or (default_text,))}, model=model,
+        batch_sizes={t.id: t.encoder_batch_size for t in (config.text_embeds or (default_text,))},
+        write_batch_sizes={t.id: t.write_batch_size for t in (config.text_embeds or (default_text,))}, model=model,
         text_identity=build.identities["text"], precision=text_precision, device=device, report=build.report,
         quantization=quantization, offload=offload, progress=progress,
     )

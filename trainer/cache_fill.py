@@ -132,9 +132,10 @@ def _free_memory(device: str) -> None:
 # ---------------------------------------------------------------------------------------------- latents
 
 
-def _latent_misses(pending: list[PendingLatent], *, report: BuildReport) -> dict[str, PendingLatent]:
-    """The pending latents without a valid cache entry, by key (each key and folder once); counts the hits."""
-    misses: dict[str, PendingLatent] = {}
+def _latent_misses(pending: list[PendingLatent], *, report: BuildReport) -> dict[str, list[PendingLatent]]:
+    """The pending latents without a valid cache entry: latent key -> one per cache folder that lacks it (the same
+    image in datasets with different cache_dir_vae is encoded once and written to each). Counts the hits."""
+    misses: dict[str, list[PendingLatent]] = {}
     seen: set[tuple[str, Path]] = set()
     for p in pending:
         if (p.latent_key, p.latent_dir) in seen:
@@ -143,7 +144,7 @@ def _latent_misses(pending: list[PendingLatent], *, report: BuildReport) -> dict
         if _cached_entry(p.latent_path, kind="latent", key=p.latent_key, report=report) is not None:
             report.latents_reused += 1
         else:
-            misses[p.latent_key] = p
+            misses.setdefault(p.latent_key, []).append(p)
     return misses
 
 
@@ -160,12 +161,15 @@ def _load_pixels(group: list[PendingLatent], *,
     return chunk, pixels
 
 
-def _write_latents(vae, chunk: list[PendingLatent], pixels: list[torch.Tensor], *, bucket: tuple[int, int]) -> None:
+def _write_latents(vae, chunk: list[PendingLatent], pixels: list[torch.Tensor], *, bucket: tuple[int, int],
+                   copies: dict[str, list[PendingLatent]]) -> None:
+    """Encode chunk and write each latent to every cache folder that lacks it (copies: _latent_misses' result)."""
     with torch.no_grad():
         latents = flux2.encode_images(vae, torch.stack(pixels)).cpu()
     for p, latent in zip(chunk, latents):
-        write_entry(p.latent_path, {LATENT_TENSOR: latent}, kind="latent", key=p.latent_key,
-                    metadata={"image_sha256": p.image.sha256, "bucket": f"{bucket[0]}x{bucket[1]}"})
+        for target in copies[p.latent_key]:
+            write_entry(target.latent_path, {LATENT_TENSOR: latent}, kind="latent", key=p.latent_key,
+                        metadata={"image_sha256": p.image.sha256, "bucket": f"{bucket[0]}x{bucket[1]}"})
 
 
 def fill_latent_cache(pending: list[PendingLatent], *, model: ModelFolder, precision: str, device: str,
@@ -180,8 +184,8 @@ def fill_latent_cache(pending: list[PendingLatent], *, model: ModelFolder, preci
     if not misses:
         return set(), failed
     by_bucket: dict[tuple[int, int], list[PendingLatent]] = {}
-    for p in misses.values():
-        by_bucket.setdefault(p.plan.bucket, []).append(p)
+    for first, *_ in misses.values():
+        by_bucket.setdefault(first.plan.bucket, []).append(first)
     from .offload import load_vae
 
     total = len(misses)
@@ -198,7 +202,7 @@ def fill_latent_cache(pending: list[PendingLatent], *, model: ModelFolder, preci
                 chunk, pixels = _load_pixels(group[start : start + batch_size], failed=failed)
                 done += len(group[start : start + batch_size])
                 if chunk:
-                    _write_latents(vae, chunk, pixels, bucket=bucket)
+                    _write_latents(vae, chunk, pixels, bucket=bucket, copies=misses)
                     encoded.update(p.latent_key for p in chunk)
                     report.vae_images_encoded += len(chunk)
                 if progress is not None:
@@ -234,11 +238,12 @@ def _text_misses(jobs: dict[str, list[str]], *, text_dirs: dict[str, Path], keys
 
 
 def _encode_captions(misses: dict[str, list[tuple[str, str]]], *, paths: dict[str, dict[str, Path]],
-                     batch_sizes: dict[str, int], model: ModelFolder, precision: str, device: str,
-                     report: BuildReport, quantization: QuantizationConfig | None, offload: OffloadConfig | None,
-                     progress: BuildProgress | None,
-                     truncated: list[str]) -> None:
-    """Load the text encoder once and write every missing embedding, a cache's write_batch_size at a time."""
+                     batch_sizes: dict[str, int], write_batch_sizes: dict[str, int], model: ModelFolder,
+                     precision: str, device: str, report: BuildReport, quantization: QuantizationConfig | None,
+                     offload: OffloadConfig | None, progress: BuildProgress | None, truncated: list[str]) -> None:
+    """Load the text encoder once and encode every missing embedding, a cache's text_encoder_batch_size captions
+    per call; they are written write_batch_size at a time (CacheWriter), and what is encoded is written even when
+    the build stops (Cancel, an error)."""
     total, done = sum(len(todo) for todo in misses.values()), 0
     if progress is not None:
         progress("captions", 0, total)
@@ -251,27 +256,65 @@ def _encode_captions(misses: dict[str, list[tuple[str, str]]], *, paths: dict[st
     try:
         for tid, todo in misses.items():
             size = batch_sizes.get(tid, 4)
-            for start in range(0, len(todo), size):
-                chunk = todo[start : start + size]
-                prompts = [c for c, _ in chunk]
-                _, _, cut_flags = flux2.tokenize_prompts(tokenizer, prompts, flavour=model.flavour)
-                embeds = flux2.encode_prompts(text_encoder, tokenizer, prompts, device="cpu", flavour=model.flavour)
-                for (caption, key), embed, cut in zip(chunk, embeds, cut_flags):
-                    write_entry(paths[tid][caption], {TEXT_TENSOR: embed}, kind="text", key=key,
-                                metadata={"truncated": "1" if cut else "0"})
-                    if cut:
-                        truncated.append(caption)
-                report.prompts_encoded += len(chunk)
-                done += len(chunk)
-                if progress is not None:
-                    progress("captions", done, total)
+            with CacheWriter(group_size=write_batch_sizes.get(tid, size)) as writer:
+                for start in range(0, len(todo), size):
+                    chunk = todo[start : start + size]
+                    prompts = [c for c, _ in chunk]
+                    _, _, cut_flags = flux2.tokenize_prompts(tokenizer, prompts, flavour=model.flavour)
+                    embeds = flux2.encode_prompts(text_encoder, tokenizer, prompts, device="cpu", flavour=model.flavour)
+                    for (caption, key), embed, cut in zip(chunk, embeds, cut_flags):
+                        writer.add(paths[tid][caption], {TEXT_TENSOR: embed}, kind="text", key=key,
+                                   metadata={"truncated": "1" if cut else "0"})
+                        if cut:
+                            truncated.append(caption)
+                    report.prompts_encoded += len(chunk)
+                    done += len(chunk)
+                    if progress is not None:
+                        progress("captions", done, total)
     finally:
         del text_encoder
         _free_memory(device)
 
 
+class CacheWriter:
+    """Cache entries written group_size at a time, each group by a few threads at once (SimpleTuner's
+    write_batch_size). Leaving the block writes what is still pending, also when the block raised."""
+
+    THREADS = 8
+
+    def __init__(self, *, group_size: int) -> None:
+        if group_size < 1:
+            raise ValueError(f"write_batch_size must be >= 1, got {group_size}.")
+        self.group_size = group_size
+        self.pending: list[tuple[Path, dict[str, torch.Tensor], dict]] = []
+        self.groups_written: list[int] = []
+        """Size of each group written, in order (for tests and the build report's reader)."""
+
+    def add(self, path: Path, tensors: dict[str, torch.Tensor], **entry) -> None:
+        self.pending.append((path, tensors, entry))
+        if len(self.pending) >= self.group_size:
+            self.flush()
+
+    def flush(self) -> None:
+        group, self.pending = self.pending, []
+        if not group:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(self.THREADS, len(group))) as pool:
+            for future in [pool.submit(write_entry, path, tensors, **entry) for path, tensors, entry in group]:
+                future.result()  # the first failed write raises here, naming its file
+        self.groups_written.append(len(group))
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.flush()
+
+
 def fill_text_cache(jobs: dict[str, list[str]], *, text_dirs: dict[str, Path], batch_sizes: dict[str, int],
-                    model: ModelFolder, text_identity: str, precision: str, device: str,
+                    model: ModelFolder, write_batch_sizes: dict[str, int] | None = None, text_identity: str, precision: str, device: str,
                     report: BuildReport, quantization: QuantizationConfig | None = None,
                     offload: OffloadConfig | None = None,
                     progress: BuildProgress | None = None) -> dict[str, dict[str, Path]]:
@@ -283,7 +326,8 @@ def fill_text_cache(jobs: dict[str, list[str]], *, text_dirs: dict[str, Path], b
     truncated: list[str] = []
     misses = _text_misses(jobs, text_dirs=text_dirs, keys=keys, report=report, paths=paths, truncated=truncated)
     if misses:
-        _encode_captions(misses, paths=paths, batch_sizes=batch_sizes, model=model, precision=precision,
+        _encode_captions(misses, paths=paths, batch_sizes=batch_sizes, write_batch_sizes=write_batch_sizes or {},
+                         model=model, precision=precision,
                          device=device, report=report, quantization=quantization, offload=offload, progress=progress,
                          truncated=truncated)
     for caption in dict.fromkeys(truncated):

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split an optimizer state dict into tensors (for safetensors) and JSON (param groups, scalars)."""
+    """Split an optimizer state dict into tensors (for safetensors) and JSON (param groups, scalars).
+
+    Tensors and tuples inside param groups and scalars (prodigy keeps running sums as tensors in its groups and a
+    version tuple it compares) survive as {"__tensor__": key} and {"__tuple__": [...]}.
+    """
     import torch
 
     tensors: dict[str, torch.Tensor] = {}
@@ -64,21 +69,47 @@ def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict
             if isinstance(value, torch.Tensor):
                 tensors[key] = value.detach().cpu().contiguous()
             else:
-                scalars.setdefault(str(param_key), {})[name] = value
-    meta = {"param_groups": state["param_groups"], "scalars": scalars, "keys": [str(k) for k in state["state"]]}
+                scalars.setdefault(str(param_key), {})[name] = _to_json(value, tensors, key)
+    groups = [{name: _to_json(value, tensors, f"optim/param_groups/{i}/{name}") for name, value in group.items()}
+              for i, group in enumerate(state["param_groups"])]
+    meta = {"param_groups": groups, "scalars": scalars, "keys": [str(k) for k in state["state"]]}
     return tensors, meta
 
 
 def unflatten_optimizer_state(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[Any, dict[str, Any]] = {}
     for param_key in meta["keys"]:
-        entry: dict[str, Any] = dict(meta["scalars"].get(param_key, {}))
+        entry: dict[str, Any] = {k: _from_json(v, tensors) for k, v in meta["scalars"].get(param_key, {}).items()}
         prefix = f"optim/{param_key}/"
         for key, value in tensors.items():
             if key.startswith(prefix) and "/" not in key[len(prefix):]:
                 entry[key[len(prefix):]] = value
         state[int(param_key) if param_key.isdigit() else param_key] = entry
-    return {"state": state, "param_groups": meta["param_groups"]}
+    groups = [{k: _from_json(v, tensors) for k, v in group.items()} for group in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _to_json(value: Any, tensors: dict[str, Any], key: str) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_to_json(v, tensors, f"{key}/{i}") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_to_json(v, tensors, f"{key}/{i}") for i, v in enumerate(value)]
+    return value
+
+
+def _from_json(value: Any, tensors: dict[str, Any]) -> Any:
+    if isinstance(value, dict) and set(value) == {"__tensor__"}:
+        return tensors[value["__tensor__"]]
+    if isinstance(value, dict) and set(value) == {"__tuple__"}:
+        return tuple(_from_json(v, tensors) for v in value["__tuple__"])
+    if isinstance(value, list):
+        return [_from_json(v, tensors) for v in value]
+    return value
 
 
 def save_checkpoint(
@@ -88,8 +119,12 @@ def save_checkpoint(
     tensors: dict[str, Any],
     meta: dict[str, Any],
     total_limit: int | None,
+    extra_files: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write checkpoint-<step> atomically, then delete the oldest beyond total_limit. Returns its path."""
+    """Write checkpoint-<step> atomically, then delete the oldest beyond total_limit. Returns its path.
+
+    extra_files(folder) writes more files (the step's LoRA file) into the folder before it is renamed into place, so
+    they exist exactly when the checkpoint does."""
     from safetensors.torch import save_file
 
     output_dir = Path(output_dir)
@@ -102,6 +137,8 @@ def save_checkpoint(
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / STATE_FILE))
         fault_point("ckpt", number=step, path=tmp / STATE_FILE)  # test-only: a crash or full disk mid-write
         (tmp / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=1, default=str), encoding="utf-8")
+        if extra_files is not None:
+            extra_files(tmp)
         for name in (STATE_FILE, META_FILE):
             _fsync_file(tmp / name)
         marker = {name: file_sha256(tmp / name) for name in (STATE_FILE, META_FILE)}

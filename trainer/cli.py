@@ -49,15 +49,15 @@ def _add_convert_lora(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_inspect_lora(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect-lora", help="print a FLUX.2 LoRA file's layout, modules (rank, alpha, scale) and metadata as JSON")
+    p = sub.add_parser("inspect-lora", help="print a FLUX.2 LoRA or LoKr file's adapter type, layout, modules (shapes, scale) and metadata as JSON")
     p.add_argument("path", help="LoRA .safetensors to read")
 
     def run(args: argparse.Namespace) -> int:
         import json
 
-        from .lora_keys import describe_lora_file
+        from .lokr_keys import describe_adapter_file
 
-        print(json.dumps(describe_lora_file(args.path), indent=2, sort_keys=True))
+        print(json.dumps(describe_adapter_file(args.path), indent=2, sort_keys=True))
         return 0
 
     p.set_defaults(run=run)
@@ -93,6 +93,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         return_freed_memory_to_os()  # before any weight: a rank's host RAM is its tensors, not freed heap
         exit_with_parent()  # a rank never outlives torchrun (kill -9 of torchrun's group included)
         config = load_cli_config(args.config, overrides=args.overrides)  # every check before any process group
+        _print_preflight(config)
         env = init_distributed(timeout_s=config.parallelism.collective_timeout_s)
         finished = False
         try:
@@ -107,6 +108,24 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         return 0
 
     p.set_defaults(run=run)
+
+
+def _print_preflight(config) -> None:
+    """Rank 0 of a run started directly (torchrun, a cluster): print the memory and time estimates and write them to
+    the run folder. A run that run_training started (its lock token is set) had both done before the launch."""
+    import os
+
+    from .preflight import run_preflight
+    from .run import resume_step
+    from .runlock import TOKEN_ENV
+
+    if os.environ.get(TOKEN_ENV) or os.environ.get("RANK", "0") != "0":
+        return
+    checked = run_preflight(config, num_processes=int(os.environ.get("WORLD_SIZE", "1")), enforce=False,
+                            start_step=resume_step(config))
+    config.checkpoint.output_dir.mkdir(parents=True, exist_ok=True)
+    checked.write(config.checkpoint.output_dir)
+    print("\n".join(checked.lines()), flush=True)
 
 
 def _supervise_training(args: argparse.Namespace) -> int:

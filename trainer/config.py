@@ -10,10 +10,10 @@ type or a bad value raises ValueError naming the flat key.
 
 Functions take only the sub-config they need: `config.model`, `config.data`, `config.lora`, `config.optim`,
 `config.schedule`, `config.objective` (with `.guidance`), `config.memory`, `config.parallelism`,
-`config.checkpoint`, `config.validation`, `config.quantization`, `config.offload`, `config.tread`. A rule that
-spans settings is written once, as a method of the sub-config that owns it (QuantizationConfig.check_compatible,
-OffloadConfig.check_compatible); the config calls it when it is read and model.build_model again when it knows
-the process count and device.
+`config.checkpoint`, `config.validation`, `config.quantization`, `config.offload`, `config.trackers`,
+`config.tread`. A rule that spans settings is written once, as a method of the sub-config that owns it
+(QuantizationConfig.check_compatible, OffloadConfig.check_compatible); the config calls it when it is read and
+model.build_model again when it knows the process count and device.
 
 ComfyUI imports it at start-up for the combo lists: it imports nothing heavier than trainer/flux2.py (torch,
 which ComfyUI has loaded already).
@@ -33,9 +33,15 @@ from typing import Any, Literal
 
 from .flavours import check_config_flavour, check_flavour_settings
 from .flux2 import PIXELS_PER_TOKEN, check_reference_image
+from .lokr import LycorisSpec, lycoris_settings
 from .prompt_library import read_prompt_library
 from .settings import (PATHS, Setting, as_paths, check_fields, check_file, closest, convert, expected, field_setting, literal_choices, setting,
                        to_json_value)
+from .ema import EmaConfig
+from .noise_offset import NoiseOffsetConfig
+from .optimizers import OptimizerConfig, ScheduleConfig
+from .scheduled_sampling import ScheduledSamplingConfig
+from .trackers import TrackerConfig
 from .tread import TreadConfig, TreadRoute
 from .simpletuner_keys import ALIASES, UNSUPPORTED_KEYS, choice_hint, translate_simpletuner_keys, unknown_key_message
 
@@ -151,55 +157,22 @@ class LoraConfig:
     target: Literal["all", "attention", "mlp", "tiny"] = setting("flux_lora_target", "all")
     """Layers that get adapters, in double and single blocks: "all" (every attention and MLP linear),
     "attention" (q/k/v and output projections), "mlp" (feed-forward only), "tiny" (q/k/v only)."""
+    lora_type: Literal["standard", "lycoris"] = setting("lora_type", "standard")
+    """"standard": the LoRA above. "lycoris": a LyCORIS LoKr described by lycoris_config (trainer/lokr.py)."""
+    lycoris_config: Path | None = setting("lycoris_config", None, empty_means_null=True)
+    """SimpleTuner's LyCORIS JSON ({"algo": "lokr", "linear_dim": ..., "linear_alpha": ..., "factor": ...,
+    "apply_preset": ...}), read and checked with the config; required with lora_type "lycoris"."""
+    init_lokr_norm: float | None = setting("init_lokr_norm", None, gt=0)
+    """LoKr: start from w1 = 1 and w2 drawn with the base weight's mean and std, times this (SimpleTuner's
+    perturbed-normal init; the model changes at step 0). null: LyCORIS's init (w2 = 0)."""
+    lycoris: LycorisSpec | None = dataclasses.field(default=None, init=False, compare=False)
+    """lycoris_config as read (None for lora_type "standard")."""
 
     def __post_init__(self) -> None:
         check_fields(self)
+        object.__setattr__(self, "lycoris", lycoris_settings(self))  # before alpha: it warns on a given lora_alpha
         if self.alpha is None:  # resolved once: every user of the adapter reads a number
             object.__setattr__(self, "alpha", float(self.rank))
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class OptimizerConfig:
-    optimizer: Literal["adamw"] = setting("optimizer", "adamw")
-    """torch.optim.AdamW over the LoRA weights (kept in fp32)."""
-    learning_rate: float = setting("learning_rate", 1e-4, gt=0)
-    """Peak learning rate. > 0."""
-    adam_beta1: float = setting("adam_beta1", 0.9, ge=0, lt=1)
-    """AdamW first-moment decay. In [0, 1)."""
-    adam_beta2: float = setting("adam_beta2", 0.999, ge=0, lt=1)
-    """AdamW second-moment decay. In [0, 1)."""
-    adam_weight_decay: float = setting("adam_weight_decay", 1e-2, ge=0.0)
-    """AdamW decoupled weight decay. >= 0."""
-    adam_epsilon: float = setting("adam_epsilon", 1e-8, gt=0)
-    """AdamW denominator epsilon. > 0."""
-    max_grad_norm: float = setting("max_grad_norm", 2.0, ge=0.0)
-    """Clip the global gradient norm (torch clip_grad_norm_) to this value; 0 disables clipping. >= 0.
-    SimpleTuner's default grad_clip_method "value" clips each element instead; this trainer clips the norm."""
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ScheduleConfig:
-    """How long to train and the learning-rate schedule; the field names are loop.lr_lambda's arguments."""
-
-    scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = setting("lr_scheduler", "constant")
-    """Learning-rate schedule after warm-up: "constant", "constant_with_warmup" (linear warm-up, then
-    constant), "cosine" and "linear" (warm-up, then decay to 0 at max_train_steps). "constant" has no
-    warm-up."""
-    warmup_steps: int = setting("lr_warmup_steps", 0, ge=0)
-    """Optimizer steps of linear warm-up from 0 to learning_rate. In [0, max_train_steps]."""
-    total_steps: int = setting("max_train_steps", 1000, ge=1)
-    """Optimizer steps to train. >= 1."""
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-        if self.warmup_steps > self.total_steps:
-            raise ValueError(
-                f"lr_warmup_steps {self.warmup_steps} is more than max_train_steps {self.total_steps}; "
-                "the learning rate would never reach learning_rate. Lower lr_warmup_steps."
-            )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -236,6 +209,8 @@ class ObjectiveConfig:
     guidance: GuidanceConfig = dataclasses.field(default_factory=GuidanceConfig)
     caption_dropout_probability: float = setting("caption_dropout_probability", 0.0, ge=0, le=1)
     """Chance per sample of training on the empty prompt's real encoding instead of the caption. In [0, 1]."""
+    noise_offset: NoiseOffsetConfig = dataclasses.field(default_factory=NoiseOffsetConfig)
+    scheduled_sampling: ScheduledSamplingConfig = dataclasses.field(default_factory=ScheduledSamplingConfig)
     reference_timestep: ReferenceTimestep = setting("reference_timestep", "shared")
     """Edit/reference LoRAs (not a SimpleTuner key): the timestep that modulates the reference-image tokens.
     "shared" gives them the sample's timestep, as Flux2Pipeline and ComfyUI do when they sample FLUX.2-dev
@@ -354,6 +329,8 @@ class ValidationConfig:
     guidance: float = setting("validation_guidance", 4.0, gt=0)
     """Guidance for validation images: dev's guidance embedding value; klein base's classifier-free guidance scale
     (negative prompt "", as Flux2KleinPipeline; <= 1 turns CFG off); unused on a distilled klein. > 0."""
+    num_images: int = setting("num_validation_images", 1, ge=1, le=16)
+    """Images per prompt at each validation, image k with seed validation_seed + k. In [1, 16]."""
     seed: int | None = setting("validation_seed", None, ge=0, le=SEED_MAX)
     """Seed for validation noise (the same images every time); null uses seed (the config then holds the
     training seed here). In [0, 2**31 - 1]."""
@@ -431,7 +408,8 @@ class QuantizationConfig:
     text_encoder_precision: QuantPrecision = setting("text_encoder_1_precision", "no_change")
     """Weight quantization of the Mistral text encoder while it caches embeddings, same choices."""
     base_model_default_dtype: Literal["bf16", "fp32"] = setting("base_model_default_dtype", "bf16")
-    """dtype of the transformer weights that quantization leaves unquantized (norms, embeddings)."""
+    """dtype of the transformer weights that quantization leaves unquantized (norms, embeddings). Unset in a config
+    file it follows mixed_precision: "fp32" with "no", else "bf16"."""
     quantize_via: Literal["cpu", "accelerator"] = setting("quantize_via", "accelerator")
     """Where weights are quantized: "cpu" (slower, for GPUs that cannot hold the unquantized model) or
     "accelerator" (the training GPU)."""
@@ -502,7 +480,9 @@ class OffloadConfig:
     vae: bool = setting("group_offload_vae", False)
     """Also group-offload the VAE while it caches latents."""
     during_startup: bool = setting("offload_during_startup", False)
-    """Keep the text encoder in CPU memory while the VAE caches latents (less GPU memory at start-up)."""
+    """Models loaded at start-up wait in CPU memory while not in use. SimpleTuner's meaning (the text encoder off
+    the GPU while the VAE caches latents) always holds here: each encoder is released before the next loads.
+    What this adds: the VAE that decodes validation images waits in CPU memory between validations."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -576,6 +556,8 @@ class TrainConfig:
     validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
     quantization: QuantizationConfig = dataclasses.field(default_factory=QuantizationConfig)
     offload: OffloadConfig = dataclasses.field(default_factory=OffloadConfig)
+    trackers: TrackerConfig = dataclasses.field(default_factory=TrackerConfig)
+    ema: EmaConfig = dataclasses.field(default_factory=EmaConfig)
     tread: TreadConfig | None = setting("tread_config", None)
     """TREAD token routing during training, SimpleTuner's spelling:
     {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]}. null disables it."""
@@ -591,6 +573,7 @@ class TrainConfig:
             if not isinstance(getattr(self, name), _GROUPS[name]):
                 raise ValueError(f"TrainConfig.{name} must be a {_GROUPS[name].__name__}, got {getattr(self, name)!r}.")
         check_fields(self)
+        self.schedule.check_base_lr(self.optim.base_lr)
         if self.validation.seed is None:  # resolved once: validation renders with a number
             object.__setattr__(self, "validation", dataclasses.replace(self.validation, seed=self.seed))
         self.check_processes(None)
@@ -605,6 +588,7 @@ class TrainConfig:
                                            offload=self.offload)
         self.offload.check_compatible(gradient_checkpointing=self.memory.gradient_checkpointing,
                                       distributed=self.parallelism.distributed, world_size=world_size, device=None)
+        self.optim.check_processes(distributed=self.parallelism.distributed, world_size=world_size)
 
     def __getattr__(self, name: str) -> Any:
         """A setting by its flat JSON key, as the file spells it: config.learning_rate is config.optim.learning_rate,
@@ -627,6 +611,8 @@ class TrainConfig:
             unused.append(("flux_guidance_value", "flux_guidance_mode is 'random-range'"))
         if self.objective.auto_shift and "flow_schedule_shift" in changed:
             unused.append(("flow_schedule_shift", "flow_schedule_auto_shift is on"))
+        unused += self.objective.noise_offset.unused_settings(changed)
+        unused += self.objective.scheduled_sampling.unused_settings(changed)
         if not self.memory.gradient_checkpointing and self.memory.gradient_checkpointing_interval is not None:
             unused.append(("gradient_checkpointing_interval", "gradient_checkpointing is off"))
         if not self.offload.enabled:
@@ -669,6 +655,8 @@ class TrainConfig:
             values[key] = convert(key, value, hint, from_json=True, default=DEFAULTS.get(key, dataclasses.MISSING),
                                   why_refused=choice_hint, empty_means_null=spec.empty_means_null,
                                   number_as_text=spec.number_as_text)
+        if values.get("base_model_precision", "no_change") != "no_change" and values.get("mixed_precision") == "no":
+            values.setdefault("base_model_default_dtype", "fp32")  # its default follows fp32 compute
         missing = [k for k in _REQUIRED if k not in values]
         if missing:
             raise ValueError(f"config is missing required key(s) {missing}: {_REQUIRED_HELP}")

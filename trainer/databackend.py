@@ -6,7 +6,8 @@ The file is a JSON list of datasets. Three kinds are understood:
   bucket settings, repeats and VAE cache folder; conditioning_data may name conditioning datasets;
 - conditioning datasets (dataset_type "conditioning", conditioning_type reference_strict or reference_loose):
   reference images for edit LoRAs, matched to the image dataset's files by relative path without extension;
-- text_embeds datasets: where caption embeddings are cached (cache_dir, write_batch_size); the one marked
+- text_embeds datasets: where caption embeddings are cached (cache_dir; text_encoder_batch_size captions per encoder
+  call, write_batch_size embeddings per round of writes); the one marked
   default (or the only one) is used by image datasets that do not name one with text_embeds.
 
 Differences from SimpleTuner, each deliberate:
@@ -53,6 +54,7 @@ RESOLUTION_TYPES: tuple[str, ...] = ("pixel_area", "area", "pixel")
 CROP_ASPECTS: tuple[str, ...] = ("square", "preserve", "closest", "random")
 CROP_STYLES: tuple[str, ...] = ("center", "random", "corner")
 DEFAULT_WRITE_BATCH_SIZE = 128
+DEFAULT_TEXT_ENCODER_BATCH_SIZE = 4
 CROP_ASPECT_LIMITS: tuple[float, float] = (0.25, 4.0)
 """Smallest and largest aspect (width / height) a crop_aspect_buckets entry may ask for: the bucket limits."""
 
@@ -149,7 +151,11 @@ class TextEmbedsSpec:
     cache_dir: Path | None = None
     """Folder of caption embeddings; None = text/ next to the built manifest."""
     write_batch_size: int = DEFAULT_WRITE_BATCH_SIZE
-    """Captions encoded per text-encoder call (and written together)."""
+    """Embeddings written to the cache together, by a few threads at once (SimpleTuner's meaning: fewer, larger
+    rounds of writes for network or object storage). Until this version it was also the text-encoder batch."""
+    encoder_batch_size: int = DEFAULT_TEXT_ENCODER_BATCH_SIZE
+    """Captions per text-encoder call (SimpleTuner's text_encoder_batch_size): more is faster, and needs more
+    memory (each caption is 512 tokens)."""
     default: bool = False
 
 
@@ -190,7 +196,8 @@ class BackendConfig:
             "datasets": [spec(d) for d in self.datasets],
             "conditioning": [spec(d) for d in self.conditioning.values()],
             "text_embeds": [{"id": t.id, "cache_dir": str(t.cache_dir) if t.cache_dir else None,
-                             "write_batch_size": t.write_batch_size, "default": t.default} for t in self.text_embeds],
+                             "write_batch_size": t.write_batch_size, "text_encoder_batch_size": t.encoder_batch_size,
+                             "default": t.default} for t in self.text_embeds],
             "disabled": list(self.disabled),
         }
 
@@ -226,7 +233,7 @@ def single_folder_config(
                             minimum_image_size=float(minimum_image_size) if minimum_image_size else None,
                             disable_multiline_split=disable_multiline_split)
     return BackendConfig(path=None, datasets=(spec,), conditioning={}, from_folder=True,
-                         text_embeds=(TextEmbedsSpec(id="text", write_batch_size=text_batch_size, default=True),))
+                         text_embeds=(TextEmbedsSpec(id="text", encoder_batch_size=text_batch_size, default=True),))
 
 
 # ------------------------------------------------------------------------------------------------ keys
@@ -243,7 +250,7 @@ _CONDITIONING_KEYS = (_IMAGE_KEYS - {"conditioning_data", "conditioning_multidat
                                      "probability"}) | {
     "conditioning_type", "source_dataset_id",
 }
-_TEXT_KEYS = _COMMON | {"default", "cache_dir", "write_batch_size"}
+_TEXT_KEYS = _COMMON | {"default", "cache_dir", "write_batch_size", "text_encoder_batch_size"}
 
 _UNSUPPORTED: dict[str, str] = {
     "max_upscale_threshold": "upscaled images are reported as warnings; use minimum_image_size to skip small ones",
@@ -523,6 +530,8 @@ def _parse_text(raw: dict[str, Any], *, ds: str, base: Path) -> TextEmbedsSpec:
         cache_dir=_path(raw, "cache_dir", ds=ds, base=base, required=False),
         write_batch_size=int(_number(raw, "write_batch_size", DEFAULT_WRITE_BATCH_SIZE, ds=ds, integer=True,
                                      minimum=1)),
+        encoder_batch_size=int(_number(raw, "text_encoder_batch_size", DEFAULT_TEXT_ENCODER_BATCH_SIZE, ds=ds,
+                                       integer=True, minimum=1)),
         default=_bool(raw, "default", False, ds=ds),
     )
 

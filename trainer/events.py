@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 EVENTS_FILE = "events.jsonl"
 
@@ -28,6 +28,14 @@ def _clean(value: Any) -> Any:
     return value
 
 
+class EventSink(Protocol):
+    """What else receives rank 0's events (trainer/trackers.py): the event name and its data as emitted."""
+
+    def write(self, event: str, data: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class EventWriter:
     """Appends events; a no-op on ranks other than 0. Each line is flushed so followers see it at once."""
 
@@ -35,6 +43,7 @@ class EventWriter:
         self.path = Path(output_dir) / EVENTS_FILE
         self.enabled = rank == 0
         self._fh = None
+        self._sinks: list[EventSink] = []
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(self.path, "a", encoding="utf-8")
@@ -45,8 +54,19 @@ class EventWriter:
         record = {"event": event, "time": time.time(), **_clean(data)}
         self._fh.write(json.dumps(record, default=str) + "\n")
         self._fh.flush()
+        for sink in self._sinks:  # after the file: a tracker never costs events.jsonl a line
+            sink.write(event, data)
+
+    def add_sink(self, sink: EventSink) -> None:
+        """Also hand every later event (name and raw data) to `sink`, such as trainer/trackers.Trackers; it is
+        closed with this writer. Ignored on ranks other than 0, which write nothing."""
+        if self.enabled:
+            self._sinks.append(sink)
 
     def close(self) -> None:
+        sinks, self._sinks = self._sinks, []
+        for sink in sinks:
+            sink.close()
         if self._fh is not None:
             self._fh.close()
             self._fh = None

@@ -53,6 +53,13 @@ def _check_preset(preset: str) -> None:
         raise ValueError(f"lora preset {preset!r} is unknown; valid presets: {', '.join(LORA_PRESETS)}.")
 
 
+def preset_layers(preset: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(layers adapted in each double block, in each single block) of `preset`, as module names inside a block
+    (e.g. "attn.to_q"); trainer/flops.py counts the adapters' FLOPs from them."""
+    _check_preset(preset)
+    return _PRESET_LAYERS[preset]
+
+
 def lora_target_modules(transformer: torch.nn.Module, *, preset: str) -> list[str]:
     """Fully qualified names of the Linear modules `preset` adapts, in model order."""
     import torch

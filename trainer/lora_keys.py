@@ -172,7 +172,8 @@ def _group_modules(state: dict, *, layout: str, what: str, shown_prefix: str) ->
             allowed = "'.lora_A.weight', '.lora_B.weight'" + (", '.alpha'" if layout == "comfyui" else "")
             raise ValueError(
                 f"{what}: key {shown_prefix + key!r} is not a FLUX.2 LoRA key of the {layout} layout "
-                f"(suffixes allowed: {allowed}). Only plain LoRA (no DoRA, LoKr, biases) is supported."
+                f"(suffixes allowed: {allowed}). Only plain LoRA here (no DoRA, biases); LoKr files (lokr_w1, "
+                "lokr_w2) are read by trainer/lokr_keys.py and not converted."
             )
         module, part = split
         try:
@@ -503,8 +504,11 @@ def save_lora_file(
     metadata: dict[str, str],
     layout: Literal["comfyui", "diffusers"],
     adapter_config: dict | None = None,
+    check_keys: bool = True,
 ) -> Path:
     """Write a LoRA .safetensors atomically (temp file in the same folder, fsync, rename).
+
+    check_keys=False: the caller has checked the comfyui-layout keys (LoKr files: trainer/lokr_keys.py).
 
     comfyui: `state` must be in that layout (`diffusers_to_comfy` makes it). diffusers: keys with or
     without `transformer.` (the file always has it); the PEFT config comes from `adapter_config`, else
@@ -532,7 +536,8 @@ def save_lora_file(
         if adapter_config is not None:
             raise ValueError("adapter_config is only used with layout='diffusers'; comfyui files carry '.alpha' keys.")
         plain = _strip_prefix(state, COMFY_PREFIX, required=True, what="ComfyUI LoRA")
-        _group_modules(plain, layout="comfyui", what="ComfyUI LoRA", shown_prefix=COMFY_PREFIX)
+        if check_keys:
+            _group_modules(plain, layout="comfyui", what="ComfyUI LoRA", shown_prefix=COMFY_PREFIX)
         tensors = dict(state)
     else:
         plain = _strip_prefix(state, DIFFUSERS_PREFIX, required=False, what="diffusers LoRA")

@@ -58,10 +58,12 @@ class Model:
 
 def build_model(folder: ModelFolder, *, lora: LoraConfig, memory: MemoryConfig, parallelism: ParallelismConfig,
                 seed: int, env: parallelize.DistEnv, quantization: QuantizationConfig | None = None,
-                offload: OffloadConfig | None = None, tread: TreadConfig | None = None) -> Model:
+                offload: OffloadConfig | None = None, tread: TreadConfig | None = None,
+                lora_dtype: torch.dtype = torch.float32) -> Model:
     """The LoRA-injected transformer, wrapped for the run's distribution; quantization, offload and TREAD off
-    when not given."""
+    when not given. lora_dtype: the trained LoRA weights' dtype (OptimizerConfig.lora_dtype: bf16 for adamw_bf16)."""
     from .blocks import apply_block_forward
+    from .lokr import apply_init_lokr_norm, apply_lokr
     from .lora import apply_lora
     from .model_files import empty_transformer, fill_from_safetensors, load_transformer
     from .offload import apply_group_offload
@@ -92,10 +94,14 @@ def build_model(folder: ModelFolder, *, lora: LoraConfig, memory: MemoryConfig, 
     # LoRA A is drawn from the global generator: the same seed on every rank gives every rank (and a rerun)
     # the same initial adapter, which FSDP2 shards and a resumed run must match.
     torch.manual_seed(seed)
-    apply_lora(transformer, preset=lora.target, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, init=lora.init)
+    if lora.lycoris is not None:  # a LyCORIS LoKr (lora_type "lycoris"), in PEFT's LoKr layers
+        apply_lokr(transformer, spec=lora.lycoris, preset=lora.target, init_lokr_norm=lora.init_lokr_norm)
+    else:
+        apply_lora(transformer, preset=lora.target, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                   init=lora.init)
     for param in transformer.parameters():
         if param.requires_grad:
-            param.data = param.data.float()  # LoRA weights (and AdamW's state) stay fp32
+            param.data = param.data.to(lora_dtype)  # fp32 LoRA weights, unless the optimizer trains bf16 ones
         elif sharded:  # still unread: take the storage dtype now, without touching memory
             param.data = torch.empty(param.shape, dtype=_SHARD_DTYPES[memory.mixed_precision])
     # Our block loop (trainer/blocks.py) is the forward from here on; Model keeps the plan it runs (TREAD routes).
@@ -110,6 +116,8 @@ def build_model(folder: ModelFolder, *, lora: LoraConfig, memory: MemoryConfig, 
         fill_from_safetensors(transformer, folder)
         if env.device.type != "cpu":
             module.to(env.device)
+    if lora.lycoris is not None and lora.init_lokr_norm is not None:  # reads the base weights: once they are loaded
+        apply_init_lokr_norm(transformer, scale=lora.init_lokr_norm, seed=seed)
     return Model(module=module, inner=transformer, compute_dtype=compute, hidden_size=hidden, block_forward=plan)
 
 

@@ -64,6 +64,12 @@ class PreparedBatch:
     sigmas: torch.Tensor
     reference_timestep: ReferenceTimestep = "shared"
     """How the model modulates the reference tokens (ObjectiveConfig.reference_timestep)."""
+    loss_weight: torch.Tensor | None = None
+    """ReflexFlow (trainer/rollout.py): per-element weights of the squared error (B, N_img, 128); None: all 1."""
+    drift_weight: torch.Tensor | None = None
+    """ReflexFlow: per-sample weight of the anti-drift term (B,), 0 for samples not rolled out; None: no term."""
+    drift_direction: torch.Tensor | None = None
+    """ReflexFlow: per-sample unit vector (B, N_img * 128) the prediction is pulled towards."""
 
 
 def prepare_batch(
@@ -85,7 +91,8 @@ def prepare_batch(
     if len(generators) != batch:
         raise ValueError(f"prepare_batch needs one generator per sample: {len(generators)} for a batch of {batch}")
     x0 = latents.float()
-    noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators])
+    noise = spec.noise_offset.apply(torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators]),
+                                    generators)
     shift = flux2.resolution_shift(h * w) if spec.auto_shift else spec.shift
     sigmas = torch.cat([flux2.sample_training_sigmas(1, shift=shift, generator=g) for g in generators])
     x_t = flux2.noisy_latents(x0, noise, sigmas)
@@ -120,14 +127,14 @@ def prepare_batch(
     )
 
 
-def flow_matching_loss(model: torch.nn.Module, prepared: PreparedBatch, *, device: torch.device,
-                       dtype: torch.dtype, tread_generators: list[torch.Generator] | None = None) -> torch.Tensor:
-    """MSE between the model's prediction on the target tokens and e - x0 (reference outputs cut).
+def model_prediction(model: torch.nn.Module, prepared: PreparedBatch, *, device: torch.device, dtype: torch.dtype,
+                     tread_generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """The model's prediction on the target tokens (B, N_img, 128), reference outputs cut.
 
     tread_generators: the batch's per-sample generators, for a model with TREAD routes (blocks.apply_block_forward);
-    it draws the routed tokens from them. None for any other model. A batch with references and
-    reference_timestep "zero" also needs the trainer's forward (blocks.apply_block_forward); with "shared"
-    the model gets diffusers' arguments only.
+    it draws the routed tokens from them. None for any other model, and for a forward in eval mode (the rollout).
+    A batch with references and reference_timestep "zero" also needs the trainer's forward
+    (blocks.apply_block_forward); with "shared" the model gets diffusers' arguments only.
     """
     extra: dict = {} if tread_generators is None else {
         "tread_generators": tread_generators, "num_target_tokens": prepared.num_target_tokens}
@@ -143,5 +150,27 @@ def flow_matching_loss(model: torch.nn.Module, prepared: PreparedBatch, *, devic
         return_dict=False,
         **extra,
     )[0]
-    pred = pred[:, : prepared.num_target_tokens]
-    return torch.nn.functional.mse_loss(pred.float(), prepared.target.to(device=device, dtype=torch.float32))
+    return pred[:, : prepared.num_target_tokens]
+
+
+def flow_matching_loss(model: torch.nn.Module, prepared: PreparedBatch, *, device: torch.device,
+                       dtype: torch.dtype, tread_generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """MSE between the model's prediction on the target tokens and e - x0 (model_prediction's arguments).
+
+    A batch the rollout changed (trainer/rollout.py) with ReflexFlow on carries per-element loss weights and an
+    anti-drift direction: each sample's weighted mean squared error plus drift_weight * |unit(pred) - direction|^2,
+    averaged over the batch. Any other batch: plain MSE.
+    """
+    pred = model_prediction(model, prepared, device=device, dtype=dtype, tread_generators=tread_generators).float()
+    target = prepared.target.to(device=device, dtype=torch.float32)
+    if prepared.loss_weight is None and prepared.drift_weight is None:
+        return torch.nn.functional.mse_loss(pred, target)
+    error = (pred - target).square()
+    if prepared.loss_weight is not None:
+        error = error * prepared.loss_weight.to(device)
+    per_sample = error.flatten(1).mean(dim=1)
+    if prepared.drift_weight is not None and prepared.drift_direction is not None:
+        direction = torch.nn.functional.normalize(pred.flatten(1), dim=1, eps=1e-6)
+        drift = (direction - prepared.drift_direction.to(device)).square().sum(dim=1)
+        per_sample = per_sample + prepared.drift_weight.to(device) * drift
+    return per_sample.mean()

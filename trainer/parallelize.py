@@ -69,10 +69,21 @@ def barrier(env: DistEnv) -> None:
 
 def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if env.world_size > 1:
-        value = value.detach().clone()
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.SUM)
-        value /= env.world_size
+        return _all_reduce(value, env, op=torch.distributed.ReduceOp.SUM) / env.world_size
     return value
+
+
+def all_reduce_max(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.world_size > 1:
+        return _all_reduce(value, env, op=torch.distributed.ReduceOp.MAX)
+    return value
+
+
+def _all_reduce(value: torch.Tensor, env: DistEnv, *, op) -> torch.Tensor:
+    """value reduced over the ranks, on value's device (NCCL reduces only tensors on the rank's GPU)."""
+    reduced = value.detach().to(env.device, copy=True)
+    torch.distributed.all_reduce(reduced, op=op)
+    return reduced.to(value.device)
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -106,6 +117,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") and not hasattr(model, "transformer_blocks") else model
 
 
+def is_adapter_param(name: str) -> bool:
+    """Whether a parameter name belongs to the trained adapter (PEFT LoRA lora_A/lora_B, or LoKr lokr_*)."""
+    return "lora_" in name or ".lokr_" in name
+
+
 def full_lora_state(model: torch.nn.Module, *, env: DistEnv) -> dict[str, torch.Tensor]:
     """Every LoRA tensor, whole, on every rank (a collective under FSDP2: every rank must call it).
 
@@ -113,7 +129,7 @@ def full_lora_state(model: torch.nn.Module, *, env: DistEnv) -> dict[str, torch.
     """
     state = {}
     for name, param in unwrap(model).named_parameters():
-        if "lora_" in name:
+        if is_adapter_param(name):
             whole = param.full_tensor() if hasattr(param, "full_tensor") else param  # FSDP2: a DTensor shard
             state[name.replace(".default", "")] = whole.detach().cpu()
     return state
@@ -140,7 +156,8 @@ def load_full_state(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     inner = unwrap(model)
-    names = {k.replace(".default", ""): k for k in inner.state_dict() if "lora_" in k}
+    # named_parameters lists a parameter shared by several layers (LoKr's q/k/v w2) once, as full_lora_state does.
+    names = {k.replace(".default", ""): k for k, _ in inner.named_parameters() if is_adapter_param(k)}
     missing = set(names) - set(lora_state)
     if missing:
         raise ValueError(f"checkpoint lacks LoRA tensors for {sorted(missing)[:3]}...; it belongs to another run.")

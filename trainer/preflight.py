@@ -1,6 +1,9 @@
 """Checks that run before any weights load: the run fits the GPU's memory, the output folder is writable and
 has room for the run, the LoRA rank fits the model, and a LoRA file fits the model it is applied to.
 
+run_preflight adds the time estimate (trainer/throughput.py) to the memory check: the Preflight record that the Train
+LoRA node shows before the first step and that the run folder keeps as preflight.json. Only memory refuses a run.
+
 Sizes come from the model's config alone: the transformer is built on the meta device (no memory, no
 weights read), LoRA is injected exactly as training does, and its trainable parameters are counted.
 """
@@ -14,7 +17,10 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .throughput import TimeEstimate
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +79,11 @@ def lora_size(folder: Any, *, lora: Any) -> LoraSize:
     from .lora import apply_lora, lora_target_modules
 
     model = meta_transformer(folder)
+    if getattr(lora, "lycoris", None) is not None:  # LoKr: no rank to check; its factors as training makes them
+        from .lokr import apply_lokr
+
+        apply_lokr(model, spec=lora.lycoris, preset=lora.target, init_lokr_norm=lora.init_lokr_norm)
+        return LoraSize(numel=sum(p.numel() for p in model.parameters() if p.requires_grad), smallest_dim=0)
     targets = [model.get_submodule(name) for name in lora_target_modules(model, preset=lora.target)]
     smallest = min(min(m.in_features, m.out_features) for m in targets if isinstance(m, torch.nn.Linear))
     if lora.rank > smallest:
@@ -101,12 +112,15 @@ class SpaceEstimate:
 
 def estimate_run_bytes(*, lora_numel: int, max_train_steps: int, checkpointing_steps: int,
                        checkpoints_total_limit: int | None, existing_checkpoints: int, validation_images: int,
-                       validation_pixels: int) -> SpaceEstimate:
-    """Disk space the run will add to its output folder at the worst moment."""
-    # A checkpoint holds the fp32 LoRA and AdamW's two moments, plus a small JSON.
-    checkpoint = lora_numel * _FP32 * (1 + _ADAM_TENSORS) + (1 << 20)
+                       validation_pixels: int, ema: bool = False) -> SpaceEstimate:
+    """Disk space the run will add to its output folder at the worst moment (ema: use_ema's fp32 average, kept in
+    each checkpoint and saved as a second LoRA file)."""
     # Fused q/k/v adapters are block-diagonal in the saved file: up to 3x the trained numbers.
-    lora = lora_numel * _FP32 * 3
+    lora_file = lora_numel * _FP32 * 3
+    lora = lora_file * (1 + int(ema))
+    # A checkpoint holds the fp32 LoRA and AdamW's two moments (the most any optimizer here keeps), plus a small JSON,
+    # and the step's LoRA file (for LoRA Grid).
+    checkpoint = lora_numel * _FP32 * (1 + _ADAM_TENSORS + int(ema)) + lora_file + (1 << 20)
     planned = max_train_steps // checkpointing_steps
     peak_total = existing_checkpoints + planned
     if checkpoints_total_limit is not None:
@@ -138,8 +152,9 @@ def check_run(config: Any, *, folder: Any, out_dir: Path, existing_checkpoints: 
     estimate = estimate_run_bytes(
         lora_numel=size.numel, max_train_steps=steps,
         checkpointing_steps=config.checkpoint.every_steps, checkpoints_total_limit=config.checkpoint.total_limit,
-        existing_checkpoints=existing_checkpoints, validation_images=renders,
-        validation_pixels=validation.width * validation.height,
+        existing_checkpoints=existing_checkpoints, validation_pixels=validation.width * validation.height,
+        validation_images=renders * (2 if config.ema.enabled and config.ema.validation == "comparison" else 1),
+        ema=config.ema.enabled,
     )
     check_free_space(out_dir, estimate=estimate)
     log.info("preflight: %d LoRA parameters; the run needs about %s in %s", size.numel,
@@ -151,6 +166,11 @@ def check_memory(config: Any, *, num_processes: int, enforce: bool) -> str:
     """The estimated peak GPU memory and host RAM per process, as text; with enforce, refuses a run that cannot
     fit this machine's GPU or its available host RAM (export mode does not enforce: the run goes to another
     machine)."""
+    return _check_memory(config, num_processes=num_processes, enforce=enforce)[0]
+
+
+def _check_memory(config: Any, *, num_processes: int, enforce: bool) -> tuple[str, Any, Any]:
+    """check_memory's summary, with the GPU estimate (MemoryEstimate) and the host one (HostMemoryEstimate)."""
     from .memory import accelerator_memory_gb, available_host_memory_gb, estimate_for_config, estimate_host_for_config
 
     available = accelerator_memory_gb()
@@ -175,7 +195,58 @@ def check_memory(config: Any, *, num_processes: int, enforce: bool) -> str:
             "(quantized block by block while loading), turn enable_group_offload off, or give the diffusers "
             "folder instead of a single-file transformer (which loads whole)."
         )
-    return summary
+    return summary, estimate, host
+
+
+PREFLIGHT_FILE = "preflight.json"
+"""The run folder's record of the preflight: its inputs and its memory and time estimates."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Preflight:
+    """What a run is estimated to need before it starts: GPU memory and host RAM per process (a run that cannot fit
+    is refused) and time (trainer/throughput.py; never a reason to refuse). All of it is estimated."""
+
+    memory_summary: str
+    gpu_memory_gb: dict[str, float]
+    host_memory_gb: dict[str, float]
+    num_processes: int
+    time: TimeEstimate
+
+    def lines(self) -> list[str]:
+        return [self.memory_summary, self.time.summary()]
+
+    def event(self) -> dict[str, Any]:
+        """The "preflight" event the node shows before the first step (no "time" key: events carry their timestamp)."""
+        short = (f"{self.time.short()}; {self.gpu_memory_gb['total']:.1f} GB GPU, "
+                 f"{self.host_memory_gb['per_process']:.1f} GB host RAM per process (estimates)")
+        return {"summary": "\n".join(self.lines()), "short": short,
+                "seconds_per_step": self.time.seconds_per_step, "total_seconds": self.time.total_seconds,
+                "device": self.time.device}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"estimate": True, "num_processes": self.num_processes, "gpu_memory_gb": self.gpu_memory_gb,
+                "host_memory_gb": self.host_memory_gb, "time": self.time.as_dict(), "summary": self.lines()}
+
+    def write(self, run_dir: Path) -> Path:
+        path = run_dir / PREFLIGHT_FILE
+        path.write_text(json.dumps(self.as_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+        return path
+
+
+def run_preflight(config: Any, *, num_processes: int, enforce: bool, start_step: int = 0,
+                  device_name: str | None = None) -> Preflight:
+    """check_memory (with enforce, refuses a run that does not fit: the only refusal here) and the time estimate of
+    the steps from start_step on, on device_name (default: the GPU this process sees)."""
+    from .throughput import estimate_time_for_config
+
+    summary, estimate, host = _check_memory(config, num_processes=num_processes, enforce=enforce)
+    time = estimate_time_for_config(config, world_size=num_processes, device_name=device_name, start_step=start_step)
+    log.info("Train LoRA: %s", time.summary())
+    return Preflight(memory_summary=summary, gpu_memory_gb=estimate.breakdown(),
+                     host_memory_gb={"per_process": round(host.peak_gb, 3), "loading": round(host.load_gb, 3),
+                                     "training": round(host.steady_gb, 3)},
+                     num_processes=num_processes, time=time)
 
 
 @functools.lru_cache(maxsize=4)
@@ -189,6 +260,17 @@ def _linear_shapes(transformer_config: str) -> tuple[dict[str, tuple[int, int]],
     shapes = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
               if isinstance(m, torch.nn.Linear)}
     return shapes, len(model.transformer_blocks), len(model.single_transformer_blocks)
+
+
+def _lokr_module_shapes(path: str | os.PathLike) -> dict[str, tuple[int, int]] | None:
+    """{diffusers module: (in, out)} of a LoKr file (every key checked, the fused q/k/v split), None for a LoRA."""
+    from .lokr_keys import adapter_type_of_file, comfy_lokr_modules, load_adapter_file, lokr_to_diffusers
+
+    if adapter_type_of_file(path) != "lokr":
+        return None
+    what = f"LoKr file {Path(path).name!r}"
+    modules = lokr_to_diffusers(comfy_lokr_modules(load_adapter_file(path)[0], what=what), what=what)
+    return {name: factors.shape[::-1] for name, factors in modules.items()}
 
 
 def lora_flavour(metadata: dict[str, str]) -> str | None:
@@ -223,7 +305,8 @@ def check_lora_fits_model(path: str | os.PathLike, *, folder: Any) -> None:
     from .flavours import SPECS
     from .lora_adapters import load_as_diffusers
 
-    state, _ = load_as_diffusers(str(path))  # checks the file and every key first
+    lokr = _lokr_module_shapes(path)  # {module: (in, out)} of a LoKr file, None for a LoRA
+    state = load_as_diffusers(str(path))[0] if lokr is None else {}  # checks the file and every key first
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         trained_on = lora_flavour(dict(handle.metadata() or {}))
     name = Path(path).name
@@ -235,6 +318,14 @@ def check_lora_fits_model(path: str | os.PathLike, *, folder: Any) -> None:
             f"or use a LoRA trained on {folder.spec.title}."
         )
     shapes, doubles, singles = _linear_shapes(json.dumps(folder.transformer_config(), sort_keys=True))
+    for module_name, (got_in, got_out) in sorted((lokr or {}).items()):
+        if module_name not in shapes or shapes[module_name] != (got_in, got_out):
+            raise ValueError(
+                f"LoKr file {name!r} adapts {module_name!r} as a {got_out} x {got_in} layer; this model "
+                + (f"has it as {shapes[module_name][1]} x {shapes[module_name][0]}" if module_name in shapes else
+                   "does not have it") + f" ({folder.spec.title}, {doubles} double and {singles} single blocks): the "
+                "LoKr was trained for another model. Use a LoKr trained on this model."
+            )
     for key, tensor in sorted(state.items()):
         if not key.endswith(".lora_A.weight") and not key.endswith(".lora_B.weight"):
             continue

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "run.json"
 MEMORY_ESTIMATE_FILE = "memory_estimate.txt"
+"""The memory estimate of run folders written before preflight.json (preflight.PREFLIGHT_FILE) replaced it."""
 COMMAND_FILE = "COMMAND.txt"
 
 
@@ -67,6 +68,9 @@ def run_identity(*, model: Flux2ModelSpec, fingerprints: Sequence[str], settings
         "settings": settings,
         "num_processes": num_processes,
     }
+    lycoris = settings.get("lycoris_config")  # its contents shape the adapter: an edited file trains again
+    if isinstance(lycoris, str) and Path(lycoris).is_file():
+        payload["lycoris_config_sha256"] = hashlib.sha256(Path(lycoris).read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -89,9 +93,7 @@ def finished_run(run_dir: Path) -> RunResult | None:
     history = step_losses(events)
     final = history[-1][1] if history else float("nan")
     info = f"run folder: {run_dir}\nLoRA: {lora}\nsteps: {end.get('step')}  final loss: {final:.5f}"
-    estimate = run_dir / MEMORY_ESTIMATE_FILE
-    if estimate.is_file():
-        info += "\n" + estimate.read_text(encoding="utf-8").strip()
+    info += "".join(f"\n{line}" for line in _preflight_lines(run_dir))
     return RunResult(run_dir=run_dir, lora_path=str(lora), info=info, events=events)
 
 
@@ -117,14 +119,19 @@ def run_training(
     next run resumes from it), TrainingFailed (with the log tail), or RunLockedError when another run holds the folder.
     """
     config.check_processes(num_processes)  # before anything is written or launched
-    estimate = preflight.check_memory(config, num_processes=num_processes, enforce=not export)
+    if not export:  # an exported run's trackers and optimizer package are installed (or not) on the cluster
+        config.trackers.check_installed()
+        config.optim.check_installed()
+    # Refuses a run only for memory; the time estimate is shown and recorded, never a reason to refuse.
+    checked = preflight.run_preflight(config, num_processes=num_processes, enforce=not export,
+                                      start_step=resume_step(config))
     run_dir = config.checkpoint.output_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     # One run per folder: another live run (a second server, a CLI run) is refused before anything is written.
     with runlock.acquire_run_lock(run_dir, owner=owner) as lock:
         config_path = run_dir / CONFIG_FILE
         config.to_json(config_path)
-        (run_dir / MEMORY_ESTIMATE_FILE).write_text(estimate + "\n", encoding="utf-8")
+        checked.write(run_dir)
 
         finished = finished_run(run_dir) if reuse_finished else None
         if finished is not None:
@@ -135,6 +142,9 @@ def run_training(
             (run_dir / COMMAND_FILE).write_text(text + "\n", encoding="utf-8")
             return RunResult(run_dir=run_dir, lora_path="", info=text)
 
+        # Shown before the first step (the node's panel and progress line; the CLI prints it) and kept for a reload.
+        append_event(run_dir, "preflight", **checked.event())
+        on_event({"event": "preflight", **checked.event()})
         started = time.time()
         # Models an earlier run left in this process's memory would otherwise sit beside the trainer's.
         before_launch()
@@ -159,6 +169,29 @@ def run_training(
         if done is None:
             raise RuntimeError(f"Train LoRA: the trainer reported success but {run_dir} has no finished LoRA.")
         return done
+
+
+def _preflight_lines(run_dir: Path) -> list[str]:
+    """The estimates recorded in the run folder, as lines for the node's info (older folders: the memory line)."""
+    record = run_dir / preflight.PREFLIGHT_FILE
+    if record.is_file():
+        try:
+            data = json.loads(record.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            log.warning("%s is not valid JSON; its estimates are not shown", record)
+            return []
+        lines = data.get("summary") if isinstance(data, dict) else None
+        return [str(line) for line in lines] if isinstance(lines, list) else []
+    legacy = run_dir / MEMORY_ESTIMATE_FILE
+    return [legacy.read_text(encoding="utf-8").strip()] if legacy.is_file() else []
+
+
+def resume_step(config: TrainConfig) -> int:
+    """The step a run with resume_from_checkpoint "latest" goes on from (its newest complete checkpoint), else 0."""
+    if config.checkpoint.resume_from != "latest":
+        return 0
+    kept = checkpoint.list_checkpoints(config.checkpoint.output_dir)
+    return kept[-1][0] if kept else 0
 
 
 def _record_cancel(run_dir: Path, *, on_event: Callable[[dict[str, Any]], None]) -> str:

@@ -11,16 +11,22 @@ Imports only the standard library: ComfyUI imports the config at start-up for it
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
+import itertools
 import math
 import re
+import textwrap
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["PATHS", "Setting", "as_paths", "check_fields", "check_file", "check_range", "closest", "convert", "literal_choices", "setting"]
+__all__ = ["PATHS", "Setting", "as_paths", "check_fields", "check_file", "check_range", "closest", "convert", "field_docs",
+           "literal_choices", "setting"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -54,6 +60,20 @@ def setting(key: str, default: Any = dataclasses.MISSING, *, ge: float | None = 
 
 def field_setting(field: dataclasses.Field) -> Setting | None:
     return field.metadata.get("setting")
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the docstring written under the field in cls's source, whitespace collapsed (the settings'
+    user documentation, read where it is written: node tooltips quote it)."""
+    [node] = ast.parse(textwrap.dedent(inspect.getsource(cls))).body
+    docs: dict[str, str] = {}
+    body = node.body if isinstance(node, ast.ClassDef) else []
+    for stmt, nxt in itertools.pairwise(body):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
 
 
 def check_fields(obj: Any) -> None:

@@ -13,22 +13,22 @@ ALIASES: dict[str, str] = {
 """SimpleTuner's current names for keys this trainer spells the older SimpleTuner way."""
 
 _NO_HUB = "this trainer never talks to the Hugging Face Hub; upload the LoRA file yourself"
-_NO_TRACKER = "progress goes to events.jsonl in output_dir (charted live by the Train LoRA node); there is no tracker integration"
+_NO_WEBHOOK = ("webhooks are not sent; progress goes to events.jsonl in output_dir (charted live by the Train LoRA node) "
+               "and to the report_to trackers")
 _DATASET = "dataset settings belong to the dataset (the Build Dataset node, or the entries of data_backend_config)"
 _NO_CFG = ("validation samples as the FLUX.2 pipelines do: dev through its guidance embedding, klein base with "
            "classifier-free guidance against the empty prompt, both scaled by validation_guidance")
-_LORA_ONLY = "this trainer trains standard PEFT LoRA only (no LyCORIS / LoKr)"
-_SCHEDULERS = "only the lr_scheduler choices constant, constant_with_warmup, cosine and linear exist"
+_OPTIMIZERS = ("of SimpleTuner's optimizers this trainer implements adamw_bf16, optimi-lion and prodigy (and its own "
+               "'adamw', torch AdamW)")
+_OPTIMIZER_STEP = "the optimizer steps once after the whole backward, on the device that holds the LoRA weights"
 
 UNSUPPORTED_KEYS: dict[str, str] = {
-    "tracker_project_name": _NO_TRACKER, "tracker_run_name": _NO_TRACKER,
-    "tracker_image_layout": _NO_TRACKER, "logging_dir": _NO_TRACKER, "webhook_config": _NO_TRACKER,
+    "webhook_config": _NO_WEBHOOK,
     "push_to_hub": _NO_HUB, "push_checkpoints_to_hub": _NO_HUB, "hub_model_id": _NO_HUB,
     "model_card_safe_for_work": _NO_HUB, "model_card_note": _NO_HUB,
     "num_train_epochs": "training length is set by max_train_steps only",
-    "lora_type": _LORA_ONLY, "lycoris_config": _LORA_ONLY, "init_lokr_norm": _LORA_ONLY,
     "lora_format": "the saved LoRA layout is chosen by this trainer (ComfyUI/BFL keys that load in stock ComfyUI)",
-    "use_ema": "EMA weights are not implemented", "ema_decay": "EMA weights are not implemented",
+    "init_lora_ema": "training starts from a fresh LoRA (init_lora is not implemented)",
     "grad_clip_method": "max_grad_norm always clips the global gradient norm (SimpleTuner's default 'value' clips each element)",
     "validation_negative_prompt": _NO_CFG, "validation_guidance_real": _NO_CFG,
     "validation_no_cfg_until_timestep": _NO_CFG, "validation_guidance_rescale": _NO_CFG,
@@ -42,9 +42,7 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "disable_bucket_pruning": _DATASET, "crop": _DATASET, "crop_style": _DATASET, "crop_aspect": _DATASET,
     "caption_strategy": _DATASET, "instance_data_dir": _DATASET, "repeats": _DATASET,
     "cache_dir": _DATASET, "cache_dir_vae": _DATASET, "cache_dir_text": _DATASET,
-    "lr_end": _SCHEDULERS, "lr_power": _SCHEDULERS, "lr_num_cycles": _SCHEDULERS,
-    "optimizer_config": "the optimizer is AdamW with the adam_* keys",
-    "use_8bit_adam": "the optimizer is torch AdamW (optimizer 'adamw')",
+    "use_8bit_adam": "SimpleTuner removed its 8-bit AdamW; optimizer 'adamw_bf16' keeps the LoRA in bf16",
     "fuse_qkv_projections": "attention runs with the separate q/k/v projections the LoRA targets",
     "fused_qkv_projections": "attention runs with the separate q/k/v projections the LoRA targets",
     "controlnet": "ControlNet training is not implemented",
@@ -57,7 +55,9 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "custom_text_encoder_intermediary_layers": "text features are the Mistral hidden states 10, 20 and 30, as FLUX.2-dev expects",
     "flux_attention_masked_training": "a FLUX.1 option; FLUX.2-dev does not mask text padding",
     "flux_fast_schedule": "a FLUX.1 schnell option",
-    "snr_gamma": "the loss is plain flow-matching MSE", "noise_offset": "the loss is plain flow-matching MSE",
+    "snr_gamma": "the loss is plain flow-matching MSE",
+    "scheduled_sampling_order": ("the rollout's solver sets its order (scheduled_sampling_sampler euler 1, heun 2, "
+                                 "rk4 4)"),
     "input_perturbation": "the loss is plain flow-matching MSE",
     "attention_mechanism": "attention uses diffusers' default (PyTorch SDPA)",
     "disable_benchmark": "there is no start-up benchmark to disable",
@@ -68,8 +68,14 @@ UNSUPPORTED_KEYS: dict[str, str] = {
 CHOICE_HINTS: dict[str, dict[str, str]] = {
     "model_type": {"full": "full fine-tuning is not supported; this trainer trains LoRA adapters only"},
     "model_family": {"flux": "this trainer is for FLUX.2; FLUX.1 is model_family 'flux' in SimpleTuner"},
-    "optimizer": {"adamw_bf16": "SimpleTuner's bf16 AdamW is not implemented; 'adamw' keeps fp32 LoRA weights"},
+    "optimizer": {k: _OPTIMIZERS for k in (
+        "ao-adamw8bit", "ao-adamw4bit", "ao-adamfp8", "ao-adamwfp8", "adamw_schedulefree", "adamw_schedulefree+aggressive",
+        "adamw_schedulefree+no_kahan", "optimi-stableadamw", "optimi-adamw", "optimi-radam", "optimi-ranger",
+        "optimi-adan", "optimi-adam", "optimi-sgd", "soap", "muon", "torch-adamw")},
     "mixed_precision": {"fp8": "fp8 training is not implemented"},
+    "scheduled_sampling_sampler": {k: "SimpleTuner's flow-matching rollout steps with Euler whatever the sampler says "
+                                      "('euler' here is the same); 'heun' and 'rk4' are higher-order solvers"
+                                   for k in ("unipc", "dpm")},
     "lora_init_type": {k: "only PEFT's default and gaussian initialisations are supported" for k in ("loftq", "olora", "pissa")},
 }
 """Key -> {refused choice: why}: the reason an error gives for a choice SimpleTuner has and this trainer has not."""
@@ -80,7 +86,6 @@ QUANT_HINT = "only optimum-quanto int8/int4 weight quantization is implemented"
 
 _FSDP2 = "this trainer shards every FLUX.2 block with FSDP2 when distributed is 'fsdp2' (trainer/parallelize.py)"
 SAME_AS_THIS_TRAINER: dict[str, tuple[tuple[object, ...], str]] = {
-    "report_to": (("none",), _NO_TRACKER),
     "fsdp_version": ((2, "2"), "only FSDP2 is implemented (SimpleTuner deprecates version 1)"),
     "fsdp_reshard_after_forward": ((True, "true"), "each block is resharded after its forward, as FSDP2's default"),
     "fsdp_cpu_ram_efficient_loading": ((True, False, "true", "false"),
@@ -93,14 +98,21 @@ SAME_AS_THIS_TRAINER: dict[str, tuple[tuple[object, ...], str]] = {
                              "checkpoints hold only the LoRA and its optimizer state, gathered into one file"),
     "fsdp_cpu_offload": ((False, "false"), "use enable_group_offload (one process) to keep weights in CPU memory"),
     "fsdp_activation_checkpointing": ((False, "false"), "use gradient_checkpointing"),
+    "optimizer_cpu_offload_method": (("none",), _OPTIMIZER_STEP),
+    "optimizer_offload_gradients": ((False, "false"), _OPTIMIZER_STEP),
+    "fuse_optimizer": ((False, "false"), _OPTIMIZER_STEP),
+    "optimizer_release_gradients": ((False, "false"), _OPTIMIZER_STEP),
+    "validation_lycoris_strength": ((1, 1.0, "1", "1.0"), "validation renders the adapter as it is trained, at "
+                                    "strength 1 (Apply LoRA sets a strength afterwards)"),
 }
 """SimpleTuner keys whose listed values say what this trainer always does: accepted and read as nothing; any other
 value is refused with the reason. (fsdp_enable sets distributed: translate_simpletuner_keys.)"""
 
 
 def translate_simpletuner_keys(data: dict[str, object]) -> dict[str, object]:
-    """`data` without the SAME_AS_THIS_TRAINER keys (checked), and with fsdp_enable read as distributed
-    (true: "fsdp2", false: "ddp", as SimpleTuner runs several processes without FSDP)."""
+    """`data` without the SAME_AS_THIS_TRAINER keys (checked), with fsdp_enable read as distributed
+    (true: "fsdp2", false: "ddp", as SimpleTuner runs several processes without FSDP), and a report_to list
+    (SimpleTuner's trainer takes one) read as its comma-separated string."""
     out: dict[str, object] = {}
     fsdp = None
     for raw_key, value in data.items():
@@ -114,6 +126,8 @@ def translate_simpletuner_keys(data: dict[str, object]) -> dict[str, object]:
             if not isinstance(value, bool) and str(value).lower() not in ("true", "false"):
                 raise ValueError(f"config key {raw_key!r} is {value!r}; use true or false.")
             fsdp = (value if isinstance(value, bool) else str(value).lower() == "true", raw_key)
+        elif key == "report_to" and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            out[raw_key] = ",".join(value)
         else:
             out[raw_key] = value
     if fsdp is not None:

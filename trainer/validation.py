@@ -8,6 +8,7 @@ them in the forward) and rank 0 writes the PNGs.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 from dataclasses import dataclass
@@ -45,13 +46,15 @@ class ValidationRun:
         every = self.settings.every_steps
         return step == total or (every > 0 and step % every == 0)
 
-    def render(self, model: Model, *, step: int, out_dir: Path, env: parallelize.DistEnv) -> list[dict[str, Any]]:
+    def render(self, model: Model, *, step: int, out_dir: Path, env: parallelize.DistEnv,
+               variant: str | None = None) -> list[dict[str, Any]]:
         from .offload import onloaded
 
         with onloaded(self.vae, device=env.device, offload=self.offload):  # offload_during_startup
             return run_validation(model, self.vae, prompts=self.prompts, settings=self.settings, step=step,
                                   out_dir=out_dir, env=env, reference_timestep=self.reference_timestep,
-                                  reference_latents=self.references, negative_prompt_embeds=self.negative)
+                                  reference_latents=self.references, negative_prompt_embeds=self.negative,
+                                  variant=variant)
 
 
 def prepare_validation(config: TrainConfig, *, prompts: list[tuple[str, str, torch.Tensor]], folder: ModelFolder,
@@ -150,12 +153,13 @@ def validation_reference_latents(paths: tuple[Path, ...], *, vae, device: torch.
 def run_validation(model: Model, vae, *, prompts: list[tuple[str, str, torch.Tensor]], settings, step: int,
                    out_dir: Path, env: parallelize.DistEnv, reference_timestep: str = "shared",
                    reference_latents: list[torch.Tensor] | None = None,
-                   negative_prompt_embeds: torch.Tensor | None = None) -> list[dict[str, Any]]:
+                   negative_prompt_embeds: torch.Tensor | None = None, variant: str | None = None) -> list[dict[str, Any]]:
     """Render every validation prompt with the current LoRA; all ranks run the forward (FSDP2 needs it).
 
     reference_timestep: the training objective's, so images rendered with reference latents see them as training did.
     reference_latents: validation_reference_latents' result, given to every prompt; None renders without references.
     negative_prompt_embeds: validation_prompts' negative (klein base: CFG with scale validation_guidance) or None.
+    variant: names the weights the model runs with ("ema"): the files end in _<variant>, the records say it.
     """
     from PIL import Image
 
@@ -166,20 +170,23 @@ def run_validation(model: Model, vae, *, prompts: list[tuple[str, str, torch.Ten
     records = []
     try:
         with torch.no_grad():
-            for name, prompt, embeds in prompts:
+            for (name, prompt, embeds), index in itertools.product(prompts, range(settings.num_images)):
                 images = generate_images(
                     _Unwrapped(model), vae, prompt_embeds=embeds.unsqueeze(0).to(env.device, model.compute_dtype),
                     width=settings.width, height=settings.height, num_steps=settings.num_inference_steps,
-                    guidance=settings.guidance, seed=settings.seed, reference_timestep=reference_timestep,
+                    guidance=settings.guidance, seed=settings.seed + index, reference_timestep=reference_timestep,
                     reference_latents=reference_latents, negative_prompt_embeds=None if negative_prompt_embeds is None
                     else negative_prompt_embeds.to(env.device, model.compute_dtype),
                 )
                 if env.is_main:
-                    rel = Path("validation") / f"step{step:06d}_{_slug(name)}.png"
+                    tail = f"_{variant}" if variant else ""  # which weights rendered it: "ema" for the EMA's
+                    tail += f"_{index + 1}" if settings.num_images > 1 else ""  # num_validation_images
+                    rel = Path("validation") / f"step{step:06d}_{_slug(name)}{tail}.png"
                     (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
                     array = (images[0].numpy() * 255.0).round().clip(0, 255).astype("uint8")
                     Image.fromarray(array).save(out_dir / rel)
-                    records.append({"name": name, "prompt": prompt, "path": rel.as_posix()})
+                    records.append({"name": name, "prompt": prompt, "path": rel.as_posix(), "seed": settings.seed + index}
+                                   | ({"variant": variant} if variant else {}))
     finally:
         model.inner.train(was_training)
     return records

@@ -17,7 +17,8 @@ What it does, as ComfyUI's load_diffusion_model_state_dict + LoraLoaderModelOnly
 3. For each weight ComfyUI patched, one at a time: that weight alone is materialised with random
    values on the CPU, ModelPatcher.patch_weight_to_device (the per-weight step ModelPatcher.load runs
    for every weight during patch_model) patches it, and patched - base is compared, in row chunks,
-   with the delta the file means: trainer.lora_keys.lora_delta for a ComfyUI-layout file, the PEFT
+   with the delta the file means: trainer.lora_keys.lora_delta for a ComfyUI-layout file (for a LoKr
+   file trainer.lokr_keys.lokr_delta_rows: the rows of alpha / dim * kron(w1, w2)), the PEFT
    delta (trainer.lora_keys.diffusers_lora_delta with the file's adapter config) for a diffusers one,
    plus the least-squares factor between the two. Then unpatch_model must restore the base weight bit
    for bit, and the weight goes back to meta. Peak memory is about four float32 copies of the largest
@@ -127,9 +128,12 @@ def _rows_reference(ref_state: dict, ref_config: dict, bfl_key: str, r0: int, r1
 
 
 def _rows_lora_delta(comfy_state: dict, bfl_key: str, r0: int, r1: int):
+    from trainer.lokr_keys import lokr_delta_rows
     from trainer.lora_keys import lora_delta
 
     module = bfl_key.removesuffix(".weight")
+    if module + ".lokr_w1" in comfy_state or module + ".lokr_w1_a" in comfy_state:  # a LoKr: scale * kron(w1, w2)
+        return lokr_delta_rows(comfy_state, module, r0, r1)
     sliced = {module + ".lora_A.weight": comfy_state[module + ".lora_A.weight"],
               module + ".lora_B.weight": comfy_state[module + ".lora_B.weight"][r0:r1]}
     if module + ".alpha" in comfy_state:

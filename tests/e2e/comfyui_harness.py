@@ -160,12 +160,14 @@ class ComfyServer:
     """One `main.py --cpu` process in its own process group, logging to a file."""
 
     def __init__(self, install: ComfyInstall, *, base_dir: Path, log_path: Path, port: int | None = None,
-                 extra_args: Iterable[str] = ()):
+                 extra_args: Iterable[str] = (), extra_env: Mapping[str, str] | None = None):
         self.install = install
         self.base_dir = base_dir
         self.log_path = log_path
         self.port = port or free_port()
         self.extra_args = list(extra_args)
+        self.extra_env = dict(extra_env or {})
+        """Set for the server after the harness's own settings (a test that simulates another environment)."""
         self.process: subprocess.Popen | None = None
         self.start_seconds: float | None = None
         self._startup_log = ""
@@ -195,6 +197,7 @@ class ComfyServer:
         env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
         # The repo root holds nodes/ and trainer/: they must never shadow ComfyUI's own `nodes` module.
         env.pop("PYTHONPATH", None)
+        env.update(self.extra_env)
         command = self.command()
         began = time.monotonic()
         with open(self.log_path, "wb") as log:

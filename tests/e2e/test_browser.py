@@ -1,6 +1,6 @@
 """The shipped UI-format workflow in ComfyUI's real front end (headless Chromium driven by
 playwright-core from node): it loads, Run trains on the tiny FLUX.2, and the Train LoRA node shows the
-loss chart and the validation samples.
+loss chart and the validation samples, with every line of its panel inside the node (none cut off).
 
 Tools (each missing one is a skip with its reason):
   node >= 18 and npm    https://nodejs.org
@@ -138,16 +138,55 @@ def run_driver(tools: BrowserTools, *, url: str, workflow_path: Path, workdir: P
     return json.loads(lines[-1])
 
 
-def test_ui_workflow_trains_and_the_node_shows_chart_and_samples(
-    browser_tools: BrowserTools, comfyui_server: ComfyServer,
-    tiny_model_dir: Path, tmp_path: Path,
-):
+@pytest.fixture(scope="module")
+def browser_report(browser_tools: BrowserTools, comfyui_server: ComfyServer, tiny_model_dir: Path,
+                   tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One run of the shipped UI workflow in the browser (a few minutes on CPU); every test here reads its report."""
     install_tiny_model(comfyui_server.base_dir, tiny_model_dir=tiny_model_dir)
     install_sample_dataset(comfyui_server.base_dir)
-    workflow = json.loads(UI_WORKFLOW.read_text(encoding="utf-8"))
-
-    report = run_driver(browser_tools, url=comfyui_server.url, workflow_path=UI_WORKFLOW, workdir=tmp_path)
+    report = run_driver(browser_tools, url=comfyui_server.url, workflow_path=UI_WORKFLOW,
+                        workdir=tmp_path_factory.mktemp("browser"))
     print(f"\nscreenshot: {report.get('screenshot')}")
+    return report
+
+
+LAYOUT_TOLERANCE_PX = 1.0
+"""Sub-pixel rounding of boxes under the canvas' zoom transform."""
+
+
+def clipped_lines(layout: dict[str, Any]) -> list[str]:
+    """What of the Train LoRA panel a user cannot see: every row (and the status line) must lie inside the panel,
+    the panel inside the node's body, and no text box may hide lines (vertical overflow) or cut text
+    (horizontal overflow; the image strip scrolls sideways by design, so overflow-x auto is not a cut)."""
+    tol = LAYOUT_TOLERANCE_PX
+
+    def outside(inner: dict[str, float], outer: dict[str, float]) -> list[str]:
+        sides = [("top", inner["top"] < outer["top"] - tol), ("bottom", inner["bottom"] > outer["bottom"] + tol),
+                 ("left", inner["left"] < outer["left"] - tol), ("right", inner["right"] > outer["right"] + tol)]
+        return [side for side, out in sides if out]
+
+    problems = []
+    panel = layout["panel"]
+    if sides := outside(panel["box"], layout["node"]):
+        problems.append(f"the panel {panel['box']} crosses the node's {'/'.join(sides)} edge {layout['node']}")
+    for line in layout["lines"]:
+        if line["display"] == "none":
+            continue
+        label = f"{line['name']} {line['text'][:60]!r}"
+        if sides := outside(line["box"], panel["box"]):
+            problems.append(f"{label}: its box {line['box']} crosses the panel's {'/'.join(sides)} edge {panel['box']}")
+        (client_w, client_h), (scroll_w, scroll_h) = line["client"], line["scroll"]
+        if line["text"] and scroll_h > client_h + tol:
+            problems.append(f"{label}: {scroll_h} px of text in a {client_h} px box (lines hidden)")
+        if line["text"] and scroll_w > client_w + tol and line["overflow_x"] not in ("auto", "scroll"):
+            problems.append(f"{label}: {scroll_w} px of text in a {client_w} px box (text cut)")
+    return problems
+
+
+def test_ui_workflow_trains_and_the_node_shows_chart_and_samples(browser_report: dict[str, Any],
+                                                                 comfyui_server: ComfyServer):
+    report = browser_report
+    workflow = json.loads(UI_WORKFLOW.read_text(encoding="utf-8"))
     context = f"{json.dumps(report, indent=1)[:6000]}\n--- ComfyUI log tail ---\n{comfyui_server.log_tail()}"
 
     assert report["extension_registered"], context
@@ -181,3 +220,45 @@ def test_ui_workflow_trains_and_the_node_shows_chart_and_samples(
     screenshot = Path(report["screenshot"])
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (comfyui_server.base_dir / "models" / "loras" / "flux2" / f"{RUN_NAME}.safetensors").is_file()
+
+
+@pytest.mark.parametrize("moment", ["loaded", "finished"])
+def test_every_panel_line_is_visible(browser_report: dict[str, Any], moment: str):
+    """Before any run and after a run (chart, progress, sample strip, run info): nothing on the panel is cut off."""
+    layout = browser_report[f"layout_{moment}"]
+    context = json.dumps(layout, indent=1)
+    assert layout is not None, "the Train LoRA node has no panel"
+    shown = {line["name"].split()[0] for line in layout["lines"] if line["display"] != "none"}
+    expected = {"flux2lora-head", "flux2lora-status", "flux2lora-progress", "flux2lora-chart"}
+    if moment == "finished":
+        expected |= {"flux2lora-strip", "flux2lora-info"}
+        info = next(line for line in layout["lines"] if line["name"] == "flux2lora-info")
+        assert "run folder:" in info["text"], context  # the run info the node sent is on the panel
+    assert expected <= shown, context
+    chart = next(line for line in layout["lines"] if line["name"] == "flux2lora-chart")
+    # The chart keeps at least its minimum height (120 CSS px, at the canvas' zoom).
+    assert chart["box"]["bottom"] - chart["box"]["top"] >= 120 * layout["scale"] - LAYOUT_TOLERANCE_PX, context
+    assert clipped_lines(layout) == [], context
+
+
+def test_clipped_lines_names_what_is_cut():
+    """The check itself, on the layout a new user saw: 312 px of content in a 288 px panel (no browser needed)."""
+    def line(name: str, top: float, bottom: float, *, text: str = "x", scroll_h: float | None = None) -> dict:
+        height = bottom - top
+        return {"name": name, "text": text, "display": "block", "overflow_x": "hidden",
+                "box": {"left": 10, "top": top, "right": 450, "bottom": bottom},
+                "client": [440, height], "scroll": [440, height if scroll_h is None else scroll_h]}
+
+    panel = {"name": "flux2lora-panel", "text": "", "display": "flex", "overflow_x": "hidden",
+             "box": {"left": 10, "top": 0, "right": 450, "bottom": 288}, "client": [440, 288], "scroll": [440, 312]}
+    node = {"left": 0, "top": -10, "right": 460, "bottom": 300}
+    lines = [line("flux2lora-chart", 40, 160, text=""), line("flux2lora-strip", 163, 243),
+             line("flux2lora-info", 246, 310, text="run folder: /x\nsteps: 8 · final loss 0.1", scroll_h=76)]
+    problems = clipped_lines({"node": node, "panel": panel, "lines": lines})
+    assert len(problems) == 2 and all(p.startswith("flux2lora-info") for p in problems), problems
+    assert "crosses the panel's bottom edge" in problems[0] and "76 px of text in a 64 px box" in problems[1]
+    fitted = [line("flux2lora-chart", 40, 160, text=""), line("flux2lora-info", 163, 239, text="run folder: /x")]
+    assert clipped_lines({"node": node, "panel": panel, "lines": fitted}) == []
+    panel_too_low = dict(panel, box=dict(panel["box"], bottom=320))
+    assert clipped_lines({"node": node, "panel": panel_too_low, "lines": fitted}) == [
+        f"the panel {panel_too_low['box']} crosses the node's bottom edge {node}"]

@@ -30,6 +30,19 @@ def test_num_processes_trains_under_torchrun_and_prints_the_events(runs, tiny_mo
     assert json.loads((out / "run.json").read_text())["max_train_steps"] == 3  # what torchrun was given
     assert not (out / LOCK_FILE).exists()  # released
     assert [e["event"] for e in read_events(out / "events.jsonl")].count("start") == 1
+    # The preflight's estimates come first (this CPU has no time estimate), and stay in the run folder.
+    kinds = [e["event"] for e in events]
+    assert kinds.index("preflight") < kinds.index("start")
+    assert "no time estimate for cpu" in events[kinds.index("preflight")]["summary"]
+    assert json.loads((out / "preflight.json").read_text())["time"]["no_estimate"].startswith("training on the CPU")
+
+
+def test_a_run_started_directly_prints_the_preflight_and_records_it(runs, tiny_model_dir, square_dataset, tmp_path):
+    out = tmp_path / "direct"
+    proc = runs.launch(runs.run_config(tiny_model_dir, square_dataset, out, max_train_steps=1))
+    assert "estimated peak" in proc.stdout and "no time estimate for cpu: training on the CPU" in proc.stdout
+    record = json.loads((out / "preflight.json").read_text())
+    assert record["estimate"] is True and record["time"]["inputs"]["max_train_steps"] == 1
 
 
 def test_export_prints_the_cluster_command_the_node_prints(runs, tiny_model_dir, square_dataset, tmp_path, capsys):

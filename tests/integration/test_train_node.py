@@ -96,8 +96,10 @@ def test_datasets_built_with_another_vae_are_refused_before_launch(nodes, model_
 
 def test_same_inputs_reuse_the_finished_run(nodes, model_spec, dataset, monkeypatch):
     first = _train(nodes, model_spec, dataset)
-    lora, history, _ = first["result"]
+    lora, history, info = first["result"]
     assert Path(lora.path).is_file() and [s for s, _ in history] == [1, 2, 3]
+    # The run info keeps the preflight's estimates (preflight.json): memory, and time where there is one.
+    assert "\nestimated peak " in info and "\nno time estimate for cpu: training on the CPU" in info
     assert lora.metadata["rank"] == "4"
 
     launch = importlib.import_module(f"{nodes.__package__.rsplit('.', 1)[0]}.trainer.launch")
@@ -146,3 +148,47 @@ def test_cancel_stops_every_process_and_the_next_run_resumes(pack, tiny_model_di
     start = next(e for e in events if e["event"] == "start")
     assert start["start_step"] == last
     assert [e["step"] for e in events if e["event"] == "step"] == [last + 1, last + 2]
+
+
+def test_preflight_estimate_is_shown_before_launch_and_written_to_the_run_folder(nodes, model_spec, dataset,
+                                                                               comfy_root, monkeypatch):
+    from flux2_lora_pack.nodes import comfy_bridge
+    from flux2_lora_pack.trainer import launch, throughput
+    from flux2_lora_pack.trainer.events import read_events
+
+    sent = []
+    monkeypatch.setattr(comfy_bridge, "send_event", lambda name, data: sent.append(data))
+    monkeypatch.setattr(throughput, "visible_device_name", lambda: "NVIDIA H100 80GB HBM3")
+
+    class Stop(Exception):
+        pass
+
+    def start(cls, *args, **kwargs):  # the estimate must be on the node by the time the trainer would start
+        sent.append({"event": "launch"})
+        raise Stop
+
+    monkeypatch.setattr(launch.TrainingProcess, "start", classmethod(start))
+    # bf16 compute has an estimate (fp32 has none: the table holds bf16 peaks); nothing runs, so CPU is fine here.
+    with pytest.raises(Stop):
+        _train(nodes, model_spec, dataset, mixed_precision="bf16", max_train_steps=400, validation_prompt="a cat",
+               validation_steps=100)
+    kinds = [e["event"] for e in sent]
+    assert kinds == ["preflight", "launch"]
+    shown = sent[0]
+    assert shown["short"].startswith("estimate: ~") and "/step" in shown["short"] and "GB GPU" in shown["short"]
+    assert shown["device"] == "NVIDIA H100 80GB HBM3" and shown["seconds_per_step"] > 0
+    assert "estimated peak" in shown["summary"] and "estimated time: ~" in shown["summary"]
+
+    [run_dir] = (comfy_root / "output" / "flux2_lora" / "runs").iterdir()
+    record = json.loads((run_dir / "preflight.json").read_text())
+    time = record["time"]
+    assert record["estimate"] is True and time["gpu"]["name"] == "H100 SXM" and time["steps"] == 400
+    assert time["inputs"]["samples"] == [{"image_tokens": 16, "reference_tokens": 0, "weight": 8}]
+    assert time["inputs"]["validation"]["rounds"] == 4 and time["inputs"]["lora"] == {"target": "all", "rank": 4,
+                                                                                      "type": "standard"}
+    per_step = time["flops_per_step"]["total"] / (throughput.EFFICIENCY * 989.5e12)
+    assert time["seconds_per_step"] == pytest.approx(per_step, rel=1e-9)
+    assert time["total_seconds"] == pytest.approx(400 * per_step + time["validation_seconds"], rel=1e-9)
+    assert record["gpu_memory_gb"]["total"] > 0 and record["host_memory_gb"]["per_process"] > 0
+    # A reload of the panel replays it from the run folder's events.
+    assert [e["event"] for e in read_events(run_dir / "events.jsonl")] == ["preflight"]

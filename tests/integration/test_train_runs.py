@@ -60,6 +60,17 @@ def test_resume_from_named_checkpoint(tiny_model_dir, square_dataset, tmp_path, 
     common = dict(checkpointing_steps=2, checkpoints_total_limit=2)
     runs.launch(runs.run_config(tiny_model_dir, square_dataset, out, max_train_steps=6, **common))
     assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-4", "checkpoint-6"}
+    # Each checkpoint keeps the step's LoRA (for LoRA Grid): ComfyUI layout, the final file's metadata with its step.
+    from flux2_lora_pack.trainer.lora_keys import load_lora_file
+
+    state4, meta4, layout = load_lora_file(out / "checkpoint-4" / "lora.safetensors")
+    final, final_meta, _ = load_lora_file(out / "lora.safetensors")
+    assert layout == "comfyui" and set(state4) == set(final) and meta4["steps"] == "4" and final_meta["steps"] == "6"
+    assert {k: v for k, v in meta4.items() if k != "steps"} == {k: v for k, v in final_meta.items() if k != "steps"}
+    state6 = load_lora_file(out / "checkpoint-6" / "lora.safetensors")[0]
+    for key in final:  # the last checkpoint is the final LoRA
+        torch.testing.assert_close(state6[key], final[key], rtol=0, atol=0)
+    assert any(not torch.equal(state4[k], final[k]) for k in final if "lora_B" in k)
     runs.launch(runs.run_config(tiny_model_dir, square_dataset, out, max_train_steps=8,
                                 resume_from_checkpoint="checkpoint-4", **common))
     assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-6", "checkpoint-8"}

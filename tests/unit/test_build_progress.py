@@ -4,6 +4,7 @@ encoded, writes no manifest, and the next build encodes only the rest (counters 
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,49 @@ def test_build_dataset_node_shows_progress_and_honours_cancel(tmp_path, tiny_mod
     assert bars == [("Build Dataset: latents", 3, [0, 1])]
     bars.clear()
     monkeypatch.setattr(bridge, "check_interrupted", cancel_at_the_latents(None))
-    handle, count, report = nodes.Flux2BuildDataset().build(spec, "set", **widgets)["result"]
+    handle, count, report, _ = nodes.Flux2BuildDataset().build(spec, "set", **widgets)["result"]
     assert count == 3 and "latents: 1 encoded, 2 reused" in report
     assert bars == [("Build Dataset: latents", 1, [0, 1]), ("Build Dataset: captions", 4, [0, 4])]
+
+
+def test_text_encoder_batch_and_write_batch_are_separate(tmp_path, model, monkeypatch):
+    """SimpleTuner's text_embeds keys: text_encoder_batch_size captions per encoder call, write_batch_size
+    embeddings per round of writes (a Cancel writes the round still pending)."""
+    from flux2_lora_pack.trainer import cache_fill, flux2
+    from flux2_lora_pack.trainer.build import build_datasets
+    from flux2_lora_pack.trainer.databackend import load_backend_config
+
+    folder = _folder(tmp_path)
+    calls: list[int] = []
+    encode = flux2.encode_prompts
+    monkeypatch.setattr(flux2, "encode_prompts", lambda enc, tok, prompts, **kw: calls.append(len(prompts)) or
+                        encode(enc, tok, prompts, **kw))
+    groups: list[int] = []
+    flush = cache_fill.CacheWriter.flush
+
+    def recording_flush(self):
+        pending = len(self.pending)
+        flush(self)
+        groups.append(pending)
+
+    monkeypatch.setattr(cache_fill.CacheWriter, "flush", recording_flush)
+    config_path = tmp_path / "multidatabackend.json"
+    config_path.write_text(json.dumps([
+        {"id": "imgs", "instance_data_dir": str(folder), "resolution": 64},
+        {"id": "text", "dataset_type": "text_embeds", "default": True, "cache_dir": str(tmp_path / "text"),
+         "text_encoder_batch_size": 2, "write_batch_size": 4}]))
+    config = load_backend_config(config_path)
+    assert [(t.encoder_batch_size, t.write_batch_size) for t in config.text_embeds] == [(2, 4)]
+
+    def cancel_at_the_last(name: str, done: int, total: int) -> None:
+        if name == "captions" and done == 6:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        build_datasets(config, model=model, out_dir=tmp_path / "out", text_precision="fp32", progress=cancel_at_the_last)
+    assert calls == [2, 2, 2]  # 6 captions ("" included), 2 per encoder call; cancelled after the last call
+    assert [g for g in groups if g] == [4, 2]  # a round of 4, then the 2 pending when the build stopped
+    assert len(list((tmp_path / "text").glob("*.safetensors"))) == 6
+    calls.clear()
+    build_datasets(config, model=model, out_dir=tmp_path / "out", text_precision="fp32")
+    assert calls == []  # every embedding was kept

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -424,3 +425,27 @@ def test_run_summary_lands_in_the_run_folder(edit_build, model, tmp_path):
     assert record["usable_images"] == 5 and set(record["datasets"]) == {"strict", "loose", "edits", "styles"}
     assert record["datasets"]["styles"]["skipped"][0]["reason"].startswith("too small")
     assert "dataset styles (image)" in (tmp_path / "run" / RUN_SUMMARY_FILE).read_text(encoding="utf-8")
+
+
+def test_an_edit_and_its_byte_identical_reference_in_two_latent_caches(tmp_path, model):
+    """The same image bytes, planned alike, in two datasets with their own cache_dir_vae: encoded once, written
+    to both caches, and the first build trains (it once failed with FileNotFoundError: misses were kept by
+    content only, so one folder never got its file)."""
+    noise_png(tmp_path / "edits" / "e1.png", (64, 64), seed=1, caption="keep it")
+    (tmp_path / "refs").mkdir()
+    shutil.copyfile(tmp_path / "edits" / "e1.png", tmp_path / "refs" / "e1.png")
+    config = load_backend_config(_write_config(tmp_path, [
+        {"id": "edits", "instance_data_dir": "edits", "resolution": 64, "cache_dir_vae": "cache/edits",
+         "conditioning_data": "refs"},
+        {"id": "refs", "dataset_type": "conditioning", "conditioning_type": "reference_strict",
+         "instance_data_dir": "refs", "resolution": 64, "cache_dir_vae": "cache/refs"},
+    ]))
+    manifest_path = build_datasets(config, model=model, out_dir=tmp_path / "built", text_precision="fp32")
+    report = load_build_report(manifest_path.parent)
+    assert report.vae_images_encoded == 1
+    files = {d: sorted(p.name for p in (tmp_path / "cache" / d).glob("*.safetensors")) for d in ("edits", "refs")}
+    assert files["edits"] == files["refs"] and len(files["edits"]) == 1
+    manifest = load_manifest(manifest_path)
+    assert [r.image for r in manifest.items[0].references] == ["e1.png"]
+    batch = load_batch(manifest, [0], verify=True)  # both latents read back from their own caches
+    assert torch.equal(batch.latents, batch.reference_latents[0])

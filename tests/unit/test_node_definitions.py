@@ -51,3 +51,56 @@ def test_every_node_has_a_help_page(pack):
     for node_id in pack.NODE_CLASS_MAPPINGS:
         page = docs / f"{node_id}.md"
         assert page.is_file() and page.read_text(encoding="utf-8").startswith("# "), node_id
+
+
+def test_build_dataset_outputs_and_inputs_only_grow_at_the_end(pack):
+    """Saved workflows link outputs by slot and fill widgets in order: the preview came after the shipped ones."""
+    cls = pack.NODE_CLASS_MAPPINGS["Flux2LoraBuildDataset"]
+    assert cls.RETURN_TYPES == ("FLUX2_DATASET", "INT", "STRING", "IMAGE")
+    assert cls.RETURN_NAMES == ("dataset", "num_images", "report", "preview")
+    optional = cls.INPUT_TYPES()["optional"]
+    assert list(optional)[-1] == "preview_per_bucket"
+    assert optional["preview_per_bucket"][1]["default"] >= 1  # a preview unless the user turns it off
+
+
+def test_lora_grid_definition_is_pinned(pack):
+    """Saved workflows link outputs by slot and fill widgets in order."""
+    cls = pack.NODE_CLASS_MAPPINGS["Flux2LoraGrid"]
+    assert cls.TITLE == "LoRA Grid (FLUX.2)"
+    assert cls.RETURN_TYPES == ("IMAGE", "IMAGE") and cls.RETURN_NAMES == ("grid", "cells")
+    spec = cls.INPUT_TYPES()
+    assert list(spec["required"]) == ["model", "lora", "checkpoints", "strengths", "width", "height", "steps",
+                                      "guidance", "seed"]
+    assert list(spec["optional"]) == ["positive", "prompts", "negative"]
+    assert spec["required"]["lora"][0] == "FLUX2_LORA" and spec["required"]["checkpoints"][1]["default"] == "all"
+    assert spec["required"]["strengths"][1]["default"] == "0, 0.5, 1.0, 1.25"
+    assert spec["required"]["seed"][1]["control_after_generate"] is False  # every cell and every re-run: one seed
+
+
+OPTION_NODES = {
+    "Flux2LoraMemoryOptions": ("Memory Options (FLUX.2)", [
+        "base_model_precision", "quantize_via", "enable_group_offload", "group_offload_type",
+        "group_offload_blocks_per_group", "group_offload_use_stream", "gradient_checkpointing_interval"]),
+    "Flux2LoraSpeedOptions": ("Speed Options (FLUX.2)", [
+        "selection_ratio", "start_layer_idx", "end_layer_idx",
+        "route_2_selection_ratio", "route_2_start_layer_idx", "route_2_end_layer_idx"]),
+    "Flux2LoraScheduleOptions": ("Schedule Options (FLUX.2)", [
+        "optimizer", "lr_scheduler", "lr_warmup_steps", "lr_end", "lr_num_cycles", "max_grad_norm"]),
+    "Flux2LoraValidationOptions": ("Validation Options (FLUX.2)", [
+        "user_prompt_library", "validation_resolution", "validation_num_inference_steps", "validation_guidance",
+        "num_validation_images", "validation_reference_images"]),
+}
+
+
+def test_option_nodes_are_pinned(pack):
+    """Saved workflows fill widgets in order and link by type: ids, titles, inputs and output never change."""
+    for node_id, (title, widgets) in OPTION_NODES.items():
+        cls = pack.NODE_CLASS_MAPPINGS[node_id]
+        spec = cls.INPUT_TYPES()
+        assert cls.TITLE == title
+        assert list(spec["required"]) == widgets, node_id
+        assert spec["optional"] == {"options": ("FLUX2_TRAIN_OPTIONS", spec["optional"]["options"][1])}, node_id
+        assert (cls.RETURN_TYPES, cls.RETURN_NAMES) == (("FLUX2_TRAIN_OPTIONS",), ("options",)), node_id
+    train_optional = list(pack.NODE_CLASS_MAPPINGS["Flux2LoraTrain"].INPUT_TYPES()["optional"])
+    assert train_optional[-1] == "options"  # added after the shipped inputs
+    assert pack.NODE_CLASS_MAPPINGS["Flux2LoraTrain"].INPUT_TYPES()["optional"]["options"][0] == "FLUX2_TRAIN_OPTIONS"

@@ -262,6 +262,13 @@ def test_extra_config_json_prompt_library_and_resume_stay_in_their_folders(nodes
     nodes_mod.check_extra_paths({"resume_from_checkpoint": "latest"})
 
 
+def test_extra_config_json_logging_dir_stays_in_the_run_folder(nodes_mod):
+    for bad in ("/etc", "~/logs", "../logs", "logs/../../x"):
+        with pytest.raises(ValueError, match=r"extra_config_json logging_dir .* must be a folder inside the run folder"):
+            nodes_mod.check_extra_paths({"logging_dir": bad})
+    nodes_mod.check_extra_paths({"logging_dir": "tensorboard/logs"})
+
+
 def test_attach_run_folder_must_be_in_the_output_folder(nodes_mod, comfy_root, outside):
     (outside / "events.jsonl").write_text(json.dumps({"event": "end", "lora_path": "x.safetensors"}) + "\n")
     with pytest.raises(ValueError, match="attach_run_folder .* outside the folders"):
@@ -353,4 +360,6 @@ def test_only_the_final_save_writes_lora_metadata():
     assert callers == ["trainer/loop.py"]
     source = (REPO / "trainer" / "loop.py").read_text(encoding="utf-8")
     call = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call) and _dotted(n.func) == "lora_metadata")
-    assert {k.arg for k in call.keywords} == {"rank", "alpha", "targets", "base_model", "steps", "dataset_fingerprint"}
+    # extra: the adapter type and, for a LoKr, its lycoris_config's fields (trainer/lokr.py accepts no path field)
+    assert {k.arg for k in call.keywords} == {"rank", "alpha", "targets", "base_model", "steps", "dataset_fingerprint",
+                                              "extra"}

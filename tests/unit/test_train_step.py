@@ -46,8 +46,9 @@ def _gradients_of_one_step(model, micro_batches, *, max_grad_norm: float) -> dic
         captured.update({n: p.grad.detach().clone() for n, p in model.inner.named_parameters() if p.grad is not None})
 
     optimizer.step = step
-    _, applied = train_step(model, optimizer, micro_batches=micro_batches, objective=ObjectiveConfig(),
-                            empty_embeds=None, seed=7, step=3, env=CPU, max_grad_norm=max_grad_norm, nan_policy="stop")
+    applied = train_step(model, optimizer, micro_batches=micro_batches, objective=ObjectiveConfig(),
+                         empty_embeds=None, seed=7, step=3, env=CPU, max_grad_norm=max_grad_norm,
+                         nan_policy="stop").applied
     assert applied and captured
     return captured
 

@@ -123,7 +123,7 @@ def test_run_validation_gives_every_prompt_the_references(monkeypatch, tmp_path)
     monkeypatch.setattr(sampling, "generate_images", fake_generate_images)
     module = torch.nn.Linear(2, 2)
     model = Model(module=module, inner=module, compute_dtype=torch.float32, hidden_size=2)
-    settings = SimpleNamespace(width=16, height=16, num_inference_steps=1, guidance=4.0, seed=0)
+    settings = SimpleNamespace(width=16, height=16, num_inference_steps=1, guidance=4.0, seed=0, num_images=1)
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     refs = [torch.ones(1, 128, 1, 1)]
     prompts = [("a", "first", torch.zeros(4, 96)), ("b", "second", torch.zeros(4, 96))]
@@ -133,6 +133,29 @@ def test_run_validation_gives_every_prompt_the_references(monkeypatch, tmp_path)
     assert [r["path"] for r in records] == ["validation/step000003_a.png", "validation/step000003_b.png"]
     validation.run_validation(model, None, prompts=prompts[:1], settings=settings, step=4, out_dir=tmp_path, env=env)
     assert seen[-1] == (None, "shared")  # without references, as before
+
+
+def test_num_validation_images_renders_each_prompt_with_consecutive_seeds(monkeypatch, tmp_path):
+    from flux2_lora_pack.trainer.parallelize import DistEnv
+
+    seeds = []
+
+    def fake_generate_images(transformer, vae, **kwargs):
+        seeds.append(kwargs["seed"])
+        return torch.full((1, 16, 16, 3), kwargs["seed"] / 20)
+
+    monkeypatch.setattr(sampling, "generate_images", fake_generate_images)
+    module = torch.nn.Linear(2, 2)
+    model = Model(module=module, inner=module, compute_dtype=torch.float32, hidden_size=2)
+    settings = SimpleNamespace(width=16, height=16, num_inference_steps=1, guidance=4.0, seed=5, num_images=3)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    prompts = [("a", "first", torch.zeros(4, 96)), ("b", "second", torch.zeros(4, 96))]
+    records = validation.run_validation(model, None, prompts=prompts, settings=settings, step=2, out_dir=tmp_path,
+                                        env=env)
+    assert seeds == [5, 6, 7, 5, 6, 7]
+    assert [(r["path"], r["seed"]) for r in records] == [
+        (f"validation/step000002_{name}_{k}.png", 4 + k) for name in ("a", "b") for k in (1, 2, 3)]
+    assert Image.open(tmp_path / records[2]["path"]).getpixel((0, 0)) == (89, 89, 89)  # seed 7 -> 0.35 * 255
 
 
 # ------------------------------------------------------------------------------------------- node

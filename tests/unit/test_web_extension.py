@@ -89,6 +89,25 @@ def test_names_shared_with_the_python_side_agree(pack):
     assert source.count(f"`{routes.ROUTE_PREFIX}/${{encodeURIComponent(run)}}/") == 2  # events and image routes
 
 
+def test_panel_css_and_its_height_share_one_geometry():
+    """The node's height (minHeight) is computed from the same constants the CSS uses, and no row the height counts
+    whole is capped by the CSS (a 64 px cap on the run info once hid its last lines: issue 15)."""
+    source = TRAIN_JS.read_text(encoding="utf-8")
+    style = source[source.index("const STYLE = `"):]
+    style = re.sub(r"\$\{([^}]*)\}", r"<\1>", style[:style.index("`;")])  # ${NAME} -> <NAME>
+    rules = dict(re.findall(r"^(\.[\w-]+(?:, \.[\w-]+)*) \{([^}]*)\}", style, re.M))
+    panel = rules[".flux2lora-panel"]
+    assert "gap: <PANEL_GAP>px" in panel and "padding: <PANEL_PAD_Y>px" in panel
+    assert "min-height: <CHART_MIN_HEIGHT>px" in rules[".flux2lora-chart"]
+    assert "max-height" not in rules[".flux2lora-error, .flux2lora-info"]
+    assert "/<TEXT_LINE>px" in rules[".flux2lora-error, .flux2lora-info"]
+    assert "max-height: <ERROR_MAX_LINES * TEXT_LINE>px" in rules[".flux2lora-error"]
+    # No row truncates its text with an ellipsis: a line that does not fit wraps, and the node grows.
+    for row in (".flux2lora-status", ".flux2lora-progress"):
+        assert "nowrap" not in rules[row] and "ellipsis" not in rules[row], row
+    assert re.search(r"minHeight\(\) \{[^}]*stackHeight\(rows\)", source), "minHeight must sum the rows"
+
+
 @needs_node
 def test_node_syntax_check(tmp_path: Path):
     for path in _js_files():
@@ -125,6 +144,9 @@ out.logTicks = [ext.logTicks(-3, 0), ext.logTicks(Math.log10(0.15), Math.log10(0
 out.durations = [3725, 65, 9, -1].map(ext.formatDuration);
 out.runs = input.names.map(ext.isRunName);
 out.infoRuns = input.infos.map(ext.runFromInfo);
+out.stack = [ext.stackHeight([19, 13, 120, 80, null, 48]), ext.stackHeight([]), ext.stackHeight([10, null], { gap: 5, padding: 0 }),
+  ext.stackHeight([10, 20], { gap: 5, padding: 0 })];
+out.textLines = ["", "one line", "a\nb\nc", "ends with newline\n"].map(ext.textLines);
 
 // Replay: a cancelled first attempt, then a resume from the step-2 checkpoint that finishes.
 const st = new ext.RunState("style-0123456789");
@@ -248,6 +270,9 @@ def test_chart_logic_and_history_loader_against_the_route(tmp_path: Path, pack, 
     python_rule = [bool(routes.RUN_NAME.fullmatch(n)) and len(n) <= routes.MAX_RUN_NAME for n in names]
     assert out["runs"] == python_rule == [True, True, True, False, False, False, False, True, False]
     assert out["infoRuns"] == ["style-0123456789", "win-0123456789", None, None]
+    # The panel's height: 2 + 2 px padding, the rows shown, 3 px between each two of them (hidden rows take none).
+    assert out["stack"] == [4 + (19 + 13 + 120 + 80 + 48) + 4 * 3, 4, 10, 35]
+    assert out["textLines"] == [0, 1, 3, 2]
 
     replay = out["replay"]
     assert replay["steps"] == [1, 2, 3, 4, 5, 6]
@@ -266,3 +291,38 @@ def test_chart_logic_and_history_loader_against_the_route(tmp_path: Path, pack, 
     assert out["historyCount"] == len(events) and out["historyMatches"] is True
     assert out["image"] == [200, "image/png", "\x89PNG-cat"]
     assert out["missing"] == "run 'missing-0000000000' does not exist."
+
+
+PREFLIGHT_HARNESS = r"""
+const ext = await import("./extensions/flux2lora/flux2_lora_train.js");
+const preflight = { event: "preflight", time: 0.5, short: "estimate: ~2.2 s/step, ~37 min total; 61.0 GB GPU",
+  summary: "estimated peak 61.0 GB per GPU\nestimated time: ~2.2 s/step" };
+const st = new ext.RunState("est-0123456789");
+st.apply(preflight);
+const before = [st.progressText(), st.estimateDetail, st.eventCount];
+st.finishReplay();
+const onlyPreflight = st.status;  // nothing trained yet
+st.apply({ event: "start", max_train_steps: 1000 });
+st.apply({ event: "step", step: 1, loss: 0.5, lr: 1e-4, seconds_per_step: 2.0, max_train_steps: 1000 });
+console.log(JSON.stringify({ before, onlyPreflight, after: st.progressText() }));
+"""
+
+
+@needs_node
+def test_preflight_estimate_shows_until_the_first_step(tmp_path: Path):
+    site = tmp_path / "site"
+    (site / "scripts").mkdir(parents=True)
+    (site / "extensions" / "flux2lora").mkdir(parents=True)
+    (site / "package.json").write_text('{"type": "module"}')
+    (site / "scripts" / "app.js").write_text(STUB_APP)
+    (site / "scripts" / "api.js").write_text(STUB_API)
+    shutil.copy(TRAIN_JS, site / "extensions" / "flux2lora" / TRAIN_JS.name)
+    (site / "harness.js").write_text(PREFLIGHT_HARNESS)
+    result = subprocess.run([NODE, str(site / "harness.js")], cwd=str(site), capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["before"] == ["estimate: ~2.2 s/step, ~37 min total; 61.0 GB GPU",
+                             "estimated peak 61.0 GB per GPU\nestimated time: ~2.2 s/step", 0]
+    assert out["onlyPreflight"] == "new"
+    assert out["after"].startswith("step 1/1000 · 2 s/it") and "estimate" not in out["after"]

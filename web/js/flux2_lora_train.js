@@ -16,6 +16,15 @@ const LOG_PROP = "flux2lora_log_scale";
 const RUN_NAME = /^[A-Za-z0-9-][A-Za-z0-9._-]{0,127}$/;
 const SMOOTHING = 0.9;
 const MAX_HISTORY_PAGES = 100000;
+// Panel geometry shared by the CSS below and the node's size (minHeight): the two must never disagree.
+const PANEL_GAP = 3; // px between rows
+const PANEL_PAD_Y = 2; // px above and below the rows
+const CHART_MIN_HEIGHT = 120;
+const TEXT_LINE = 12; // line height of the run info and error boxes (10 px monospace)
+const ERROR_MAX_LINES = 10; // a longer error (a log tail) scrolls; the full text is the status tooltip
+const DOM_WIDGET_MARGIN = 10; // ComfyUI's DOM widget margin, around the panel, when the widget does not say
+// Row heights used until the panel has been laid out once (a node created off screen): measured values replace them.
+const ESTIMATED_ROW = { head: 19, progress: 13, strip: 80 };
 
 // ---------------------------------------------------------------------------------------------
 // Pure helpers (exported so tests can run them under node without a browser).
@@ -133,6 +142,8 @@ export class RunState {
     this.version = 0; // bumped per step, so the smoothed curve is computed once per change
     this.emaCache = null;
     this.emaVersion = -1;
+    this.estimate = ""; // the preflight's time and memory estimate, shown until the first step
+    this.estimateDetail = ""; // its full text (the progress line's tooltip)
   }
 
   smoothed() {
@@ -162,13 +173,21 @@ export class RunState {
       case "validation":
         for (const image of Array.isArray(event.images) ? event.images : []) {
           if (image && typeof image.path === "string") {
-            this.validation.set(String(image.prompt ?? ""), { path: image.path, step: num(event.step) });
+            // ema_validation "comparison" renders each prompt twice: the EMA's image keeps its own tile
+            const key = String(image.prompt ?? "") + (image.variant ? ` (${image.variant})` : "");
+            this.validation.set(key, { path: image.path, step: num(event.step) });
           }
         }
         this.validationVersion += 1;
         return true;
       case "checkpoint":
         this.checkpointStep = num(event.step);
+        return true;
+      case "preflight":
+        // Sent before the trainer starts; not a training event (a folder holding only this one has no run yet).
+        this.estimate = String(event.short ?? "");
+        this.estimateDetail = String(event.summary ?? "");
+        this.eventCount -= 1;
         return true;
       case "end":
         if (Number.isFinite(num(event.step))) this.step = num(event.step);
@@ -251,6 +270,7 @@ export class RunState {
 
   progressText() {
     const parts = [];
+    if (this.step === null && this.estimate) parts.push(this.estimate);
     if (this.step !== null) parts.push(this.total ? `step ${this.step}/${this.total}` : `step ${this.step}`);
     if (Number.isFinite(this.secondsPerStep)) parts.push(`${formatNumber(this.secondsPerStep)} s/it`);
     if (Number.isFinite(this.samplesPerSecond)) parts.push(`${formatNumber(this.samplesPerSecond)} img/s`);
@@ -300,30 +320,41 @@ export function pickViews(views, run, executingId) {
   return { same: [], switchTo: views.length === 1 ? [...views] : [] };
 }
 
+/** Height of the panel's column of rows: padding, each row shown (null: hidden) and the gaps between them. */
+export function stackHeight(rows, { gap = PANEL_GAP, padding = 2 * PANEL_PAD_Y } = {}) {
+  const shown = rows.filter((h) => h !== null && h !== undefined);
+  return padding + shown.reduce((sum, h) => sum + h, 0) + gap * Math.max(0, shown.length - 1);
+}
+
+/** Lines a text box shows before it wraps (an estimate for a box not laid out yet; 0 when empty). */
+export function textLines(text) {
+  return text ? String(text).split("\n").length : 0;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The panel on the node (DOM widget) and its chart.
 
 const STYLE = `
-.flux2lora-panel { display: flex; flex-direction: column; gap: 3px; box-sizing: border-box; width: 100%;
-  height: 100%; padding: 2px 4px; overflow: hidden; font: 11px sans-serif; color: var(--fg-color, #ddd); }
+.flux2lora-panel { display: flex; flex-direction: column; gap: ${PANEL_GAP}px; box-sizing: border-box; width: 100%;
+  height: 100%; padding: ${PANEL_PAD_Y}px 4px; overflow: hidden; font: 11px sans-serif; color: var(--fg-color, #ddd); }
 .flux2lora-head { display: flex; align-items: center; gap: 6px; min-height: 16px; flex: none; }
-.flux2lora-status { flex: 1; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.flux2lora-status { flex: 1; min-width: 0; line-height: 13px; overflow-wrap: anywhere; }
 .flux2lora-status.failed { color: #ff7b72; }
 .flux2lora-spin { width: 10px; height: 10px; border: 2px solid rgba(128,128,128,0.35); border-top-color: #4f8cff;
   border-radius: 50%; animation: flux2lora-spin 0.9s linear infinite; flex: none; }
 .flux2lora-spin[hidden] { display: none; }
 @keyframes flux2lora-spin { to { transform: rotate(360deg); } }
-.flux2lora-progress { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; opacity: 0.85; flex: none;
-  min-height: 13px; }
-.flux2lora-chart { flex: 1 1 auto; min-height: 120px; width: 100%; display: block; }
-.flux2lora-strip { display: flex; gap: 4px; overflow-x: auto; flex: none; min-height: 80px; }
+.flux2lora-progress { line-height: 13px; overflow-wrap: anywhere; opacity: 0.85; flex: none; min-height: 13px; }
+.flux2lora-chart { flex: 1 1 auto; min-height: ${CHART_MIN_HEIGHT}px; width: 100%; display: block; }
+.flux2lora-strip { display: flex; gap: 4px; overflow-x: auto; flex: none; min-height: ${ESTIMATED_ROW.strip}px; }
 .flux2lora-strip:empty, .flux2lora-info:empty, .flux2lora-error:empty { display: none; }
 .flux2lora-strip figure { margin: 0; flex: none; cursor: zoom-in; text-align: center; max-width: 96px; }
 .flux2lora-strip img { height: 64px; max-width: 96px; object-fit: cover; border-radius: 3px; display: block; }
-.flux2lora-strip figcaption { font-size: 9px; opacity: 0.75; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-.flux2lora-error, .flux2lora-info { margin: 0; max-height: 64px; overflow: auto; white-space: pre-wrap;
-  font: 10px monospace; opacity: 0.85; flex: none; }
-.flux2lora-error { color: #ff7b72; }
+.flux2lora-strip figcaption { font-size: 9px; line-height: 11px; opacity: 0.75; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+/* Every line of the run info is shown (the node grows to hold it); a long error scrolls after ERROR_MAX_LINES. */
+.flux2lora-error, .flux2lora-info { margin: 0; white-space: pre-wrap; overflow-wrap: anywhere;
+  font: 10px/${TEXT_LINE}px monospace; opacity: 0.85; flex: none; }
+.flux2lora-error { max-height: ${ERROR_MAX_LINES * TEXT_LINE}px; overflow: auto; color: #ff7b72; }
 .flux2lora-overlay { position: fixed; inset: 0; z-index: 10000; background: rgba(0,0,0,0.85); display: flex;
   flex-direction: column; align-items: center; justify-content: center; gap: 8px; cursor: zoom-out; }
 .flux2lora-overlay img { max-width: 92vw; max-height: 85vh; object-fit: contain; }
@@ -390,6 +421,7 @@ class RunPanel {
     this.prevStatus = null;
     this.shownValidation = -1;
     this.frame = 0;
+    this.measuredRows = null; // row heights as last laid out on screen (minHeight); null: estimate from the text
 
     ensureStyle();
     this.root = el("div", "flux2lora-panel");
@@ -425,6 +457,9 @@ class RunPanel {
     if (typeof ResizeObserver !== "undefined") {
       this.resizeObserver = new ResizeObserver(() => this.scheduleDraw());
       this.resizeObserver.observe(this.canvas);
+      // A row that changes height (text wrapping at a new width, the panel shown again) may need a taller node.
+      this.rowObserver = new ResizeObserver(() => this.fitNode());
+      for (const row of this.root.children) if (row !== this.canvas) this.rowObserver.observe(row);
     }
     panels.add(this);
     this.render();
@@ -434,17 +469,38 @@ class RunPanel {
     return this.state.run;
   }
 
-  /** Header, progress and chart always; the image strip and text boxes only when they have content. */
+  /** What the DOM widget needs so that every row shows whole: the rows (as last measured on screen, else
+   *  estimated from their text), the gaps and padding between them, and the widget's margin above and below. */
   minHeight() {
-    let h = 16 + 13 + 120 + 16;
-    if (this.strip.childElementCount) h += 84;
-    if (this.errorEl.textContent) h += 68;
-    if (this.infoEl.textContent) h += 52;
-    return h;
+    const rows = this.measuredRows ?? [...this.root.children].map((row) => this.estimateRow(row));
+    return Math.ceil(stackHeight(rows)) + 2 * (this.widget?.margin ?? DOM_WIDGET_MARGIN);
+  }
+
+  /** Each row's height as laid out (the chart at its minimum; null for a hidden row), or null when the panel is
+   *  not on screen: wrapped text has a height only the browser knows. */
+  measureRows() {
+    if (!this.root.isConnected || this.root.getClientRects().length === 0) return null;
+    return [...this.root.children].map((row) => {
+      if (row === this.canvas) return CHART_MIN_HEIGHT;
+      return row.getClientRects().length === 0 ? null : row.offsetHeight;
+    });
+  }
+
+  /** A row's height before the panel was laid out: one line per text line (wrapping shows once measured). */
+  estimateRow(row) {
+    if (row === this.canvas) return CHART_MIN_HEIGHT;
+    if (row === this.strip) return row.childElementCount ? ESTIMATED_ROW.strip : null;
+    if (row === this.errorEl || row === this.infoEl) {
+      const lines = textLines(row.textContent);
+      if (!lines) return null;
+      return (row === this.errorEl ? Math.min(lines, ERROR_MAX_LINES) : lines) * TEXT_LINE;
+    }
+    return row === this.progressEl ? ESTIMATED_ROW.progress : ESTIMATED_ROW.head;
   }
 
   /** Grow the node when new content (images, messages) needs room; never shrink what the user sized. */
   fitNode() {
+    this.measuredRows = this.measureRows();
     const need = this.node.computeSize?.();
     if (need && this.node.size[1] < need[1]) {
       this.node.setSize([this.node.size[0], need[1]]);
@@ -459,6 +515,7 @@ class RunPanel {
   dispose() {
     panels.delete(this);
     this.resizeObserver?.disconnect();
+    this.rowObserver?.disconnect();
     this.loadToken += 1;
     if (this.frame) cancelAnimationFrame(this.frame);
   }
@@ -543,6 +600,7 @@ class RunPanel {
     this.statusEl.classList.toggle("failed", st.status === "failed" || st.status === "unavailable");
     this.spinner.hidden = !st.spinning;
     this.progressEl.textContent = st.progressText();
+    this.progressEl.title = st.estimateDetail;
     this.errorEl.textContent = st.status === "failed" && st.message.includes("\n") ? st.message : "";
     if (this.shownValidation !== st.validationVersion || this.stripRun !== st.run) this.renderStrip();
     this.fitNode();

@@ -18,6 +18,45 @@ const TRAIN_TYPE = "Flux2LoraTrain";
 const SMOOTHED_RGB = [0x4f, 0x8c, 0xff]; // the smoothed loss line in web/js/flux2_lora_train.js
 const RAW_RGB = [120, 160, 255]; // the raw loss line (drawn at alpha 0.45)
 
+// Where each line of the Train LoRA panel sits on screen, next to the panel's and the node's own boxes: the test
+// checks that nothing is cut off. Runs in the page (passed to page.evaluate), so it may only use its argument.
+function panelLayout(trainType) {
+  const app = window.app;
+  const train = app.graph.nodes.find((n) => n.type === trainType);
+  const panel = train?.flux2loraPanel;
+  if (!panel) return null;
+  const box = (r) => ({ left: r.left, top: r.top, right: r.right, bottom: r.bottom });
+  // The node's body (below its title) in page pixels: graph coordinates through the canvas transform.
+  const canvasRect = app.canvas.canvas.getBoundingClientRect();
+  const { scale, offset } = app.canvas.ds;
+  const x = (gx) => canvasRect.left + (gx + offset[0]) * scale;
+  const y = (gy) => canvasRect.top + (gy + offset[1]) * scale;
+  const describe = (element) => {
+    const style = getComputedStyle(element);
+    return {
+      name: String(element.className || element.tagName.toLowerCase()),
+      text: element.tagName === "CANVAS" ? "" : (element.textContent ?? "").slice(0, 200),
+      display: style.display,
+      overflow_x: style.overflowX,
+      box: box(element.getBoundingClientRect()),
+      client: [element.clientWidth, element.clientHeight],
+      scroll: [element.scrollWidth, element.scrollHeight],
+    };
+  };
+  const head = panel.root.querySelector(".flux2lora-head");
+  return {
+    scale,
+    node_size: [train.size[0], train.size[1]],
+    node: { left: x(train.pos[0]), top: y(train.pos[1]), right: x(train.pos[0] + train.size[0]),
+            bottom: y(train.pos[1] + train.size[1]) },
+    panel: describe(panel.root),
+    widget: { computed_height: panel.widget.computedHeight ?? null, margin: panel.widget.margin ?? null,
+              min_height: panel.minHeight() },
+    // The panel's rows, and the status line inside the header row.
+    lines: [...panel.root.children, ...(head ? [...head.children] : [])].map(describe),
+  };
+}
+
 const report = { page_errors: [], console_errors: [] };
 let page = null;
 const browser = await chromium.launch({
@@ -105,6 +144,9 @@ try {
     },
     { workflow, overrides: config.overrides ?? {}, trainType: TRAIN_TYPE },
   );
+  // The panel before any run (two frames: the DOM widget is placed on the canvas' next draw).
+  await page.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))));
+  report.layout_loaded = await page.evaluate(panelLayout, TRAIN_TYPE);
 
   // Press Run like a user; the front end builds the prompt from the graph and posts it.
   const runButton = page.locator('[data-testid="queue-button"]');
@@ -193,6 +235,7 @@ try {
     },
     { trainType: TRAIN_TYPE, smoothed: SMOOTHED_RGB, raw: RAW_RGB },
   );
+  report.layout_finished = await page.evaluate(panelLayout, TRAIN_TYPE);
   report.queue_remaining = await page.evaluate(() => window.__flux2e2e.queue_remaining);
   report.previews = await page.evaluate(
     (ids) =>
