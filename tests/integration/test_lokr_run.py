@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -20,6 +21,7 @@ LYCORIS = {
 }
 
 
+@pytest.mark.slow  # ~100 s on 2 cores: three torchrun launches; LoKr's numerics are unit-tested in test_lokr.py
 def test_lokr_fsdp2_resumed_run_equals_one_process_and_saves_comfyui_lokr_keys(tiny_model_dir, square_dataset,
                                                                                tmp_path, runs):
     config = tmp_path / "lycoris_config.json"

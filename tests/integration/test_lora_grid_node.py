@@ -19,6 +19,7 @@ def trained_run(tiny_model_dir, square_dataset, tmp_path_factory, runs):
     return out
 
 
+@pytest.mark.slow  # ~55 s: a 4-step training run, then 8 renders; the composition is unit-tested in test_lora_grid.py
 def test_grid_renders_checkpoints_by_strengths_and_cancels_between_cells(pack, comfy_root, model_spec, trained_run,
                                                                         monkeypatch):
     grid_nodes = importlib.import_module(f"{pack.__name__}.nodes.grid_nodes")

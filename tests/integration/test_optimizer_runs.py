@@ -13,6 +13,7 @@ def _tensors(path) -> dict[str, torch.Tensor]:
         return {k: fh.get_tensor(k) for k in fh.keys()}
 
 
+@pytest.mark.slow  # ~60 s: three torchrun launches; FSDP2 equality is also unit-tested in test_optimizers_fsdp2.py
 def test_fsdp2_adamw_bf16_with_ema_resumes_exactly(tiny_model_dir, square_dataset, tmp_path, runs):
     straight, split = tmp_path / "straight", tmp_path / "split"
     # constant_with_warmup: the split run's shorter max_train_steps leaves its learning rates as they are

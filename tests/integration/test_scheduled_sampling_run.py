@@ -4,6 +4,7 @@ lengths (one none at all) in the same step, and a resumed run that continues the
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -14,6 +15,7 @@ SETTINGS = dict(scheduled_sampling_max_step_offset=3, scheduled_sampling_probabi
                 scheduled_sampling_sampler="heun")
 
 
+@pytest.mark.slow  # ~70 s on 2 cores: three FSDP2 launches; the rollout itself is unit-tested in test_scheduled_sampling.py
 def test_fsdp2_ranks_with_different_rollouts_stay_in_step_and_resume_is_exact(tiny_model_dir, square_dataset,
                                                                               tmp_path, runs):
     plan = ScheduledSamplingConfig(max_step_offset=3, probability=0.5)

@@ -319,7 +319,7 @@ def test_validation_renders_with_the_training_mode(monkeypatch, tmp_path):
     monkeypatch.setattr(sampling, "generate_images", fake_generate_images)
     module = with_block_forward(tiny_transformer())
     model = Model(module=module, inner=module, compute_dtype=torch.float32, hidden_size=256)
-    settings = SimpleNamespace(width=16, height=16, num_inference_steps=1, guidance=4.0, seed=0)
+    settings = SimpleNamespace(width=16, height=16, num_inference_steps=1, guidance=4.0, seed=0, num_images=1)
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     for mode in ("zero", "shared"):
         validation.run_validation(model, None, prompts=[("p", "a prompt", torch.zeros(TEXT, 96))], settings=settings,
