@@ -166,9 +166,11 @@ def _input_file(text: str, *, key: str, node: str) -> str:
 
 
 class _OptionNode:
-    """An option node: its widgets are trainer keys (WIDGETS: key -> input_spec arguments)."""
+    """An option node: its widgets are trainer keys (WIDGETS: key -> input_spec arguments). OPTIONAL_WIDGETS: keys
+    added after the node shipped, optional so that saved workflows without them still run (trainer default)."""
 
     WIDGETS: ClassVar[dict[str, dict[str, float]]] = {}
+    OPTIONAL_WIDGETS: ClassVar[dict[str, dict[str, float]]] = {}
     CATEGORY = CATEGORY
     RETURN_TYPES = (OPTIONS_TYPE,)
     RETURN_NAMES = ("options",)
@@ -179,13 +181,15 @@ class _OptionNode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {key: input_spec(key, **kw) for key, kw in cls.WIDGETS.items()},
-                "optional": {"options": _OPTIONS_INPUT}}
+                "optional": {"options": _OPTIONS_INPUT,
+                             **{key: input_spec(key, **kw) for key, kw in cls.OPTIONAL_WIDGETS.items()}}}
 
     def values(self, widgets: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(widgets) - set(self.WIDGETS))
+        keys = {**self.WIDGETS, **self.OPTIONAL_WIDGETS}
+        unknown = sorted(set(widgets) - set(keys))
         if unknown:
             raise ValueError(f"{self.TITLE}: unknown input(s) {unknown}.")
-        return {key: config_value(key, widgets[key], node=self.TITLE) for key in self.WIDGETS if key in widgets}
+        return {key: config_value(key, widgets[key], node=self.TITLE) for key in keys if key in widgets}
 
     def build(self, options: TrainOptions | None = None, **widgets):
         return ((options or TrainOptions()).plus(self.values(widgets), source=self.TITLE),)
@@ -207,6 +211,11 @@ class Flux2MemoryOptions(_OptionNode):
         "group_offload_blocks_per_group": {"ui_max": 64},
         "group_offload_use_stream": {},
         "gradient_checkpointing_interval": {"ui_max": 64},
+    }
+    OPTIONAL_WIDGETS: ClassVar[dict[str, dict[str, float]]] = {
+        "gradient_checkpointing_auto": {},
+        "gradient_checkpointing_save_attention": {},
+        "dynamo_backend": {},
     }
 
 

@@ -131,6 +131,8 @@ def ui_to_api(ui: dict[str, Any], node_classes: dict[str, type]) -> dict[str, An
         inputs: dict[str, Any] = {}
         values = list(node.get("widgets_values", []))
         for name, has_control in widget_names(spec):
+            if not values and name in spec.get("optional", {}):
+                break  # an optional widget added after the workflow was saved: the front end keeps its default
             if not values:
                 raise ValueError(f"node {node['id']} ({node['type']}): no widget value for {name}")
             inputs[name] = values.pop(0)

@@ -5,7 +5,8 @@
 proj_out), calling the model's own submodules: PEFT LoRA layers, FSDP2-sharded blocks and hooks on
 them all apply. Owning the block loop is what lets it add:
 
-- gradient checkpointing of every N-th block (torch.utils.checkpoint, non-reentrant);
+- gradient checkpointing of every N-th block (torch.utils.checkpoint, non-reentrant), optionally keeping each
+  checkpointed block's attention output (trainer/checkpointing.py);
 - TREAD (trainer/tread.py): routed image tokens skip windows of blocks, each sample with its own RoPE rows;
 - reference_timestep "zero": reference-image tokens (the image tokens after num_target_tokens) modulated as at
   timestep 0, SimpleTuner's FLUX.2 training (diffusers does it only in its KV-cache "extract" mode).
@@ -29,6 +30,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from . import tread
+from .checkpointing import save_attention_context
 
 # ------------------------------------------------------------------------------------------- rotary
 
@@ -49,7 +51,9 @@ def rotary_table(transformer: torch.nn.Module, *, img_ids: Tensor, txt_ids: Tens
 # -------------------------------------------------------------------------------------- the forward
 
 
-def _run_block(block: Any, *args: Any, use_checkpoint: bool) -> Any:
+def _run_block(block: Any, *args: Any, use_checkpoint: bool, save_attention: bool = False) -> Any:
+    if use_checkpoint and save_attention:  # keep the attention output, recompute the rest (trainer/checkpointing.py)
+        return checkpoint(block, *args, use_reentrant=False, context_fn=save_attention_context)
     if use_checkpoint:
         return checkpoint(block, *args, use_reentrant=False)
     return block(*args)
@@ -88,8 +92,10 @@ class _Modulated:
     """Runs a block with its stream's modulation: the shared (B, C) one, or one per token when the reference
     tokens are modulated as at timestep 0."""
 
-    def __init__(self, *, shared: dict[str, Tensor], reference: dict[str, Tensor], num_refs: int) -> None:
+    def __init__(self, *, shared: dict[str, Tensor], reference: dict[str, Tensor], num_refs: int,
+                 save_attention: bool = False) -> None:
         self.shared, self.reference, self.num_refs = shared, reference, num_refs
+        self.save_attention = save_attention
         self.per_token: dict[tuple[str, int], Tensor] = {}
 
     def run(self, block: torch.nn.Module, hidden: Tensor, encoder: Tensor | None, stream: str, *rest: Any,
@@ -97,12 +103,14 @@ class _Modulated:
         """block(hidden, encoder, modulation, *rest); stream: "img" (double blocks) or "single"."""
         shared = self.shared[stream]
         if not self.reference:
-            return _run_block(block, hidden, encoder, shared, *rest, use_checkpoint=use_checkpoint)
+            return _run_block(block, hidden, encoder, shared, *rest, use_checkpoint=use_checkpoint,
+                              save_attention=self.save_attention)
         if use_checkpoint:
             # Built inside the checkpoint: only the (B, C) modulations are kept for backward, and the
             # (B, S, C) tensor lives for one block (rebuilt in its recompute).
             call = functools.partial(_with_reference_modulation, block, num_refs=self.num_refs)
-            return _run_block(call, hidden, encoder, shared, self.reference[stream], *rest, use_checkpoint=True)
+            return _run_block(call, hidden, encoder, shared, self.reference[stream], *rest, use_checkpoint=True,
+                              save_attention=self.save_attention)
         # Blocks that keep their activations keep views of their modulation until backward: share one tensor
         # per stream length (full; kept inside a TREAD route, where references stay last).
         length = hidden.shape[1]
@@ -113,7 +121,7 @@ class _Modulated:
 
 
 def _modulations(transformer: torch.nn.Module, *, timestep: Tensor, guidance: Tensor | None, dtype: torch.dtype,
-                 zero_refs: int) -> tuple[Tensor, Tensor, _Modulated]:
+                 zero_refs: int, save_attention: bool = False) -> tuple[Tensor, Tensor, _Modulated]:
     """(temb, the text stream's modulation, the image and single streams' as a _Modulated).
 
     zero_refs: the number of reference tokens modulated with temb(0, same guidance) (0: none). The text
@@ -132,7 +140,8 @@ def _modulations(transformer: torch.nn.Module, *, timestep: Tensor, guidance: Te
     if zero_refs:
         temb_ref = t.time_guidance_embed(torch.zeros_like(timestep), guidance)
         reference = {"img": t.double_stream_modulation_img(temb_ref), "single": t.single_stream_modulation(temb_ref)}
-    return temb, mod_txt, _Modulated(shared=shared, reference=reference, num_refs=zero_refs)
+    return temb, mod_txt, _Modulated(shared=shared, reference=reference, num_refs=zero_refs,
+                                     save_attention=save_attention)
 
 
 def _image(img: Tensor, joint: Tensor | None, *, num_text: int) -> Tensor:
@@ -150,7 +159,8 @@ def _put_image(image: Tensor, *, img: Tensor, joint: Tensor | None, num_text: in
 def block_forward(transformer: torch.nn.Module, *, hidden_states: Tensor, encoder_hidden_states: Tensor,
                   timestep: Tensor, img_ids: Tensor, txt_ids: Tensor, guidance: Tensor | None = None,
                   checkpoint_every: int | None = None, routing: tread.Routing | None = None,
-                  num_target_tokens: int | None = None, reference_timestep: ReferenceTimestep = "shared") -> Tensor:
+                  num_target_tokens: int | None = None, reference_timestep: ReferenceTimestep = "shared",
+                  save_attention: bool = False) -> Tensor:
     """Flux2Transformer2DModel.forward's output (B, N, out_channels), computed block by block.
 
     checkpoint_every: None, or N >= 1 to recompute in backward every block whose index (double blocks
@@ -160,7 +170,8 @@ def block_forward(transformer: torch.nn.Module, *, hidden_states: Tensor, encode
     reference_timestep: "shared" (diffusers' forward: every token gets the sample's timestep) or "zero": the
     reference tokens' image-stream modulation (double blocks) and single-stream modulation use the embedding
     of timestep 0 with the same guidance; text and target tokens keep timestep t. Their outputs, cut before
-    the loss, still go through norm_out with t.
+    the loss, still go through norm_out with t. save_attention: checkpointed blocks keep their attention output
+    and recompute the rest (checkpointing.save_attention_context).
     """
     check_reference_timestep(reference_timestep)
     num_image = hidden_states.shape[1]
@@ -169,7 +180,8 @@ def block_forward(transformer: torch.nn.Module, *, hidden_states: Tensor, encode
     num_refs = 0 if num_target_tokens is None else num_image - num_target_tokens
     t = transformer
     temb, mod_txt, modulated = _modulations(t, timestep=timestep, guidance=guidance, dtype=hidden_states.dtype,
-                                            zero_refs=num_refs if reference_timestep == "zero" else 0)
+                                            zero_refs=num_refs if reference_timestep == "zero" else 0,
+                                            save_attention=save_attention)
     num_text = encoder_hidden_states.shape[1]
     img = t.x_embedder(hidden_states)
     txt = t.context_embedder(encoder_hidden_states)
@@ -211,6 +223,8 @@ class BlockForwardPlan:
     """Checkpoint every N-th block (1: all); None: no checkpointing."""
     routes: tuple[tread.Route, ...]
     """TREAD routes (empty: no TREAD)."""
+    save_attention: bool = False
+    """Checkpointed blocks keep their attention output (trainer/checkpointing.py)."""
 
     @property
     def tread(self) -> bool:
@@ -253,7 +267,7 @@ class _TrainingForward:
                                encoder_hidden_states=encoder_hidden_states, timestep=timestep, img_ids=img_ids,
                                txt_ids=txt_ids, guidance=guidance, checkpoint_every=self.plan.checkpoint_every,
                                routing=routing, num_target_tokens=num_target_tokens,
-                               reference_timestep=reference_timestep)
+                               reference_timestep=reference_timestep, save_attention=self.plan.save_attention)
         if not return_dict:
             return (output,)
         from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModelOutput
@@ -299,7 +313,7 @@ def _check_installable(transformer: torch.nn.Module, *, checkpoint_every: int | 
 
 
 def apply_block_forward(transformer: torch.nn.Module, *, checkpoint_every: int | None = None,
-                        routes: tuple[tread.Route, ...] = ()) -> BlockForwardPlan:
+                        routes: tuple[tread.Route, ...] = (), save_attention: bool = False) -> BlockForwardPlan:
     """Make transformer(...) run block_forward with these settings; returns the plan it runs under.
 
     Call after LoRA injection and before FSDP2/DDP and diffusers hooks (group offload): hooks added
@@ -307,7 +321,7 @@ def apply_block_forward(transformer: torch.nn.Module, *, checkpoint_every: int |
     blocks of the routes. Calling it again replaces the plan.
     """
     _check_installable(transformer, checkpoint_every=checkpoint_every)
-    plan = BlockForwardPlan(checkpoint_every=checkpoint_every, routes=tuple(routes))
+    plan = BlockForwardPlan(checkpoint_every=checkpoint_every, routes=tuple(routes), save_attention=save_attention)
     tread.apply_routed_processors(transformer, routes=plan.routes)
     # An instance attribute rather than a new class: nn.Module.__call__ reads self.forward, which finds it
     # before the class's, so the module stays a Flux2Transformer2DModel with its own state-dict keys.

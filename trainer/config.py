@@ -31,9 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from .checkpointing import SelectiveCheckpointConfig
+from .compile_blocks import CompileConfig
 from .flavours import check_config_flavour, check_flavour_settings
 from .flux2 import PIXELS_PER_TOKEN, check_reference_image
 from .lokr import LycorisSpec, lycoris_settings
+from .lowp_compute import LowpCompute, check_compatible as check_lowp_compute
 from .prompt_library import read_prompt_library
 from .settings import (PATHS, Setting, as_paths, check_fields, check_file, closest, convert, expected, field_setting, literal_choices, setting,
                        to_json_value)
@@ -57,6 +60,7 @@ SUBJECT_PLACEHOLDER = "<subject>"
 MAX_VALIDATION_SIDE = 8192  # the FLUX.2 Sample node's limit too
 
 QuantPrecision = Literal["no_change", "int8-quanto", "int4-quanto"]
+BasePrecision = Literal[QuantPrecision, LowpCompute]  # quanto weights, or torchao compute (trainer/lowp_compute.py)
 ReferenceTimestep = Literal["shared", "zero"]
 
 
@@ -236,6 +240,8 @@ class MemoryConfig:
                                                           fix="use null to checkpoint every block")
     """Checkpoint every N-th block (blocks 0, N, 2N, ... over double then single blocks), as SimpleTuner does;
     the others keep their activations: faster, more memory. >= 1, or null for every block."""
+    checkpointing: SelectiveCheckpointConfig = dataclasses.field(default_factory=SelectiveCheckpointConfig)
+    compile: CompileConfig = dataclasses.field(default_factory=CompileConfig)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -248,10 +254,11 @@ class MemoryConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ParallelismConfig:
-    distributed: Literal["fsdp2", "ddp", "none"] = setting("distributed", "fsdp2")
-    """How torchrun's processes share the model: "fsdp2" shards each block (for models that do not fit
-    one GPU), "ddp" replicates it (faster when it fits), "none" runs one process. torchrun decides the
-    process count; with one process fsdp2 and ddp run unwrapped."""
+    distributed: Literal["auto", "fsdp2", "ddp", "none"] = setting("distributed", "auto")
+    """How torchrun's processes share the model: "auto" picks ddp when the memory model says the model fits each
+    GPU and fsdp2 when it must be sharded (trainer/distributed_choice.py; printed with the reason), "fsdp2" shards
+    each block (for models that do not fit one GPU), "ddp" replicates it (faster when it fits), "none" runs one
+    process. torchrun decides the process count; with one process fsdp2 and ddp run unwrapped."""
     collective_timeout_s: float = setting("collective_timeout_s", 600.0, gt=0, fix="600 is the default")
     """Seconds a process waits in a collective (all-reduce, barrier) for the others before the run fails:
     a crashed or hung process then ends the run with an error instead of hanging it. > 0. Raise it when
@@ -399,12 +406,13 @@ class ValidationConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class QuantizationConfig:
-    """optimum-quanto weight quantization of the frozen transformer and of the text encoder."""
+    """Quantization (optimum-quanto) or low-precision compute (torchao) of the frozen transformer; text encoder's."""
 
-    base_model_precision: QuantPrecision = setting("base_model_precision", "no_change")
-    """Weight quantization of the frozen transformer with optimum-quanto: "no_change", "int8-quanto",
-    "int4-quanto". Cannot be combined with group offload, nor with distributed "fsdp2" over several processes
-    (use "ddp"; with one process fsdp2 has nothing to shard and runs as "none")."""
+    base_model_precision: BasePrecision = setting("base_model_precision", "no_change")
+    """The frozen transformer's block Linears: "no_change"; optimum-quanto weights "int8-quanto", "int4-quanto"; or
+    torchao compute on a CUDA GPU (pip install torchao): "fp8-torchao" (float8 matmuls, compute capability >= 8.9,
+    weights stay bf16), "int8-torchao" (int8 weights x dynamic int8 activations, >= 8.0). None combines with group
+    offload; int8/int4 not with "fsdp2" over several processes (use "ddp"; one process runs fsdp2 as "none")."""
     text_encoder_precision: QuantPrecision = setting("text_encoder_1_precision", "no_change")
     """Weight quantization of the Mistral text encoder while it caches embeddings, same choices."""
     base_model_default_dtype: Literal["bf16", "fp32"] = setting("base_model_default_dtype", "bf16")
@@ -419,7 +427,8 @@ class QuantizationConfig:
 
     @property
     def base_quantized(self) -> bool:
-        return self.base_model_precision != "no_change"
+        """The block weights are stored quantized (quanto int8/int4, int8-torchao); fp8-torchao keeps them."""
+        return self.base_model_precision not in ("no_change", "fp8-torchao")
 
     def text_cache_tag(self, precision: str) -> str:
         """The precision recorded in text-cache keys: a quantized encoder gives other embeddings."""
@@ -430,6 +439,7 @@ class QuantizationConfig:
         """Refuse quantization with what cannot carry quanto's weights. world_size None: not known yet (the
         config is being read); the process-count rule is then asked again at launch and at start-up."""
         precision = self.base_model_precision
+        check_lowp_compute(precision, distributed=distributed, world_size=world_size, group_offload=offload.enabled)
         if self.base_quantized:
             if distributed == "fsdp2" and world_size is not None and world_size > 1:
                 raise ValueError(
@@ -613,6 +623,7 @@ class TrainConfig:
             unused.append(("flow_schedule_shift", "flow_schedule_auto_shift is on"))
         unused += self.objective.noise_offset.unused_settings(changed)
         unused += self.objective.scheduled_sampling.unused_settings(changed)
+        unused += self.memory.checkpointing.unused_settings(changed, on=self.memory.gradient_checkpointing)
         if not self.memory.gradient_checkpointing and self.memory.gradient_checkpointing_interval is not None:
             unused.append(("gradient_checkpointing_interval", "gradient_checkpointing is off"))
         if not self.offload.enabled:

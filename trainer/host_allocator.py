@@ -52,6 +52,23 @@ def return_freed_memory_to_os() -> bool:
     return done
 
 
+STEP_MMAP_THRESHOLD_BYTES = 32 << 20
+"""The threshold once a CPU process that does not shard starts its steps: glibc's own ceiling for its adaptive one."""
+
+
+def keep_step_tensors_on_the_heap() -> bool:
+    """For a process that computes its steps on the CPU without FSDP2 (tests, the demo, bench/): raise the fixed
+    threshold to 32 MiB once the model is built. Each step allocates and frees the same activations; mapped, every
+    one costs a mapping and its page faults, measured with bench/vs_diffusers_example.py at 1.7x the step time of
+    diffusers' example (tiny model, 1 thread). The heap keeps them for the next step instead, at most the step's own
+    peak. Loading (the host-RAM peak at real scale) has already run under MMAP_THRESHOLD_BYTES. Returns whether it
+    was set (not when the user chose MALLOC_MMAP_THRESHOLD_, or without glibc)."""
+    libc = _glibc()
+    if os.environ.get(_ENV) or libc is None:
+        return False
+    return libc.mallopt(_M_MMAP_THRESHOLD, STEP_MMAP_THRESHOLD_BYTES) == 1
+
+
 def release_freed_memory() -> None:
     """Give the heap's free pages back to the operating system now (glibc malloc_trim), for a process whose
     allocator settings are not ours to change (ComfyUI's, while Build Dataset quantizes the text encoder): call it

@@ -547,7 +547,8 @@ def apply_init_lokr_norm(transformer: torch.nn.Module, *, scale: float, seed: in
             layers = [transformer.get_submodule(name) for name in group]
             if any(ADAPTER_NAME not in layer.lokr_w1 or ADAPTER_NAME not in layer.lokr_w2 for layer in layers):
                 raise ValueError(f"init_lokr_norm needs full LoKr factors; {group[0]} has a decomposed one.")
-            mean, std = _weight_stats([layer.get_base_layer().weight for layer in layers])
+            bases = [layer.get_base_layer() for layer in layers]  # int8-torchao's int8 weights: with their scales
+            mean, std = _weight_stats([getattr(b, "dequantized_weight", lambda: b.weight)() for b in bases])
             w2 = layers[0].lokr_w2[ADAPTER_NAME]
             z = torch.randn(tuple(w2.shape), generator=generator, dtype=torch.float64)
             value = ((z - z.mean()) / z.std() * std + mean) * scale

@@ -22,8 +22,10 @@ import torch
 
 from . import __version__, checkpoint, failures, faults, parallelize, preflight, runlock
 from .config import ObjectiveConfig, TrainConfig
+from .distributed_choice import resolve_distributed
 from .events import EventWriter, append_event
 from .failures import NonFiniteLossError
+from .host_allocator import keep_step_tensors_on_the_heap
 from .model import Model, build_model
 from .objective import flow_matching_loss, prepare_batch, sample_generators, warn_unused_reference_timestep
 from .ema import LoraEma, build_ema
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 
 def train(config: TrainConfig, *, env: parallelize.DistEnv) -> Path | None:
     """The whole run. Returns the LoRA path on rank 0."""
+    config = resolve_distributed(config, env=env)[0]  # "auto": DDP when the model fits each device, else FSDP2
     out_dir = config.checkpoint.output_dir
     preflight.check_output_writable(out_dir)  # creates it; a clear error when it cannot be written
     # One run per output folder: rank 0 holds the lock (or shares the launching node's) before writing anything.
@@ -108,14 +111,17 @@ class Run:
 
 def build_run(config: TrainConfig, *, env: parallelize.DistEnv, events: EventWriter, where: dict[str, Any]) -> Run:
     """Checks, dataset, validation prompts, model, optimizer, batch plan, resume: all before the first step."""
+    from .checkpointing import resolve_memory
     from .manifest import load_text_embedding
     from .merge import resolve_training_manifest
+    from .lowp_compute import check_environment
     from .model_files import inspect_model_folder
     from .sampler import BucketBatchSampler
     from .validation import prepare_validation, validation_prompts
 
     out_dir = config.checkpoint.output_dir
     config.optim.check_installed()  # the optimizer's package, before anything loads
+    check_environment(config.quantization.base_model_precision, device=env.device)  # torchao, and this GPU runs it
     config.check_processes(env.world_size)
     folder = inspect_model_folder(config.model.root, transformer_file=config.model.transformer_file,
                                   vae_file=config.model.vae_file, flavour=config.model.flavour)
@@ -142,9 +148,12 @@ def build_run(config: TrainConfig, *, env: parallelize.DistEnv, events: EventWri
     empty = load_text_embedding(manifest, "") if config.objective.caption_dropout_probability > 0 else None
     where["phase"] = "model load"
     faults.fault_point("load")  # test-only
-    model = build_model(folder, lora=config.lora, memory=config.memory, parallelism=config.parallelism,
-                        seed=config.seed, env=env, quantization=config.quantization, offload=config.offload,
-                        tread=config.tread, lora_dtype=config.optim.lora_dtype)
+    memory = resolve_memory(config, env=env)  # gradient_checkpointing_auto: the interval that fits this GPU
+    model = build_model(folder, lora=config.lora, memory=memory, parallelism=config.parallelism, seed=config.seed,
+                        env=env, quantization=config.quantization, offload=config.offload, tread=config.tread,
+                        lora_dtype=config.optim.lora_dtype)
+    if env.device.type == "cpu" and not config.parallelism.shards(env.world_size):
+        keep_step_tensors_on_the_heap()  # loaded with large tensors mapped; CPU steps reuse the heap (host_allocator)
     has_references = any(item.references for item in manifest.items)
     validation = prepare_validation(config, prompts=prompts, folder=folder, env=env,
                                     dataset_has_references=has_references, negative=negative)

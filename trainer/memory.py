@@ -5,7 +5,9 @@ config on the meta device, which allocates nothing) and adds:
 
 - weights: the frozen base in its storage dtype (bf16/fp16; bf16 shards under FSDP2 with bf16), or int8 /
   int4 for the quantized block Linears (quantize.py) plus their scales and one dequantized Linear (quanto
-  dequantizes a weight for its matmul); under FSDP2 1/world of it plus the blocks gathered for compute;
+  dequantizes a weight for its matmul; int8-torchao stores int8 the same way and dequantizes one weight for
+  its backward; fp8-torchao keeps the weights in their dtype plus the float8 copy of the one being multiplied:
+  lowp_compute.py); under FSDP2 1/world of it plus the blocks gathered for compute;
   with group offload only the groups on the device plus what never leaves it;
 - lora: LoRA weights, gradients and AdamW state in fp32 (16 bytes a parameter; DDP adds a gradient bucket
   copy; FSDP2 shards all of it);
@@ -26,6 +28,7 @@ some percent, so `fits` leaves the margin in the overhead term rather than prete
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .flux2 import MAX_TEXT_TOKENS, PIXELS_PER_TOKEN
+from .lowp_compute import STORED_BYTES_PER_WEIGHT
 
 GB = 1024**3
 CUDA_CONTEXT_GB = 1.0
@@ -43,6 +47,7 @@ ACTIVATIONS_DOUBLE = {"fp32": 34.0, "bf16": 39.0}
 ACTIVATIONS_SINGLE = {"fp32": 27.5, "bf16": 31.5}
 ACTIVATIONS_OUTSIDE = 1.3  # embedders, norm_out, proj_out, the loss
 BACKWARD_TRANSIENT = 0.5  # of one block's saved activations, alive while that block runs backward
+SAVED_ATTENTION = 1.0  # a checkpointed block's attention output (gradient_checkpointing_save_attention)
 INT4_GROUP = 128  # quanto qint4 weights: one scale and one shift (the default dtype) per 128 values
 
 FLUX2_DEV_TRANSFORMER_CONFIG: dict[str, Any] = {
@@ -53,7 +58,8 @@ FLUX2_DEV_TRANSFORMER_CONFIG: dict[str, Any] = {
 """FLUX.2-dev's transformer (diffusers' Flux2Transformer2DModel defaults): 32.2B parameters, hidden 6144."""
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-_QUANT_BYTES = {"int8-quanto": 1.0, "int4-quanto": 0.5}
+_QUANT_BYTES = {"int8-quanto": 1.0, "int4-quanto": 0.5, **{k: v for k, v in STORED_BYTES_PER_WEIGHT.items() if v}}
+_COMPUTE_ONLY = tuple(k for k, v in STORED_BYTES_PER_WEIGHT.items() if v is None)  # fp8-torchao: weights keep their dtype
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -113,14 +119,20 @@ class TransformerCounts:
 
 
 def count_transformer(transformer_config: dict[str, Any], *, lora_rank: int, lora_target: str) -> TransformerCounts:
-    """Exact parameter counts of the transformer and of the LoRA the preset adds at this rank."""
+    """Exact parameter counts of the transformer and of the LoRA the preset adds at this rank (built once per
+    config, rank and preset: the preflight, distributed "auto" and gradient_checkpointing_auto each estimate)."""
+    return _count_transformer(json.dumps(transformer_config, sort_keys=True), lora_rank, lora_target)
+
+
+@functools.lru_cache(maxsize=16)
+def _count_transformer(config_json: str, lora_rank: int, lora_target: str) -> TransformerCounts:
     import torch
     from accelerate import init_empty_weights
     from diffusers import Flux2Transformer2DModel
 
     from .lora import lora_target_modules
 
-    config = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
+    config = {k: v for k, v in json.loads(config_json).items() if not k.startswith("_")}
     with init_empty_weights():
         model = Flux2Transformer2DModel.from_config(config)
     blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
@@ -165,6 +177,8 @@ def estimate_peak_memory(
     resolution: tuple[int, int] = (1024, 1024),
     text_tokens: int = MAX_TEXT_TOKENS,
     gradient_checkpointing: bool = True,
+    gradient_checkpointing_interval: int | None = None,
+    save_attention: bool = False,
     group_offload: bool = False,
     group_offload_type: str = "block_level",
     group_offload_blocks_per_group: int = 1,
@@ -179,9 +193,12 @@ def estimate_peak_memory(
     image_tokens overrides resolution (pixels, 16 per token side) when given, e.g. a bucket plus its
     reference images; text_tokens is 512 in training (FLUX.2 pads every caption to 512). mixed_precision "no" computes in fp32. extra_weights_gb adds other resident weights
     (the validation VAE). device "cpu" drops the CUDA overhead (for validating against CPU RSS).
+    gradient_checkpointing_interval: with gradient_checkpointing, checkpoint blocks 0, N, 2N, ... only (None: every
+    block); the others keep all their activations. save_attention: checkpointed blocks also keep their attention
+    output (SAVED_ATTENTION, measured on the tiny model: bench/RESULTS.md).
     """
     _check_choice("mixed_precision", mixed_precision, ("bf16", "fp16", "no"))
-    _check_choice("base_model_precision", base_model_precision, ("no_change", *_QUANT_BYTES))
+    _check_choice("base_model_precision", base_model_precision, ("no_change", *_COMPUTE_ONLY, *_QUANT_BYTES))
     _check_choice("base_model_default_dtype", base_model_default_dtype, ("bf16", "fp32"))
     _check_choice("distributed", distributed, ("fsdp2", "ddp", "none"))
     _check_choice("group_offload_type", group_offload_type, ("block_level", "leaf_level"))
@@ -190,7 +207,7 @@ def estimate_peak_memory(
     counts = count_transformer(transformer_config, lora_rank=lora_rank, lora_target=lora_target)
     compute = "fp32" if mixed_precision == "no" else "bf16"
     act_bytes = _BYTES[compute]
-    quantized = base_model_precision != "no_change"
+    quantized = base_model_precision in _QUANT_BYTES
     fsdp = distributed == "fsdp2" and world_size > 1
     ddp = distributed in ("ddp", "fsdp2") and world_size > 1 and not fsdp
 
@@ -222,6 +239,8 @@ def estimate_peak_memory(
             weights = outside_bytes + min(on_device, block_bytes)
         else:
             weights = outside_bytes + block_bytes
+    if base_model_precision in _COMPUTE_ONLY:
+        weights += counts.largest_linear  # the float8 copy (1 byte a weight) of the weight being multiplied
 
     # -- LoRA, gradients, AdamW ------------------------------------------------------------------------
     lora_bytes = counts.lora_params * 16  # fp32 weight + grad + exp_avg + exp_avg_sq
@@ -241,12 +260,18 @@ def estimate_peak_memory(
     double = ACTIVATIONS_DOUBLE[compute] + dropout_factor * counts.lora_inputs_double / 2 / counts.hidden
     single = ACTIVATIONS_SINGLE[compute] + dropout_factor * counts.lora_inputs_single / counts.hidden
     largest = max(double if counts.num_double else 0.0, single if counts.num_single else 0.0)
-    if gradient_checkpointing:
-        kept = counts.num_double + counts.num_single  # each block's input (both streams / the joint one)
-        activations = unit * (kept + ACTIVATIONS_OUTSIDE + largest * (1 + BACKWARD_TRANSIENT))
-    else:
-        activations = unit * (counts.num_double * double + counts.num_single * single + ACTIVATIONS_OUTSIDE
-                              + largest * BACKWARD_TRANSIENT)
+    every = (gradient_checkpointing_interval or 1) if gradient_checkpointing else None
+    # Checkpointed blocks keep their input (both streams / the joint one), plus the attention output with
+    # save_attention; the others all their activations.
+    ckpt_double = sum(1 for i in range(counts.num_double) if every is not None and i % every == 0)
+    ckpt_single = sum(1 for i in range(counts.num_double, counts.num_double + counts.num_single)
+                      if every is not None and i % every == 0)
+    per_checkpointed = 1.0 + (SAVED_ATTENTION if save_attention else 0.0)
+    kept = ((ckpt_double + ckpt_single) * per_checkpointed + (counts.num_double - ckpt_double) * double
+            + (counts.num_single - ckpt_single) * single)
+    # During backward one block's full activations exist again (a recomputed block) plus its gradients.
+    transient = largest * ((1 if ckpt_double + ckpt_single else 0) + BACKWARD_TRANSIENT)
+    activations = unit * (kept + ACTIVATIONS_OUTSIDE + transient)
 
     weights += extra_weights_gb * GB
     subtotal = weights + lora_bytes + activations
@@ -315,7 +340,7 @@ def estimate_host_memory(
     """
     _check_choice("distributed", distributed, ("fsdp2", "ddp", "none"))
     counts = count_transformer(transformer_config, lora_rank=1, lora_target="all")
-    quantized = base_model_precision != "no_change"
+    quantized = base_model_precision in _QUANT_BYTES
     fsdp = distributed == "fsdp2" and world_size > 1 and not single_file
     if quantized:
         storage = _BYTES[base_model_default_dtype]
@@ -369,23 +394,28 @@ def _largest_item_tokens(manifest_path: Path) -> int | None:
     return best or None
 
 
-def estimate_for_config(config: Any, *, world_size: int, device: str = "cuda") -> MemoryEstimate:
+def estimate_for_config(config: Any, *, world_size: int, device: str = "cuda", **overrides: Any) -> MemoryEstimate:
     """The estimate for a TrainConfig run on `world_size` processes (largest bucket of its dataset, or
-    the dataset's resolution when only data_backend_config is given: then 1024 px is assumed)."""
+    the dataset's resolution when only data_backend_config is given: then 1024 px is assumed). overrides replace
+    estimate_peak_memory arguments (checkpointing.resolve_memory tries intervals)."""
     sizes = [t for p in config.data.dataset_manifests if (t := _largest_item_tokens(p)) is not None]
     tokens = max(sizes) if sizes else None
     extra = 0.0
     if config.validation.enabled and not config.offload.during_startup:
         extra = _vae_gb(Path(config.model.root))
-    return estimate_peak_memory(
-        _transformer_config(config), **_shared_settings(config, world_size=world_size, device=device),
+    settings = dict(
         lora_rank=config.lora.rank, lora_target=config.lora.target, lora_dropout=config.lora.dropout,
         batch_size=config.data.train_batch_size, image_tokens=tokens,
         gradient_checkpointing=config.memory.gradient_checkpointing,
+        gradient_checkpointing_interval=config.memory.gradient_checkpointing_interval,
+        save_attention=config.memory.checkpointing.save_attention,
         group_offload_type=config.offload.offload_type,
         group_offload_blocks_per_group=config.offload.blocks_per_group,
         group_offload_use_stream=config.offload.use_stream, extra_weights_gb=extra,
     )
+    return estimate_peak_memory(_transformer_config(config),
+                                **_shared_settings(config, world_size=world_size, device=device),
+                                **{**settings, **overrides})
 
 
 def estimate_host_for_config(config: Any, *, world_size: int, device: str = "cuda") -> HostMemoryEstimate:

@@ -1,7 +1,8 @@
 """The training model: load FLUX.2's transformer and apply each feature in the order STYLE.md fixes.
 
 build_model asks the configs' own rules first (nothing loads when a combination cannot run), then:
-load -> quantize (quanto) -> LoRA -> our block forward (checkpointing, TREAD) -> group offload -> FSDP2 or DDP.
+load -> quantize (quanto; or torchao low-precision compute, lowp_compute.py) -> LoRA -> our block forward
+(checkpointing, TREAD) -> group offload -> FSDP2 or DDP.
 Each step is one apply_* of the module that owns that feature.
 
 Under FSDP2 no rank holds the whole model: the transformer starts with uninitialised weights that take no
@@ -63,8 +64,10 @@ def build_model(folder: ModelFolder, *, lora: LoraConfig, memory: MemoryConfig, 
     """The LoRA-injected transformer, wrapped for the run's distribution; quantization, offload and TREAD off
     when not given. lora_dtype: the trained LoRA weights' dtype (OptimizerConfig.lora_dtype: bf16 for adamw_bf16)."""
     from .blocks import apply_block_forward
+    from .compile_blocks import apply_compile
     from .lokr import apply_init_lokr_norm, apply_lokr
     from .lora import apply_lora
+    from .lowp_compute import apply_lowp_compute, check_environment, load_int8_transformer
     from .model_files import empty_transformer, fill_from_safetensors, load_transformer
     from .offload import apply_group_offload
     from .quantize import load_quantized_transformer
@@ -76,6 +79,10 @@ def build_model(folder: ModelFolder, *, lora: LoraConfig, memory: MemoryConfig, 
                                   world_size=env.world_size, offload=offload)
     offload.check_compatible(gradient_checkpointing=memory.gradient_checkpointing,
                              distributed=parallelism.distributed, world_size=env.world_size, device=env.device)
+    check_environment(quantization.base_model_precision, device=env.device)  # torchao installed, this GPU runs it
+    compile_backend, compile_why = memory.compile.resolve(  # an impossible combination is refused here
+        device=env.device, base_model_precision=quantization.base_model_precision,
+        offload_type=offload.offload_type if offload.enabled else None)
     if parallelism.distributed == "fsdp2" and env.world_size == 1 and env.is_main:
         log.info("distributed 'fsdp2' with one process: nothing to shard, the model runs unwrapped as with 'none'.")
     sharded = parallelism.shards(env.world_size) and folder.transformer_file is None
@@ -83,6 +90,9 @@ def build_model(folder: ModelFolder, *, lora: LoraConfig, memory: MemoryConfig, 
     on_cpu = parallelism.shards(env.world_size) or quantization.base_quantized or offload.enabled
     if sharded:  # weights are read after fully_shard, each rank its own rows
         transformer = empty_transformer(folder)
+    elif quantization.base_model_precision == "int8-torchao":  # each block is quantized as soon as it is read
+        transformer = load_int8_transformer(folder, default_dtype=quantization.base_model_default_dtype,
+                                            quantize_via=quantization.quantize_via, device=env.device)
     elif quantization.base_quantized:  # each block is quantized as soon as it is read
         transformer = load_quantized_transformer(folder, precision=quantization.base_model_precision,
                                                  default_dtype=quantization.base_model_default_dtype,
@@ -91,6 +101,8 @@ def build_model(folder: ModelFolder, *, lora: LoraConfig, memory: MemoryConfig, 
         transformer = load_transformer(folder, precision=_load_precision(memory, quantization,
                                                                          sharded=parallelism.shards(env.world_size)),
                                        device="cpu" if on_cpu else str(env.device))
+    if quantization.base_model_precision == "fp8-torchao":  # the weights stay as loaded (or unread, under FSDP2)
+        apply_lowp_compute(transformer, precision="fp8-torchao")
     # LoRA A is drawn from the global generator: the same seed on every rank gives every rank (and a rerun)
     # the same initial adapter, which FSDP2 shards and a resumed run must match.
     torch.manual_seed(seed)
@@ -106,7 +118,13 @@ def build_model(folder: ModelFolder, *, lora: LoraConfig, memory: MemoryConfig, 
             param.data = torch.empty(param.shape, dtype=_SHARD_DTYPES[memory.mixed_precision])
     # Our block loop (trainer/blocks.py) is the forward from here on; Model keeps the plan it runs (TREAD routes).
     routes = plan_routes(tread, num_blocks=len(parallelize.transformer_blocks(transformer))) if tread else ()
-    plan = apply_block_forward(transformer, routes=routes, checkpoint_every=memory.checkpoint_every)
+    plan = apply_block_forward(transformer, routes=routes, checkpoint_every=memory.checkpoint_every,
+                               save_attention=memory.checkpointing.save_attention)
+    if compile_backend is not None:  # torchtitan's order: checkpointing, then compile, then fully_shard and hooks
+        apply_compile(transformer, backend=compile_backend)
+    if env.is_main:
+        log.info("transformer blocks: %s (%s).", f"compiled with torch.compile backend {compile_backend!r}, one "
+                 "graph per block class" if compile_backend else "not compiled", compile_why)
     if offload.enabled:
         apply_group_offload(transformer, settings=offload, device=env.device)
     transformer.train()

@@ -79,6 +79,12 @@ def all_reduce_max(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return value
 
 
+def all_reduce_min(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.world_size > 1:
+        return _all_reduce(value, env, op=torch.distributed.ReduceOp.MIN)
+    return value
+
+
 def _all_reduce(value: torch.Tensor, env: DistEnv, *, op) -> torch.Tensor:
     """value reduced over the ranks, on value's device (NCCL reduces only tensors on the rank's GPU)."""
     reduced = value.detach().to(env.device, copy=True)

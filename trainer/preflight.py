@@ -76,7 +76,7 @@ def lora_size(folder: Any, *, lora: Any) -> LoraSize:
     """Count the LoRA parameters training will create, and check the rank fits the adapted layers."""
     import torch
 
-    from .lora import apply_lora, lora_target_modules
+    from .lora import lora_target_modules
 
     model = meta_transformer(folder)
     if getattr(lora, "lycoris", None) is not None:  # LoKr: no rank to check; its factors as training makes them
@@ -91,8 +91,8 @@ def lora_size(folder: Any, *, lora: Any) -> LoraSize:
             f"lora_rank {lora.rank} is larger than the smallest layer flux_lora_target {lora.target!r} adapts "
             f"({smallest} features), so the adapter cannot use it; give lora_rank <= {smallest} (8-128 is usual)."
         )
-    apply_lora(model, preset=lora.target, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, init=lora.init)
-    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # A LoRA layer is A (rank x in) and B (out x rank): counted from the shapes, no injection needed.
+    numel = sum(lora.rank * (m.in_features + m.out_features) for m in targets)
     return LoraSize(numel=numel, smallest_dim=smallest)
 
 
@@ -171,8 +171,11 @@ def check_memory(config: Any, *, num_processes: int, enforce: bool) -> str:
 
 def _check_memory(config: Any, *, num_processes: int, enforce: bool) -> tuple[str, Any, Any]:
     """check_memory's summary, with the GPU estimate (MemoryEstimate) and the host one (HostMemoryEstimate)."""
+    from .distributed_choice import choose_distributed, with_distributed
     from .memory import accelerator_memory_gb, available_host_memory_gb, estimate_for_config, estimate_host_for_config
 
+    if config.parallelism.distributed == "auto":  # the estimates are for the mode "auto" picks
+        config = with_distributed(config, choose_distributed(config, world_size=num_processes).mode)
     available = accelerator_memory_gb()
     device = "cpu" if available is None else "cuda"
     estimate = estimate_for_config(config, world_size=num_processes)
@@ -212,9 +215,13 @@ class Preflight:
     host_memory_gb: dict[str, float]
     num_processes: int
     time: TimeEstimate
+    distributed_mode: str = "none"
+    """The distributed mode the estimates assume: the config's, or what "auto" chose."""
+    distributed: str | None = None
+    """What distributed "auto" chose and why (trainer/distributed_choice.py); None when the config set it."""
 
     def lines(self) -> list[str]:
-        return [self.memory_summary, self.time.summary()]
+        return [self.memory_summary, self.time.summary(), *([self.distributed] if self.distributed else [])]
 
     def event(self) -> dict[str, Any]:
         """The "preflight" event the node shows before the first step (no "time" key: events carry their timestamp)."""
@@ -225,7 +232,8 @@ class Preflight:
                 "device": self.time.device}
 
     def as_dict(self) -> dict[str, Any]:
-        return {"estimate": True, "num_processes": self.num_processes, "gpu_memory_gb": self.gpu_memory_gb,
+        return {"estimate": True, "num_processes": self.num_processes, "distributed": self.distributed,
+                "gpu_memory_gb": self.gpu_memory_gb,
                 "host_memory_gb": self.host_memory_gb, "time": self.time.as_dict(), "summary": self.lines()}
 
     def write(self, run_dir: Path) -> Path:
@@ -238,15 +246,21 @@ def run_preflight(config: Any, *, num_processes: int, enforce: bool, start_step:
                   device_name: str | None = None) -> Preflight:
     """check_memory (with enforce, refuses a run that does not fit: the only refusal here) and the time estimate of
     the steps from start_step on, on device_name (default: the GPU this process sees)."""
+    from .distributed_choice import choose_distributed, with_distributed
     from .throughput import estimate_time_for_config
 
+    choice = choose_distributed(config, world_size=num_processes)
+    if choice.reason != "set in the config":
+        log.info("Train LoRA: %s", choice.line())
+    config = with_distributed(config, choice.mode)
     summary, estimate, host = _check_memory(config, num_processes=num_processes, enforce=enforce)
     time = estimate_time_for_config(config, world_size=num_processes, device_name=device_name, start_step=start_step)
     log.info("Train LoRA: %s", time.summary())
     return Preflight(memory_summary=summary, gpu_memory_gb=estimate.breakdown(),
                      host_memory_gb={"per_process": round(host.peak_gb, 3), "loading": round(host.load_gb, 3),
                                      "training": round(host.steady_gb, 3)},
-                     num_processes=num_processes, time=time)
+                     num_processes=num_processes, time=time, distributed_mode=choice.mode,
+                     distributed=choice.line() if choice.reason != "set in the config" else None)
 
 
 @functools.lru_cache(maxsize=4)

@@ -70,14 +70,9 @@ def _qtype(precision: str, *, key: str):
 
 def transformer_quantization_targets(transformer: torch.nn.Module) -> list[str]:
     """Names of the transformer Linears that get quantized: every Linear inside a double or single block."""
-    import torch
+    from .lowp_compute import block_linear_names
 
-    names = []
-    for prefix, blocks in (("transformer_blocks", transformer.transformer_blocks),
-                           ("single_transformer_blocks", transformer.single_transformer_blocks)):
-        for i, block in enumerate(blocks):
-            names += [f"{prefix}.{i}.{n}" for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
-    return names
+    return block_linear_names(transformer)
 
 
 def text_encoder_quantization_targets(text_encoder: torch.nn.Module) -> list[str]:

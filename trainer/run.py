@@ -122,9 +122,16 @@ def run_training(
     if not export:  # an exported run's trackers and optimizer package are installed (or not) on the cluster
         config.trackers.check_installed()
         config.optim.check_installed()
+        from .lowp_compute import check_environment
+
+        check_environment(config.quantization.base_model_precision, device=None)  # this machine's GPU, before launch
     # Refuses a run only for memory; the time estimate is shown and recorded, never a reason to refuse.
     checked = preflight.run_preflight(config, num_processes=num_processes, enforce=not export,
                                       start_step=resume_step(config))
+    if not export:  # distributed "auto" was decided for this machine's GPUs: run.json gets the choice, every rank reads it
+        from .distributed_choice import with_distributed
+
+        config = with_distributed(config, checked.distributed_mode)
     run_dir = config.checkpoint.output_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     # One run per folder: another live run (a second server, a CLI run) is refused before anything is written.

@@ -80,8 +80,9 @@ CHOICE_HINTS: dict[str, dict[str, str]] = {
 }
 """Key -> {refused choice: why}: the reason an error gives for a choice SimpleTuner has and this trainer has not."""
 
-QUANT_HINT = "only optimum-quanto int8/int4 weight quantization is implemented"
-"""Why any other quantization choice (SimpleTuner's bnb, torchao, sdnq ...) is refused."""
+QUANT_HINT = ("this trainer implements optimum-quanto int8/int4 weight quantization and torchao low-precision compute "
+              "of the transformer (fp8-torchao, int8-torchao); the text encoder takes the quanto ones only")
+"""Why any other quantization choice (SimpleTuner's bnb, other torchao modes, sdnq ...) is refused."""
 
 
 _FSDP2 = "this trainer shards every FLUX.2 block with FSDP2 when distributed is 'fsdp2' (trainer/parallelize.py)"
@@ -104,6 +105,12 @@ SAME_AS_THIS_TRAINER: dict[str, tuple[tuple[object, ...], str]] = {
     "optimizer_release_gradients": ((False, "false"), _OPTIMIZER_STEP),
     "validation_lycoris_strength": ((1, 1.0, "1", "1.0"), "validation renders the adapter as it is trained, at "
                                     "strength 1 (Apply LoRA sets a strength afterwards)"),
+    "dynamo_use_regional_compilation": ((True, False, "true", "false"), "dynamo_backend always compiles the "
+                                        "transformer regionally, one compiled forward per block class"),
+    "dynamo_mode": (("", None, "default"), "the blocks compile in torch.compile's default mode"),
+    "dynamo_fullgraph": ((False, "false"), "a block compiles as one graph where it can (no error on a graph break)"),
+    "dynamo_dynamic": ((False, "false"), "the blocks compile static shapes first and recompile once with a dynamic "
+                       "token count when another bucket shape comes"),
 }
 """SimpleTuner keys whose listed values say what this trainer always does: accepted and read as nothing; any other
 value is refused with the reason. (fsdp_enable sets distributed: translate_simpletuner_keys.)"""

@@ -325,8 +325,11 @@ def estimate_time_for_config(config: Any, *, world_size: int, device_name: str |
             caveats.append("validation reference images")
     if world > 1:
         caveats.append(f"communication between the {world} processes")
-    if config.quantization.base_model_precision != "no_change":
-        caveats.append(f"{config.quantization.base_model_precision}'s dequantization")
+    precision = config.quantization.base_model_precision
+    if precision.endswith("-torchao"):  # lowp_compute.py: faster matmuls, plus per-call casts; timed at the bf16 rate
+        caveats.append(f"{precision}'s faster matmuls and their casts (estimated at the bf16 rate)")
+    elif precision != "no_change":
+        caveats.append(f"{precision}'s dequantization")
     if config.offload.enabled:
         caveats.append("group offload's transfers")
     compute = "fp32" if config.memory.mixed_precision == "no" else "bf16"

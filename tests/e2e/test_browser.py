@@ -1,6 +1,7 @@
 """The shipped UI-format workflow in ComfyUI's real front end (headless Chromium driven by
 playwright-core from node): it loads, Run trains on the tiny FLUX.2, and the Train LoRA node shows the
-loss chart and the validation samples, with every line of its panel inside the node (none cut off).
+loss chart and the validation samples, with every line of its panel inside the node (none cut off), and the
+LoRA Grid's Save Image node shows the grid.
 
 Tools (each missing one is a skip with its reason):
   node >= 18 and npm    https://nodejs.org
@@ -50,8 +51,34 @@ OVERRIDES = {
                     "checkpointing_steps": MAX_STEPS},
     "12": {"filename": f"flux2/{RUN_NAME}"},
 }
-PREVIEWS = {8: [(64, 64)], 9: [(64, 64)], 11: [(768, 384)]}
-"""Save Image nodes and the previews they show: without and with the LoRA (64 px), the loss plot."""
+VALIDATION_OPTIONS_ID = 16
+GRID_ID, GRID_SAVE_ID = 17, 18
+FIT_AFTER_RUN = [TRAIN_ID, GRID_ID, GRID_SAVE_ID]
+"""The nodes in view after the run (and on the screenshot): every panel line and the LoRA Grid's output."""
+
+
+def grid_size(grid_inputs: dict[str, Any], *, final_step: int) -> tuple[int, int]:
+    """(width, height) of the LoRA Grid image for one prompt from Mistral Encode and checkpoints 'final': the layout
+    trainer/grid.py draws for those labels."""
+    from flux2_lora_pack.trainer.grid import (
+        grid_layout,
+        label_font,
+        parse_strengths,
+        strength_label,
+    )
+
+    assert grid_inputs["checkpoints"] == "final", grid_inputs
+    columns = [strength_label(s) for s in parse_strengths(grid_inputs["strengths"])]
+    layout = grid_layout(rows=1, columns=len(columns), cell_width=grid_inputs["width"],
+                         cell_height=grid_inputs["height"], row_labels=[f"final (step {final_step})"],
+                         column_labels=columns, font=label_font(grid_inputs["height"]), title="prompt 1")
+    return layout.size
+
+
+def expected_previews() -> dict[int, list[tuple[int, int]]]:
+    """Save Image nodes and the previews they show: without and with the LoRA (64 px), the loss plot, the grid."""
+    grid = load_api_workflow(API_WORKFLOW)[str(GRID_ID)]["inputs"]
+    return {8: [(64, 64)], 9: [(64, 64)], 11: [(768, 384)], GRID_SAVE_ID: [grid_size(grid, final_step=MAX_STEPS)]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,13 +142,18 @@ def browser_tools(comfyui_install: ComfyInstall, tmp_path_factory: pytest.TempPa
 
 
 def run_driver(tools: BrowserTools, *, url: str, workflow_path: Path, workdir: Path) -> dict[str, Any]:
-    """Run the node driver; its JSON report (what the page showed) or an AssertionError with its output."""
+    """Run the node driver; its JSON report (what the page showed) or an AssertionError with its output.
+    tests/workflow_screenshots.py runs it too, for docs/finished_run.jpg."""
     screenshot = workdir / "train_workflow.png"
     config = {
         "url": url,
         "workflow_path": str(workflow_path),
         "overrides": OVERRIDES,
-        "preview_node_ids": sorted(PREVIEWS),
+        "preview_node_ids": sorted(expected_previews()),
+        "fit_node_ids": FIT_AFTER_RUN,
+        "viewport": [1600, 1100],
+        # Nothing drawn over the nodes on the screenshot (docs/finished_run.jpg is this screenshot).
+        "settings": {"Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False},
         "screenshot": str(screenshot),
         "playwright_core": str(tools.playwright_core),
         "chromium": tools.chromium,
@@ -206,15 +238,19 @@ def test_ui_workflow_trains_and_the_node_shows_chart_and_samples(browser_report:
     assert canvas["smoothed_columns"] > canvas["width"] // 2, context
     assert canvas["raw_pixels"] > 0, context
     # One validation prompt: the strip holds its latest image, loaded from the pack's route.
-    train_inputs = load_api_workflow(API_WORKFLOW)[str(TRAIN_ID)]["inputs"]
-    size = int(json.loads(train_inputs["extra_config_json"])["validation_resolution"])
+    api = load_api_workflow(API_WORKFLOW)
+    train_inputs = api[str(TRAIN_ID)]["inputs"]
+    # The validation size comes from Validation Options, chained into Train LoRA's options input.
+    assert train_inputs["options"] == [str(VALIDATION_OPTIONS_ID), 0] and train_inputs["extra_config_json"] == ""
+    size = int(api[str(VALIDATION_OPTIONS_ID)]["inputs"]["validation_resolution"])
     assert panel["validation_prompts"] == [train_inputs["validation_prompt"]], context
     assert len(panel["strip"]) == 1, context
     image = panel["strip"][0]
     assert image["complete"] and (image["width"], image["height"]) == (size, size), context
     assert "/flux2lora/runs/" in image["src"], context
     assert report["queue_remaining"] == 0, context
-    assert {int(k): [tuple(wh) for wh in v] for k, v in report["previews"].items()} == PREVIEWS, context
+    # The LoRA Grid's image (one row: the final LoRA; a column per strength) is on its Save Image node.
+    assert {int(k): [tuple(wh) for wh in v] for k, v in report["previews"].items()} == expected_previews(), context
     assert report["page_errors"] == [], context
 
     screenshot = Path(report["screenshot"])

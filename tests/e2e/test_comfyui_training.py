@@ -34,6 +34,7 @@ WORKFLOW = REPO_ROOT / "workflows" / "api" / "flux2_lora_train_and_validate.json
 PACK_EVENT = "flux2lora.train"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRAIN_ID, WITHOUT_SAVE_ID, WITH_SAVE_ID, LOSS_SAVE_ID, LORA_SAVE_ID = "3", "8", "9", "11", "12"
+OPTION_IDS, GRID_ID, GRID_SAVE_ID = ("13", "14", "15", "16"), "17", "18"
 RUN_TIMEOUT_S = 300.0
 INTERRUPT_DEADLINE_S = 10.0
 """How long Cancel may take to end the prompt: the node stops the group (SIGTERM, SIGKILL after 10 s)."""
@@ -48,7 +49,76 @@ def train_prompt(comfyui_server: ComfyServer, tiny_model_dir: Path) -> dict[str,
     assert prompt[TRAIN_ID]["class_type"] == "Flux2LoraTrain"
     assert [prompt[i]["class_type"] for i in (WITHOUT_SAVE_ID, WITH_SAVE_ID, LOSS_SAVE_ID, LORA_SAVE_ID)] == [
         "SaveImage", "SaveImage", "SaveImage", "Flux2LoraSave"]
+    # The option nodes form one chain into Train LoRA's options input (no JSON typed), the grid feeds a Save Image.
+    assert [prompt[i]["class_type"] for i in OPTION_IDS] == [
+        "Flux2LoraMemoryOptions", "Flux2LoraSpeedOptions", "Flux2LoraScheduleOptions", "Flux2LoraValidationOptions"]
+    assert [prompt[i]["inputs"].get("options") for i in OPTION_IDS] == [None, *([i, 0] for i in OPTION_IDS[:-1])]
+    assert prompt[TRAIN_ID]["inputs"]["options"] == [OPTION_IDS[-1], 0]
+    assert prompt[TRAIN_ID]["inputs"]["extra_config_json"] == ""
+    assert prompt[GRID_ID]["class_type"] == "Flux2LoraGrid" and prompt[GRID_SAVE_ID]["inputs"]["images"] == [GRID_ID, 0]
     return prompt
+
+
+def png_pixels(comfy: ComfyClient, image: dict[str, str]) -> Image.Image:
+    data = comfy.view_file(image["filename"], image["subfolder"], image["type"])
+    assert data[:8] == PNG_SIGNATURE
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def check_grid(comfy: ComfyClient, prompt: dict[str, Any], outputs: dict[str, Any], *, final_lora: Path) -> None:
+    """The LoRA Grid's image: the layout trainer/grid.py draws for the rows and columns asked for (size, labels
+    drawn left of each row and above each column), and cells that are the very images FLUX.2 Sample rendered with the
+    same model, prompt and seed: strength 0 is the model without the LoRA, strength 1 of the final row the LoRA as
+    Apply LoRA applies it."""
+    import numpy as np
+    from flux2_lora_pack.trainer.grid import (
+        grid_layout,
+        label_font,
+        parse_strengths,
+        select_rows,
+        strength_label,
+    )
+
+    grid = prompt[GRID_ID]["inputs"]
+    sampler = prompt["6"]["inputs"]
+    # The grid renders as the two samplers do: same size, steps, guidance, seed and prompt (Mistral Encode's).
+    assert {k: grid[k] for k in ("width", "height", "steps", "guidance", "seed", "positive")} == {
+        k: sampler[k] for k in ("width", "height", "steps", "guidance", "seed", "positive")}
+    assert prompt["7"]["inputs"]["model"] == ["4", 0] and prompt["4"]["inputs"]["strength"] == 1.0
+    rows = select_rows(grid["checkpoints"], final_lora=final_lora)
+    strengths = parse_strengths(grid["strengths"])
+    assert 0.0 in strengths and 1.0 in strengths and rows[-1].path == final_lora
+    row_labels, column_labels = [r.label for r in rows], [strength_label(s) for s in strengths]
+    assert row_labels[-1] == f"final (step {prompt[TRAIN_ID]['inputs']['max_train_steps']})"
+    width, height = grid["width"], grid["height"]
+    layout = grid_layout(rows=len(rows), columns=len(strengths), cell_width=width, cell_height=height,
+                         row_labels=row_labels, column_labels=column_labels, font=label_font(height),
+                         title="prompt 1")
+    [image] = [png_pixels(comfy, item) for item in outputs[GRID_SAVE_ID]["images"]]
+    assert image.size == layout.size
+    pixels = np.asarray(image, dtype=np.int16)
+    without = np.asarray(png_pixels(comfy, outputs[WITHOUT_SAVE_ID]["images"][0]), dtype=np.int16)
+    with_lora = np.asarray(png_pixels(comfy, outputs[WITH_SAVE_ID]["images"][0]), dtype=np.int16)
+    assert np.abs(without - with_lora).max() > 16  # the LoRA changes the image, so the comparisons below mean something
+
+    def cell(row: int, column: int) -> np.ndarray:
+        left, top = layout.cell_box(row, column)
+        return pixels[top:top + height, left:left + width]
+
+    for row in range(len(rows)):
+        assert np.abs(cell(row, strengths.index(0.0)) - without).max() <= 1, f"row {row_labels[row]}, strength 0"
+        # Each row label is drawn (dark text on white) in the left column, level with its cells.
+        _, top = layout.cell_box(row, 0)
+        assert (pixels[top:top + height, :layout.label_width].min(axis=2) < 128).sum() > 20, row_labels[row]
+    assert np.abs(cell(len(rows) - 1, strengths.index(1.0)) - with_lora).max() <= 1
+    for column in range(len(strengths)):
+        # Each column label is drawn above its column; the other strengths give other images.
+        left, _ = layout.cell_box(0, column)
+        header = pixels[layout.title_height:layout.title_height + layout.header_height, left:left + layout.column_width]
+        assert (header.min(axis=2) < 128).sum() > 20, column_labels[column]
+        if strengths[column] not in (0.0, 1.0):
+            assert np.abs(cell(len(rows) - 1, column) - without).max() > 0
+            assert np.abs(cell(len(rows) - 1, column) - with_lora).max() > 0
 
 
 def downstream(prompt: dict[str, Any], node_id: str) -> set[str]:
@@ -131,6 +201,9 @@ def test_train_workflow_runs_streams_and_is_cached(comfy: ComfyClient, comfyui_s
     # the time and memory estimate reaches the node before the run starts (trainer/preflight.run_preflight)
     assert kinds[:2] == ["preflight", "start"] and kinds[-1] == "end"
     assert {"checkpoint", "validation"} <= set(kinds)
+
+    # LoRA Grid: the run's final LoRA at each strength, laid out, labelled and rendered as FLUX.2 Sample renders.
+    check_grid(comfy, train_prompt, result.outputs, final_lora=run_dir / f"{name}.safetensors")
 
     # Save LoRA put the trained file where LoraLoaderModelOnly looks.
     saved = comfyui_server.base_dir / "models" / "loras" / "flux2" / "demo_squares.safetensors"

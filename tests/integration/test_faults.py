@@ -209,6 +209,7 @@ def test_kill_9_of_one_rank_mid_step_and_mid_checkpoint_then_resume_equals_unkil
     assert not (out / LOCK_FILE).exists()
 
 
+@pytest.mark.slow  # about 60-85 s; the one-rank kill -9 test below the same fixture stays in the default run
 def test_kill_9_of_the_whole_group_mid_step_and_mid_checkpoint_then_resume_equals_unkilled(
         runs, tiny_model_dir, square_dataset, tmp_path, unkilled):
     out, faults = tmp_path / "run", tmp_path / "faults"

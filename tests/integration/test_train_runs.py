@@ -74,3 +74,18 @@ def test_resume_from_named_checkpoint(tiny_model_dir, square_dataset, tmp_path, 
     runs.launch(runs.run_config(tiny_model_dir, square_dataset, out, max_train_steps=8,
                                 resume_from_checkpoint="checkpoint-4", **common))
     assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-6", "checkpoint-8"}
+
+
+def test_distributed_auto_picks_ddp_for_a_model_that_fits(tiny_model_dir, square_dataset, tmp_path, runs):
+    """distributed "auto" (the default) on 2 processes of this machine: the tiny model fits host RAM twice over, so
+    the ranks agree on DDP, print why, and train as DDP does."""
+    out = tmp_path / "auto"
+    proc = runs.launch(runs.run_config(tiny_model_dir, square_dataset, out, distributed="auto", max_train_steps=2),
+                       nproc=2)
+    from flux2_lora_pack.trainer.events import read_events
+
+    start = next(e for e in read_events(out / "events.jsonl") if e["event"] == "start")
+    assert (start["distributed"], start["world_size"]) == ("ddp", 2)
+    log = proc.stdout + proc.stderr
+    assert "distributed 'ddp': the model fits host RAM 2 times over" in log, log[-3000:]
+    assert sorted(runs.step_losses(out)) == [1, 2]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from safetensors import safe_open
 
 # Blocks 1..3 of the tiny model's 5: the last double block and two single blocks (spans the boundary).
 TREAD = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 1, "end_layer_idx": -2}]}
 
 
+@pytest.mark.slow  # about 50 s; tests/unit/test_tread.py holds TREAD with checkpointing equal in one process
 def test_tread_with_checkpointing_under_fsdp2_equals_one_process(tiny_model_dir, square_dataset, tmp_path, runs):
     """Routed tokens come from each sample's own generator: 2 FSDP2 ranks x batch 1 route exactly the tokens
     that 1 process x batch 2 routes, so the loss curves agree (as without TREAD, to the order of a float sum);

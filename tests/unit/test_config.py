@@ -146,6 +146,7 @@ VIEWS: dict[str, Callable[[TrainConfig], Any]] = {
     "lr_scheduler": lambda c: c.schedule.scheduler,
     "flux_guidance_mode": lambda c: c.objective.guidance.mode,
     "mixed_precision": lambda c: c.memory.mixed_precision,
+    "dynamo_backend": lambda c: c.memory.compile.backend,
     "distributed": lambda c: c.parallelism.distributed,
     "nan_policy": lambda c: c.nan_policy,
     "base_model_precision": lambda c: c.quantization.base_model_precision,
@@ -392,8 +393,9 @@ def test_bad_value_raises_naming_the_key(paths: Paths, make: Callable[[Paths], d
 
 
 def test_a_quantized_base_with_fsdp2_is_refused_only_for_several_processes(paths: Paths) -> None:
-    """One process has nothing to shard: the seed's recipe (int8-quanto, default fsdp2) runs as 'none' there."""
-    cfg = TrainConfig.from_dict(base(paths, base_model_precision="int8-quanto"))
+    """One process has nothing to shard: the seed's recipe (int8-quanto, fsdp2) runs as 'none' there. (fsdp2 was the
+    default before distributed 'auto', which picks ddp for quantized weights: tests/unit/test_distributed_choice.py.)"""
+    cfg = TrainConfig.from_dict(base(paths, base_model_precision="int8-quanto", distributed="fsdp2"))
     assert (cfg.parallelism.distributed, cfg.quantization.base_model_precision) == ("fsdp2", "int8-quanto")
     cfg.check_processes(1)
     with pytest.raises(ValueError, match=r"base_model_precision 'int8-quanto' cannot be combined with distributed "

@@ -158,3 +158,19 @@ def test_dropout_is_applied_to_every_adapted_module(transformer):
     for name in EXPECTED["attention"]:
         dropout = transformer.get_submodule(name).lora_dropout["default"]
         assert isinstance(dropout, torch.nn.Dropout) and dropout.p == 0.25
+
+
+@pytest.mark.parametrize("preset", LORA_PRESETS)
+def test_the_preflight_counts_the_lora_training_creates_without_building_it(tiny_model_dir, preset):
+    """preflight.lora_size counts rank x (in + out) per adapted layer; injecting the LoRA gives the same count."""
+    from types import SimpleNamespace
+
+    from flux2_lora_pack.trainer.model_files import inspect_model_folder
+    from flux2_lora_pack.trainer.preflight import lora_size, meta_transformer
+
+    folder = inspect_model_folder(tiny_model_dir)
+    settings = SimpleNamespace(rank=4, alpha=4.0, dropout=0.0, init="default", target=preset, lycoris=None)
+    model = meta_transformer(folder)
+    apply_lora(model, preset=preset, rank=4, alpha=4.0, dropout=0.0, init="default")
+    injected = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert lora_size(folder, lora=settings).numel == injected > 0

@@ -91,6 +91,10 @@ OPTION_NODES = {
         "num_validation_images", "validation_reference_images"]),
 }
 
+OPTIONAL_ADDED = {  # widgets added after a node shipped: optional, so saved workflows without them still run
+    "Flux2LoraMemoryOptions": ["gradient_checkpointing_auto", "gradient_checkpointing_save_attention", "dynamo_backend"],
+}
+
 
 def test_option_nodes_are_pinned(pack):
     """Saved workflows fill widgets in order and link by type: ids, titles, inputs and output never change."""
@@ -99,7 +103,8 @@ def test_option_nodes_are_pinned(pack):
         spec = cls.INPUT_TYPES()
         assert cls.TITLE == title
         assert list(spec["required"]) == widgets, node_id
-        assert spec["optional"] == {"options": ("FLUX2_TRAIN_OPTIONS", spec["optional"]["options"][1])}, node_id
+        assert list(spec["optional"]) == ["options", *OPTIONAL_ADDED.get(node_id, [])], node_id  # new ones last
+        assert spec["optional"]["options"][0] == "FLUX2_TRAIN_OPTIONS", node_id
         assert (cls.RETURN_TYPES, cls.RETURN_NAMES) == (("FLUX2_TRAIN_OPTIONS",), ("options",)), node_id
     train_optional = list(pack.NODE_CLASS_MAPPINGS["Flux2LoraTrain"].INPUT_TYPES()["optional"])
     assert train_optional[-1] == "options"  # added after the shipped inputs

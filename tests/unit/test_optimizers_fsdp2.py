@@ -3,13 +3,15 @@ the gathered weights, optimizer state and EMA equal one process's, and a checkpo
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from process_tools import free_port  # noqa: E402
 
 pytest.importorskip("optimi", reason="optimi-lion needs torch-optimi (requirements-test.txt)")
 
@@ -43,10 +45,9 @@ def _full(model) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    import os
-
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import conftest  # noqa: F401 - imports the pack as flux2_lora_pack
+    from process_tools import gloo_group
 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -55,12 +56,9 @@ def _worker(rank: int, port: int, out: str) -> None:
     from flux2_lora_pack.trainer.ema import EmaConfig, LoraEma
     from flux2_lora_pack.trainer.optimizers import OptimizerConfig, build_optimizer
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
-    env = parallelize.DistEnv(rank=rank, world_size=WORLD, local_rank=rank, device=torch.device("cpu"))
-    mesh = init_device_mesh("cpu", (WORLD,))
-    results = {}
-    try:
+    with gloo_group(rank=rank, world_size=WORLD, port=port) as env:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        results = {}
         for name, dtype in (("adamw_bf16", torch.bfloat16), ("optimi-lion", torch.float32), ("adamw", torch.float32)):
             optim = OptimizerConfig(optimizer=name, learning_rate=1e-2)
             settings = EmaConfig(enabled=True, decay=0.9)
@@ -108,20 +106,12 @@ def _worker(rank: int, port: int, out: str) -> None:
             }
         if rank == 0:
             torch.save(results, out)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def sharded_results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("fsdp2") / "results.pt"
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    torch.multiprocessing.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return torch.load(out, weights_only=False)
 
 

@@ -5,7 +5,9 @@
 //
 // Usage: node run_train_workflow.mjs CONFIG.json
 // CONFIG: {url, workflow_path, overrides: {nodeId: {widget: value}}, preview_node_ids, screenshot, playwright_core,
-//          chromium, load_timeout_ms, run_timeout_ms}
+//          chromium, load_timeout_ms, run_timeout_ms, viewport?: [width, height], fit_node_ids?: [nodeId, ...],
+//          settings?: {settingId: value}}
+// fit_node_ids: the nodes kept in view after the run (default: the Train LoRA node alone), for the screenshot.
 
 import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
@@ -65,7 +67,8 @@ const browser = await chromium.launch({
   args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
 });
 try {
-  page = await browser.newPage({ viewport: { width: 1600, height: 1100 }, deviceScaleFactor: 1 });
+  const [width, height] = config.viewport ?? [1600, 1100];
+  page = await browser.newPage({ viewport: { width, height }, deviceScaleFactor: 1 });
   page.on("pageerror", (err) => report.page_errors.push(String(err?.message ?? err)));
   let reject;
   const rejection = new Promise((resolve) => (reject = resolve));
@@ -87,9 +90,12 @@ try {
   });
 
   // A returning user: a fresh user folder would open the template browser over the canvas on first load.
-  const setting = await fetch(`${config.url}/settings/Comfy.TutorialCompleted`, {
-    method: "POST", headers: { "Content-Type": "application/json" }, body: "true" });
-  if (!setting.ok) throw new Error(`POST /settings/Comfy.TutorialCompleted answered HTTP ${setting.status}`);
+  // config.settings: more front-end settings, e.g. no minimap over the nodes on the screenshot.
+  for (const [id, value] of Object.entries({ "Comfy.TutorialCompleted": true, ...(config.settings ?? {}) })) {
+    const setting = await fetch(`${config.url}/settings/${id}`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(value) });
+    if (!setting.ok) throw new Error(`POST /settings/${id} answered HTTP ${setting.status}`);
+  }
   await page.goto(config.url, { waitUntil: "domcontentloaded", timeout: config.load_timeout_ms });
   await page.waitForFunction(
     () => window.app?.graph && window.comfyAPI?.api?.api && window.LiteGraph?.registered_node_types?.Flux2LoraTrain,
@@ -123,15 +129,21 @@ try {
       }
       const train = app.graph.nodes.find((n) => n.type === trainType);
       // Keep the whole Train node in view (clear of the side bar and the top menu): its DOM panel and
-      // its lazy images only render on screen, and the screenshot should show all of it.
-      probe.fit = () => {
+      // its lazy images only render on screen, and the screenshot should show all of it. After the run the
+      // view may take in more nodes (fit_node_ids), all of them whole.
+      probe.fit = (ids) => {
         const title = window.LiteGraph.NODE_TITLE_HEIGHT ?? 30;
+        const nodes = (ids ?? []).map((id) => app.graph.getNodeById(Number(id))).filter(Boolean);
+        const shown = nodes.length ? nodes : [train];
+        const x0 = Math.min(...shown.map((n) => n.pos[0]));
+        const y0 = Math.min(...shown.map((n) => n.pos[1] - title));
+        const x1 = Math.max(...shown.map((n) => n.pos[0] + n.size[0]));
+        const y1 = Math.max(...shown.map((n) => n.pos[1] + n.size[1]));
         const left = 90;
         const top = 120;
-        const room = window.innerHeight - top - 20;
-        const scale = Math.min(1, room / (train.size[1] + title));
+        const scale = Math.min(1, (window.innerHeight - top - 20) / (y1 - y0), (window.innerWidth - left - 20) / (x1 - x0));
         app.canvas.ds.scale = scale;
-        app.canvas.ds.offset = [left / scale - train.pos[0], top / scale - (train.pos[1] - title)];
+        app.canvas.ds.offset = [left / scale - x0, top / scale - y0];
         app.canvas.setDirty(true, true);
       };
       probe.fit();
@@ -163,7 +175,8 @@ try {
   report.outcome = await Promise.race([ended.then(() => page.evaluate(() => window.__flux2e2e.outcome)), refused]);
 
   if (report.outcome.type === "execution_success") {
-    await page.evaluate(() => window.__flux2e2e.fit()); // the node grew with the images and the run info
+    // The node grew with the images and the run info.
+    await page.evaluate((ids) => window.__flux2e2e.fit(ids), config.fit_node_ids ?? null);
     // Settle before looking: the queue shows empty and the Save Image nodes show their previews.
     await page
       .waitForFunction(
