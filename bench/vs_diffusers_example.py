@@ -6,8 +6,9 @@ requirements (a ComfyUI environment does). Both trainers run as a user launches 
 example's workload: one instance prompt ("dog") on every image, attention LoRA targets, rank 4 (alpha 4), no LoRA
 dropout, 64 px, batch 1, fp32 (no mixed precision on the CPU), no gradient checkpointing, no validation, constant
 learning rate 1e-4, --steps optimizer steps. Ours runs `python -m trainer train --config <cfg>` with a SimpleTuner
-data backend (caption_strategy instanceprompt); its "attention" preset also trains the double blocks'
-add_q/k/v and to_add_out, which the example leaves out, so ours does slightly more work per step.
+data backend (caption_strategy instanceprompt) and the "attention" preset (SimpleTuner's, which also adapts the
+double blocks' text-stream add_q/k/v and to_add_out); the example gets the same modules through its own
+--lora_layers, so both train the same layers.
 
 Each launch starts from nothing: a new output folder and, for ours, an empty latent and text cache, so launch to
 first step includes every import, model load and encode of both. bench/step_clock.py times each optimizer step
@@ -21,7 +22,7 @@ own start before bench/step_clock.py runs is not in launch_cpu_s) and peak RSS. 
 ratios too). Targets (issue 16): launch <= 0.75x, step <= 0.95x.
 
     OMP_NUM_THREADS=1 python bench/vs_diffusers_example.py --example /path/to/train_dreambooth_lora_flux2.py \
-        --python /path/to/comfyui/.venv/bin/python [--rounds 3] [--steps 10]
+        --python /path/to/comfyui/.venv/bin/python [--rounds 3] [--steps 10] [--warm] [--torchrun]
 
 Progress goes to stderr; the last stdout line is one JSON object. Nothing here asserts: it is a measurement.
 """
@@ -57,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 1),
                         help="OMP_NUM_THREADS of both (default: $OMP_NUM_THREADS or 1)")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it (default: a temp dir)")
+    parser.add_argument("--warm", action="store_true",
+                        help="also launch ours forked from the warm trainer (trainer/warm_worker.py, as the Train LoRA "
+                             "node does inside ComfyUI), started once before the rounds; timed from the request")
+    parser.add_argument("--torchrun", action="store_true",
+                        help="also launch ours under torchrun with one process (how the Train LoRA node started a "
+                             "one-process run before it started the trainer directly), timed from its events.jsonl")
     args = parser.parse_args(argv)
     if not args.example.is_file():
         parser.error(f"--example {args.example}: no such file; fetch diffusers' "
@@ -102,12 +109,77 @@ def ours_command(work: Path, run: str, *, model: Path, images: Path, steps: int)
     return ["-m", "trainer", "train", "--config", str(folder / "config.json")]
 
 
+def attention_layers(model: Path) -> str:
+    """Our "attention" preset's modules, fully named, as the example's --lora_layers: both train the same layers."""
+    from trainer.lora import preset_layers
+
+    config = json.loads((model / "transformer" / "config.json").read_text())
+    double, single = preset_layers("attention")
+    names = [f"transformer_blocks.{i}.{layer}" for i in range(config["num_layers"]) for layer in double]
+    names += [f"single_transformer_blocks.{i}.{layer}" for i in range(config["num_single_layers"]) for layer in single]
+    return ",".join(names)
+
+
 def example_command(work: Path, run: str, *, example: Path, model: Path, images: Path, steps: int) -> list[str]:
     return [str(example), "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(images),
+            "--lora_layers", attention_layers(model),
             "--instance_prompt", INSTANCE_PROMPT, "--resolution", "64", "--train_batch_size", "1",
             "--max_train_steps", str(steps), "--rank", "4", "--lora_alpha", "4", "--learning_rate", "1e-4",
             "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--checkpointing_steps", str(10 * steps),
             "--output_dir", str(work / run / "out"), "--seed", "0"]
+
+
+def launch_torchrun(python: str, work: Path, run: str, *, model: Path, images: Path, steps: int, threads: int) -> dict:
+    """Ours under torchrun (one process): launch and step from the step events' times (the worker is torchrun's
+    child, out of step_clock's reach; an event follows its optimizer step by well under a millisecond)."""
+    target = ours_command(work, run, model=model, images=images, steps=steps)
+    cmd = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", *target]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    t0 = time.time()
+    with (work / f"{run}.log").open("w") as fh:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=1800, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"{run} (torchrun) failed (exit {proc.returncode}); see {work / f'{run}.log'}")
+    return _step_figures(work / run / "out", t0)
+
+
+def _step_figures(run_dir: Path, t0: float) -> dict:
+    from trainer.events import EVENTS_FILE
+
+    events = [json.loads(line) for line in (run_dir / EVENTS_FILE).read_text().splitlines()]
+    times = [e["time"] - t0 for e in events if e.get("event") == "step"]
+    return {"launch_s": times[0], "step_s": statistics.median(b - a for a, b in zip(times, times[1:])),
+            "steps": len(times)}
+
+
+def start_warm_worker(python: str, *, threads: int):
+    """The warm trainer as ComfyUI starts it, with the environment the bench gives every launch; waits until its
+    imports are done (not timed: in ComfyUI they happen while the user sets up the graph)."""
+    from trainer import warm_worker
+    from trainer.launch import trainer_env
+
+    env = trainer_env(cwd=REPO, extra={"OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"})
+    worker = warm_worker.start_worker(env=env, cwd=REPO, python=python)
+    if worker is None:
+        raise SystemExit("--warm: the warm trainer is Linux only (or FLUX2LORA_WARM_TRAINER=0)")
+    deadline = time.time() + 600
+    while not worker.ready():
+        if worker.popen.poll() is not None or time.time() > deadline:
+            raise SystemExit("--warm: the warm trainer did not become ready")
+        time.sleep(0.2)
+    return worker, env
+
+
+def launch_warm(worker, env: dict, work: Path, run: str, *, model: Path, images: Path, steps: int) -> dict:
+    """Ours forked from the warm trainer: launch = request to the first step event."""
+    target = ours_command(work, run, model=model, images=images, steps=steps)
+    t0 = time.time()
+    forked = worker.start_run(argv=target[2:], cwd=REPO, env=env, log_path=work / f"{run}.log")
+    if forked is None:
+        raise SystemExit(f"{run}: the warm trainer refused the run; see its log line")
+    if forked.wait() != 0:
+        raise SystemExit(f"{run} (warm) failed; see {work / f'{run}.log'}")
+    return _step_figures(work / run / "out", t0)
 
 
 def launch(python: str, target: list[str], *, cwd: Path, clock: Path, threads: int, log: Path) -> dict:
@@ -132,10 +204,23 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     model, images = prepare(work, images=args.images)
     results: dict[str, list[dict]] = {"ours": [], "example": []}
+    extra = (("ours_warm",) if args.warm else ()) + (("ours_torchrun",) if args.torchrun else ())
+    results.update({who: [] for who in extra})
+    worker, warm_env = start_warm_worker(args.python, threads=args.threads) if args.warm else (None, None)
     for k in range(args.rounds):
         order = ("ours", "example") if k % 2 == 0 else ("example", "ours")
-        for who in order:
+        for who in order + extra:
             run = f"{who}{k}"
+            if who in extra:
+                if who == "ours_warm":
+                    figures = launch_warm(worker, warm_env, work, run, model=model, images=images, steps=args.steps)
+                else:
+                    figures = launch_torchrun(args.python, work, run, model=model, images=images, steps=args.steps,
+                                              threads=args.threads)
+                results[who].append(figures)
+                print(f"{run}: launch {figures['launch_s']:.2f} s, step {figures['step_s']:.3f} s", file=sys.stderr,
+                      flush=True)
+                continue
             if who == "ours":
                 target, cwd = ours_command(work, run, model=model, images=images, steps=args.steps), REPO
             else:
@@ -158,6 +243,16 @@ def main(argv: list[str] | None = None) -> int:
         paired = statistics.median(o[key] / e[key] for o, e in zip(results["ours"], results["example"]))
         summary[key] = {"ours": round(ours, 3), "example": round(example, 3), "ratio": round(ours / example, 3),
                         "ratio_paired_median": round(paired, 3), "target": TARGETS.get(key)}
+    for who in extra:  # wall seconds from the step events: against the example, and against ours cold
+        for key in ("launch_s", "step_s"):
+            median = statistics.median(r[key] for r in results[who])
+            summary[key][who] = {"seconds": round(median, 3),
+                                 "ratio_to_example": round(median / summary[key]["example"], 3),
+                                 "ratio_paired_median": round(statistics.median(
+                                     w[key] / e[key] for w, e in zip(results[who], results["example"])), 3),
+                                 "ratio_to_ours_cold": round(median / summary[key]["ours"], 3)}
+    if worker is not None:
+        worker.stop()
     summary["runs"] = results
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)

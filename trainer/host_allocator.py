@@ -54,18 +54,27 @@ def return_freed_memory_to_os() -> bool:
 
 STEP_MMAP_THRESHOLD_BYTES = 32 << 20
 """The threshold once a CPU process that does not shard starts its steps: glibc's own ceiling for its adaptive one."""
+STEP_TRIM_THRESHOLD_BYTES = 2 * STEP_MMAP_THRESHOLD_BYTES
+"""Free memory at the top of the heap that stays mapped. A fixed mmap threshold also fixes glibc's trim threshold
+at its 128 KiB default, so each step's freed activations were handed back and faulted in again by the next step
+(1,100-5,800 page faults per step on the tiny model; 6 with this). Twice the mmap threshold is the pairing glibc's
+adaptive rule itself uses."""
+_M_TRIM_THRESHOLD = -1
 
 
 def keep_step_tensors_on_the_heap() -> bool:
     """For a process that computes its steps on the CPU without FSDP2 (tests, the demo, bench/): raise the fixed
     threshold to 32 MiB once the model is built. Each step allocates and frees the same activations; mapped, every
     one costs a mapping and its page faults, measured with bench/vs_diffusers_example.py at 1.7x the step time of
-    diffusers' example (tiny model, 1 thread). The heap keeps them for the next step instead, at most the step's own
-    peak. Loading (the host-RAM peak at real scale) has already run under MMAP_THRESHOLD_BYTES. Returns whether it
-    was set (not when the user chose MALLOC_MMAP_THRESHOLD_, or without glibc)."""
+    diffusers' example (tiny model, 1 thread). The heap keeps them mapped for the next step instead (trim threshold
+    STEP_TRIM_THRESHOLD_BYTES), at most the step's own peak. Loading (the host-RAM peak at real scale) has already
+    run under MMAP_THRESHOLD_BYTES. Returns whether it was set (not when the user chose MALLOC_MMAP_THRESHOLD_, or
+    without glibc; a MALLOC_TRIM_THRESHOLD_ of the user's is kept)."""
     libc = _glibc()
     if os.environ.get(_ENV) or libc is None:
         return False
+    if not os.environ.get("MALLOC_TRIM_THRESHOLD_"):
+        libc.mallopt(_M_TRIM_THRESHOLD, STEP_TRIM_THRESHOLD_BYTES)
     return libc.mallopt(_M_MMAP_THRESHOLD, STEP_MMAP_THRESHOLD_BYTES) == 1
 
 

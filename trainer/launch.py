@@ -1,4 +1,4 @@
-"""Starting, following and stopping a training run as its own process group (torchrun).
+"""Starting, following and stopping a training run as its own process group (torchrun, or one process).
 
 run.py (the launcher of the Train LoRA node and of `train --num-processes`) is only a supervisor: it builds
 the torchrun argument list here, starts it in a new process group (session on POSIX, CREATE_NEW_PROCESS_GROUP
@@ -56,8 +56,23 @@ def torchrun_command(
             raise ValueError("multi-node runs need rdzv_endpoint (host:port of node 0), e.g. 10.0.0.1:29500.")
         cmd += ["--nnodes", str(nnodes), "--node_rank", str(node_rank), "--rdzv_backend", "c10d",
                 "--rdzv_endpoint", rdzv_endpoint, "--rdzv_id", rdzv_id]
-    cmd += ["-m", "trainer", "train", "--config", str(config_path)]
+    cmd += ["-m", "trainer", *trainer_argv(config_path)]
     return cmd
+
+
+def trainer_argv(config_path: str | os.PathLike) -> list[str]:
+    """The trainer's own arguments (after `python -m trainer`) for a prepared run.json."""
+    return ["train", "--config", str(config_path)]
+
+
+def trainer_command(*, config_path: str | os.PathLike, num_processes: int, python: str | None = None) -> list[str]:
+    """What run_training starts on this machine: torchrun for several processes; for one, the trainer itself.
+    torchrun would add an interpreter that imports torch (about 3 s on the tiny model's launch, measured with
+    bench/vs_diffusers_example.py --node) and an agent process that one process does not need: the launcher
+    already stops the whole group on Cancel, and the trainer reports its own errors as events."""
+    if num_processes == 1:
+        return [python or sys.executable, "-m", "trainer", *trainer_argv(config_path)]
+    return torchrun_command(config_path=config_path, nproc_per_node=num_processes, python=python)
 
 
 def command_text(cmd: list[str], *, cwd: Path = PACK_ROOT) -> str:
@@ -79,26 +94,49 @@ def export_instructions(*, config_path: Path, num_processes: int) -> str:
     )
 
 
+def trainer_env(*, cwd: Path = PACK_ROOT, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a trainer process (and of the warm worker that forks one-process trainers)."""
+    full_env = dict(os.environ)
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env["PYTHONUNBUFFERED"] = "1"
+    # The pack root, not ComfyUI's cwd, must come first so `-m trainer` is ours.
+    full_env["PYTHONPATH"] = os.pathsep.join([str(cwd)] + [p for p in [full_env.get("PYTHONPATH")] if p])
+    if extra:
+        full_env.update(extra)
+    return full_env
+
+
+def start_warm_trainer() -> None:
+    """ComfyUI start-up: start the warm worker that one-process runs fork from (trainer/warm_worker.py)."""
+    from . import warm_worker
+
+    warm_worker.start_worker(env=trainer_env(), cwd=PACK_ROOT)
+
+
 @dataclass
 class TrainingProcess:
-    """A started torchrun process group."""
+    """A started trainer process group: torchrun's, a cold trainer's or one forked by the warm worker."""
 
-    popen: subprocess.Popen
+    popen: subprocess.Popen | Any  # warm_worker.WarmRun when forked: pid, poll() and wait() as Popen's
     run_dir: Path
     log_path: Path
+    warm: bool = False
 
     @classmethod
     def start(cls, cmd: list[str], *, run_dir: Path, env: dict[str, str] | None = None,
-              cwd: Path = PACK_ROOT) -> "TrainingProcess":
+              cwd: Path = PACK_ROOT, warm_argv: list[str] | None = None) -> "TrainingProcess":
+        """Start `cmd`; or, given warm_argv (the trainer's arguments of a one-process `cmd`), fork it from the warm
+        worker when one is running and agrees (trainer/warm_worker.py), else start `cmd` cold."""
         run_dir.mkdir(parents=True, exist_ok=True)
         log_path = run_dir / LOG_FILE
-        full_env = dict(os.environ)
-        full_env.setdefault("OMP_NUM_THREADS", "1")
-        full_env["PYTHONUNBUFFERED"] = "1"
-        # The pack root, not ComfyUI's cwd, must come first so `-m trainer` is ours.
-        full_env["PYTHONPATH"] = os.pathsep.join([str(cwd)] + [p for p in [full_env.get("PYTHONPATH")] if p])
-        if env:
-            full_env.update(env)
+        full_env = trainer_env(cwd=cwd, extra=env)
+        if warm_argv is not None:
+            from .warm_worker import current_worker
+
+            worker = current_worker()
+            forked = worker.start_run(argv=warm_argv, cwd=cwd, env=full_env, log_path=log_path) if worker else None
+            if forked is not None:
+                return cls(popen=forked, run_dir=run_dir, log_path=log_path, warm=True)
         kwargs: dict[str, Any] = {}
         if os.name == "nt":
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
@@ -162,6 +200,7 @@ def _group_alive(pgid: int) -> bool:
         return False
     except PermissionError:
         return True
+    return True
     return True
 
 

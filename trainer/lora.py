@@ -128,6 +128,9 @@ def apply_lora(
         init_lora_weights=True if init == "default" else init,
         target_modules=targets,
     )
+    from .lora_fused import use_fused_forward
+
+    use_fused_forward(config)
     transformer.requires_grad_(False)
     if hasattr(transformer, "add_adapter"):
         transformer.add_adapter(config, adapter_name=ADAPTER_NAME)

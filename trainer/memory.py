@@ -16,8 +16,8 @@ config on the meta device, which allocates nothing) and adds:
   adds a dropped copy of each adapted layer's input and its mask. These coefficients were measured on the
   tiny model with torch.autograd.graph.saved_tensors_hooks (tests/unit/test_memory_estimate.py re-measures
   them); they scale with the hidden size, so they hold for FLUX.2-dev. With gradient checkpointing only each
-  block's input is kept, plus one block recomputed during backward. A further half block covers the
-  gradients alive during a block's backward;
+  block's input is kept, plus one block recomputed during backward. A further half block (without its
+  dropout copies) covers the gradients alive during a block's backward;
 - overhead: the CUDA context and cuBLAS workspaces (about 1 GB) plus 10% of the rest for allocator
   fragmentation (none on the CPU).
 
@@ -260,6 +260,11 @@ def estimate_peak_memory(
     double = ACTIVATIONS_DOUBLE[compute] + dropout_factor * counts.lora_inputs_double / 2 / counts.hidden
     single = ACTIVATIONS_SINGLE[compute] + dropout_factor * counts.lora_inputs_single / counts.hidden
     largest = max(double if counts.num_double else 0.0, single if counts.num_single else 0.0)
+    # The gradients alive during a block's backward follow its activations, not the dropout copies (a dropped copy
+    # and its mask get no gradient of their own): measured on the tiny model, dropout adds 11 MB to a checkpointed
+    # step where 1.5 blocks' copies would be 45 MB (tests/unit/test_memory_estimate.py).
+    largest_gradients = max(ACTIVATIONS_DOUBLE[compute] if counts.num_double else 0.0,
+                            ACTIVATIONS_SINGLE[compute] if counts.num_single else 0.0)
     every = (gradient_checkpointing_interval or 1) if gradient_checkpointing else None
     # Checkpointed blocks keep their input (both streams / the joint one), plus the attention output with
     # save_attention; the others all their activations.
@@ -270,7 +275,7 @@ def estimate_peak_memory(
     kept = ((ckpt_double + ckpt_single) * per_checkpointed + (counts.num_double - ckpt_double) * double
             + (counts.num_single - ckpt_single) * single)
     # During backward one block's full activations exist again (a recomputed block) plus its gradients.
-    transient = largest * ((1 if ckpt_double + ckpt_single else 0) + BACKWARD_TRANSIENT)
+    transient = largest * (1 if ckpt_double + ckpt_single else 0) + largest_gradients * BACKWARD_TRANSIENT
     activations = unit * (kept + ACTIVATIONS_OUTSIDE + transient)
 
     weights += extra_weights_gb * GB

@@ -10,6 +10,8 @@ weights read), LoRA is injected exactly as training does, and its trainable para
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import json
 import logging
@@ -242,6 +244,24 @@ class Preflight:
         return path
 
 
+def _with_checkpointing_for_this_gpu(config: Any, *, num_processes: int) -> Any:
+    """gradient_checkpointing_auto resolved as each rank will resolve it (checkpointing.resolve_memory), from this
+    machine's GPU memory, so that the memory and time estimates count the blocks that will be checkpointed."""
+    if not (config.memory.gradient_checkpointing and config.memory.checkpointing.auto_interval):
+        return config
+    import torch
+
+    from . import memory
+    from .checkpointing import resolve_memory
+    from .parallelize import DistEnv
+
+    device_gb = memory.accelerator_memory_gb()
+    if device_gb is None:
+        return config  # no GPU here: the ranks keep the written interval too
+    env = DistEnv(rank=0, world_size=num_processes, local_rank=0, device=torch.device("cuda", 0))
+    return dataclasses.replace(config, memory=resolve_memory(config, env=env, device_gb=device_gb))
+
+
 def run_preflight(config: Any, *, num_processes: int, enforce: bool, start_step: int = 0,
                   device_name: str | None = None) -> Preflight:
     """check_memory (with enforce, refuses a run that does not fit: the only refusal here) and the time estimate of
@@ -253,6 +273,7 @@ def run_preflight(config: Any, *, num_processes: int, enforce: bool, start_step:
     if choice.reason != "set in the config":
         log.info("Train LoRA: %s", choice.line())
     config = with_distributed(config, choice.mode)
+    config = _with_checkpointing_for_this_gpu(config, num_processes=num_processes)
     summary, estimate, host = _check_memory(config, num_processes=num_processes, enforce=enforce)
     time = estimate_time_for_config(config, world_size=num_processes, device_name=device_name, start_step=start_step)
     log.info("Train LoRA: %s", time.summary())

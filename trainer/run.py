@@ -1,9 +1,9 @@
 """One supervised training run, as the Train LoRA node and `python -m trainer train --num-processes` start it.
 
 run_training takes the run folder's lock, checks memory, writes run.json, reuses a finished run, launches
-torchrun as its own process group (launch.py), follows its events, records a cancel or a failure in the
-run folder and returns the finished run. The caller supplies only the config and its own plumbing: where
-events go, how Cancel is polled, what to free before the trainer needs the GPU.
+the trainer (under torchrun for several processes) as its own process group (launch.py), follows its events,
+records a cancel or a failure in the run folder and returns the finished run. The caller supplies only the
+config and its own plumbing: where events go, how Cancel is polled, what to free before the trainer needs the GPU.
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ def run_training(
     before_launch: Callable[[], None] = lambda: None,
     interrupts: tuple[type[BaseException], ...] = (KeyboardInterrupt,),
 ) -> RunResult:
-    """Train `config` in its output folder with torchrun on this machine; returns the finished run.
+    """Train `config` in its output folder on this machine (torchrun for several processes, launch.trainer_command);
+    returns the finished run.
 
     export: write run.json and the torchrun command for a cluster instead of training. reuse_finished: return the
     folder's finished run, if any, instead of training again (the node's folders are named by the run's identity).
@@ -158,10 +159,13 @@ def run_training(
         from .inference import release_all
 
         release_all()
-        cmd = launch.torchrun_command(config_path=config_path, nproc_per_node=num_processes)
+        cmd = launch.trainer_command(config_path=config_path, num_processes=num_processes)
         # The trainer's rank 0 shares this lock through the token.
-        proc = launch.TrainingProcess.start(cmd, run_dir=run_dir, env={runlock.TOKEN_ENV: lock.token})
-        log.info("Train LoRA: started %s (pid %d); log %s", launch.command_text(cmd), proc.popen.pid, proc.log_path)
+        warm_argv = launch.trainer_argv(config_path) if num_processes == 1 else None  # forked when a worker is warm
+        proc = launch.TrainingProcess.start(cmd, run_dir=run_dir, env={runlock.TOKEN_ENV: lock.token},
+                                            warm_argv=warm_argv)
+        log.info("Train LoRA: started %s (pid %d%s); log %s", launch.command_text(cmd), proc.popen.pid,
+                 ", forked from the warm trainer" if proc.warm else "", proc.log_path)
         try:
             launch.supervise(proc, on_event=on_event, should_cancel=should_cancel)
         except (launch.TrainingCancelled, *interrupts) as err:

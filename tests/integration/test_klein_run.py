@@ -30,6 +30,20 @@ def klein_dataset(klein_model, tmp_path_factory) -> Path:
                          resolution=64, text_precision="fp32")
 
 
+def test_fsdp2_two_processes_save_every_klein_block_in_comfyui_keys(klein_model, klein_dataset, tmp_path, runs):
+    """The default run's share of the slow test below: 3 FSDP2 steps, the LoRA file's blocks and metadata."""
+    out = tmp_path / "fsdp2_short"
+    runs.launch(runs.run_config(klein_model, klein_dataset, out, model_flavour="klein-4b", distributed="fsdp2",
+                                max_train_steps=3, lora_rank=16, lora_alpha=16), nproc=2)
+    assert sorted(runs.step_losses(out)) == [1, 2, 3]
+    with safe_open(str(out / "lora.safetensors"), "pt") as fh:
+        keys, meta = list(fh.keys()), fh.metadata()
+    assert {int(k.split(".")[2]) for k in keys if k.startswith("diffusion_model.double_blocks.")} == set(range(5))
+    assert {int(k.split(".")[2]) for k in keys if k.startswith("diffusion_model.single_blocks.")} == set(range(20))
+    assert json.loads(meta["model_flavour"]) == "klein-4b" and meta["rank"] == "16"
+
+
+@pytest.mark.slow  # 3-5 min on 2 cores: 40 FSDP2 steps over gloo, then validation with CFG
 def test_fsdp2_two_processes_train_klein_and_the_loss_falls(klein_model, klein_dataset, tmp_path, runs):
     out = tmp_path / "fsdp2"
     runs.launch(runs.run_config(

@@ -101,6 +101,13 @@ def test_available_host_memory_is_read_from_the_system():
     assert free is None or 0 < free < 1 << 20
 
 
+def _probe(script: str, mode: str) -> int:
+    """Run an allocator probe in a fresh interpreter (allocator settings are per process); its printed number."""
+    out = subprocess.run([sys.executable, "-c", script, str(REPO_ROOT), mode], capture_output=True, text=True,
+                         timeout=120, check=True)
+    return int(out.stdout.strip())
+
+
 _ALLOCATOR_PROBE = textwrap.dedent("""
     import importlib.util
     import sys
@@ -135,13 +142,52 @@ _ALLOCATOR_PROBE = textwrap.dedent("""
 @pytest.mark.skipif(not Path("/proc/self/status").is_file() or sys.platform != "linux", reason="Linux glibc only")
 def test_freed_tensors_go_back_to_the_operating_system():
     def grown(allocator: str) -> int:
-        out = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE, str(REPO_ROOT), allocator], capture_output=True,
-                             text=True, timeout=120, check=True)
-        return int(out.stdout.strip())
+        return _probe(_ALLOCATOR_PROBE, allocator)
 
     assert grown("glibc") > 150  # glibc's adaptive threshold: the freed 200 MiB stay resident
     assert grown("trainer") < 20  # the training process's fixed threshold: returned at once
     assert grown("trim") < 20  # release_freed_memory (malloc_trim), as quantizing does after each layer
+
+
+_STEP_PROBE = textwrap.dedent("""
+    import ctypes
+    import importlib.util
+    import resource
+    import sys
+
+    spec = importlib.util.spec_from_file_location("host_allocator", sys.argv[1] + "/trainer/host_allocator.py")
+    host_allocator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host_allocator)
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, (ctypes.c_void_p,)
+    assert host_allocator.return_freed_memory_to_os()  # loading
+    if sys.argv[2] == "steps":
+        assert host_allocator.keep_step_tensors_on_the_heap()
+    else:  # the mmap threshold alone: glibc's trim threshold stays at its 128 KiB default
+        assert libc.mallopt(-3, host_allocator.STEP_MMAP_THRESHOLD_BYTES) == 1
+
+    def step():  # an activation below the step threshold: allocated, written, freed at the top of the heap
+        block = libc.malloc(4 << 20)
+        ctypes.memset(block, 1, 4 << 20)
+        libc.free(block)
+
+    step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        step()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+""")
+
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file() or sys.platform != "linux", reason="Linux glibc only")
+def test_cpu_steps_reuse_their_freed_activations_without_page_faults():
+    def faults(mode: str) -> int:
+        return _probe(_STEP_PROBE, mode)
+
+    pages = 10 * (4 << 20) // 4096  # 1024 pages per step
+    assert faults("mmap-threshold-only") > pages // 2  # trimmed after each step, faulted in by the next
+    assert faults("steps") < pages // 20  # keep_step_tensors_on_the_heap keeps them mapped
 
 
 def test_a_user_chosen_malloc_threshold_is_left_alone(monkeypatch):

@@ -99,3 +99,28 @@ def test_run_estimate_follows_the_config_and_never_refuses(tiny_model_dir, tmp_p
     quantized = estimate(base_model_precision="int8-quanto", distributed="ddp")
     assert "int8-quanto's dequantization" in quantized.caveats
     assert estimate(mixed_precision="no").seconds_per_step is None
+
+
+def test_the_estimates_count_the_interval_gradient_checkpointing_auto_picks(tiny_model_dir, tmp_path, monkeypatch):
+    """The ranks resolve gradient_checkpointing_auto from their GPU's memory; the preflight's memory and time
+    estimates resolve it the same way, so they count the blocks that will be checkpointed, not the written
+    interval."""
+    from flux2_lora_pack.trainer import memory, preflight
+    from flux2_lora_pack.trainer.config import TrainConfig
+
+    monkeypatch.setattr(throughput, "visible_device_name", lambda: "NVIDIA GeForce RTX 4090")
+    (tmp_path / "backend.json").write_text("[]")
+    config = TrainConfig.from_dict({
+        "pretrained_model_name_or_path": str(tiny_model_dir), "output_dir": str(tmp_path / "o"),
+        "data_backend_config": str(tmp_path / "backend.json"), "gradient_checkpointing": True,
+        "gradient_checkpointing_interval": 1, "gradient_checkpointing_auto": True})
+
+    def checked(device_gb):
+        monkeypatch.setattr(memory, "accelerator_memory_gb", lambda: device_gb)
+        return preflight.run_preflight(config, num_processes=1, enforce=False)
+
+    roomy, tight, cpu = checked(1000.0), checked(0.5), checked(None)
+    assert roomy.time.flops_per_step.recompute == 0  # the tiny model fits 1000 GB: auto checkpoints nothing
+    assert tight.time.flops_per_step.recompute > 0  # nothing fits 0.5 GB: every block, as written
+    assert cpu.time.flops_per_step.recompute == tight.time.flops_per_step.recompute  # no GPU: the written interval
+    assert roomy.gpu_memory_gb["activations"] > tight.gpu_memory_gb["activations"]
