@@ -11,7 +11,6 @@ weights read), LoRA is injected exactly as training does, and its trainable para
 from __future__ import annotations
 
 import dataclasses
-
 import functools
 import json
 import logging

@@ -224,7 +224,6 @@ class WarmRun:
             self._conn = None
 
 
-
 class WarmWorker:
     """The worker process, seen from ComfyUI."""
 
