@@ -129,11 +129,12 @@ def example_command(work: Path, run: str, *, example: Path, model: Path, images:
             "--output_dir", str(work / run / "out"), "--seed", "0"]
 
 
-def launch_torchrun(python: str, work: Path, run: str, *, model: Path, images: Path, steps: int, threads: int) -> dict:
-    """Ours under torchrun (one process): launch and step from the step events' times (the worker is torchrun's
-    child, out of step_clock's reach; an event follows its optimizer step by well under a millisecond)."""
+def launch_torchrun(python: str, work: Path, run: str, *, model: Path, images: Path, steps: int, threads: int,
+                    processes: int = 1) -> dict:
+    """Ours under torchrun (one process by default): launch and step from the step events' times (the worker is
+    torchrun's child, out of step_clock's reach; an event follows its optimizer step by well under a millisecond)."""
     target = ours_command(work, run, model=model, images=images, steps=steps)
-    cmd = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", *target]
+    cmd = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), *target]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     t0 = time.time()
     with (work / f"{run}.log").open("w") as fh:
@@ -170,11 +171,12 @@ def start_warm_worker(python: str, *, threads: int):
     return worker, env
 
 
-def launch_warm(worker, env: dict, work: Path, run: str, *, model: Path, images: Path, steps: int) -> dict:
+def launch_warm(worker, env: dict, work: Path, run: str, *, model: Path, images: Path, steps: int,
+                processes: int = 1) -> dict:
     """Ours forked from the warm trainer: launch = request to the first step event."""
     target = ours_command(work, run, model=model, images=images, steps=steps)
     t0 = time.time()
-    forked = worker.start_run(argv=target[2:], cwd=REPO, env=env, log_path=work / f"{run}.log")
+    forked = worker.start_run(argv=target[2:], cwd=REPO, env=env, log_path=work / f"{run}.log", processes=processes)
     if forked is None:
         raise SystemExit(f"{run}: the warm trainer refused the run; see its log line")
     if forked.wait() != 0:

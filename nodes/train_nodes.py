@@ -88,7 +88,7 @@ class Flux2TrainLora:
                 "checkpoints_total_limit": ("INT", {"default": 2, "min": 1, "max": 100, "step": 1, "tooltip": "Keep at most this many checkpoints (oldest are deleted)."}),
                 "validation_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "Prompt rendered during training to watch progress (empty: no validation)."}),
                 "validation_steps": ("INT", {"default": 250, "min": 0, "max": 1_000_000, "step": 1, "tooltip": "Render validation images every this many steps (0: only at the end)."}),
-                "num_processes": ("INT", {"default": 1, "min": 1, "max": 64, "step": 1, "tooltip": "Processes (GPUs) on this machine: several run under torchrun; one is started directly."}),
+                "num_processes": ("INT", {"default": 1, "min": 1, "max": 64, "step": 1, "tooltip": "Processes (GPUs) on this machine. Forked from the warm trainer when it is ready (its imports done, about 10 s after ComfyUI starts); otherwise several start under torchrun and one starts directly."}),
                 "distributed": (list(CHOICES["distributed"]), {"default": "auto", "tooltip": "auto: ddp when the memory estimate says the model fits each GPU, fsdp2 when it must be sharded (the choice and its reason are shown before the first step); fsdp2: shard the model across processes (for models that do not fit one GPU); ddp: replicate (faster when it fits); none: one process."}),
                 "launch": (list(LAUNCH_MODES), {"default": "run", "tooltip": "run: train here; export: write run.json and print the torchrun command for a cluster; attach: use a run folder trained elsewhere."}),
             },

@@ -95,7 +95,7 @@ def export_instructions(*, config_path: Path, num_processes: int) -> str:
 
 
 def trainer_env(*, cwd: Path = PACK_ROOT, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a trainer process (and of the warm worker that forks one-process trainers)."""
+    """The environment of a trainer process (and of the warm worker that forks trainers)."""
     full_env = dict(os.environ)
     full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env["PYTHONUNBUFFERED"] = "1"
@@ -107,7 +107,7 @@ def trainer_env(*, cwd: Path = PACK_ROOT, extra: dict[str, str] | None = None) -
 
 
 def start_warm_trainer() -> None:
-    """ComfyUI start-up: start the warm worker that one-process runs fork from (trainer/warm_worker.py)."""
+    """ComfyUI start-up: start the warm worker that runs fork from (trainer/warm_worker.py)."""
     from . import warm_worker
 
     warm_worker.start_worker(env=trainer_env(), cwd=PACK_ROOT)
@@ -124,9 +124,11 @@ class TrainingProcess:
 
     @classmethod
     def start(cls, cmd: list[str], *, run_dir: Path, env: dict[str, str] | None = None,
-              cwd: Path = PACK_ROOT, warm_argv: list[str] | None = None) -> "TrainingProcess":
-        """Start `cmd`; or, given warm_argv (the trainer's arguments of a one-process `cmd`), fork it from the warm
-        worker when one is running and agrees (trainer/warm_worker.py), else start `cmd` cold."""
+              cwd: Path = PACK_ROOT, warm_argv: list[str] | None = None,
+              warm_processes: int = 1) -> "TrainingProcess":
+        """Start `cmd`; or, given warm_argv (the trainer's arguments of `cmd`, which runs warm_processes processes on
+        this machine), fork it from the warm worker when one is running and agrees (trainer/warm_worker.py), else
+        start `cmd` cold."""
         run_dir.mkdir(parents=True, exist_ok=True)
         log_path = run_dir / LOG_FILE
         full_env = trainer_env(cwd=cwd, extra=env)
@@ -134,7 +136,8 @@ class TrainingProcess:
             from .warm_worker import current_worker
 
             worker = current_worker()
-            forked = worker.start_run(argv=warm_argv, cwd=cwd, env=full_env, log_path=log_path) if worker else None
+            forked = worker.start_run(argv=warm_argv, cwd=cwd, env=full_env, log_path=log_path,
+                                      processes=warm_processes) if worker else None
             if forked is not None:
                 return cls(popen=forked, run_dir=run_dir, log_path=log_path, warm=True)
         kwargs: dict[str, Any] = {}

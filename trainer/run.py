@@ -161,9 +161,9 @@ def run_training(
         release_all()
         cmd = launch.trainer_command(config_path=config_path, num_processes=num_processes)
         # The trainer's rank 0 shares this lock through the token.
-        warm_argv = launch.trainer_argv(config_path) if num_processes == 1 else None  # forked when a worker is warm
         proc = launch.TrainingProcess.start(cmd, run_dir=run_dir, env={runlock.TOKEN_ENV: lock.token},
-                                            warm_argv=warm_argv)
+                                            warm_argv=launch.trainer_argv(config_path),  # forked when a worker is warm
+                                            warm_processes=num_processes)
         log.info("Train LoRA: started %s (pid %d%s); log %s", launch.command_text(cmd), proc.popen.pid,
                  ", forked from the warm trainer" if proc.warm else "", proc.log_path)
         try:

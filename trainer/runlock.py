@@ -218,7 +218,14 @@ def exit_with_parent() -> None:
     ranks running, writing into the run folder that the next run then finds locked or changing. The kernel's
     parent-death signal ends a rank with its launcher. Elsewhere (macOS, Windows) this does nothing.
     """
-    if not os.environ.get("TORCHELASTIC_RUN_ID") or not sys.platform.startswith("linux"):
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        die_with_parent()
+
+
+def die_with_parent() -> None:
+    """Arm the kernel's parent-death signal (SIGKILL) for this process, or exit now if the parent is already gone.
+    Linux only; elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
         return
     import ctypes
     import signal

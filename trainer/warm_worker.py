@@ -1,11 +1,13 @@
 """A warm trainer: one process that imports torch, diffusers, transformers and peft once, then forks the trainer of
-each one-process run the Train LoRA node starts.
+each run the Train LoRA node starts on this machine (for several processes, their ranks).
 
 Launch to first step is mostly those imports: on the tiny model they are about 85 % of it, for us and for
 diffusers' own example alike (bench/README.md). ComfyUI starts this worker when it loads the pack, so by the
 time Run is pressed the imports are done; a forked trainer starts where a cold one would be after ten seconds. The
 fork is the whole trainer as `python -m trainer train` runs it, in a session of its own (Cancel stops its group
-as before), writing the run's train.log, with the run's environment and folder. Nothing of a run stays in the
+as before), writing the run's train.log, with the run's environment and folder. A run of several processes forks
+a parent that forks the ranks with torchrun's rendezvous variables and, like torchrun's agent, stops the others
+when one fails; each rank dies with that parent. Nothing of a run stays in the
 worker: it never touches a GPU or runs a model, so every fork starts from the same clean state.
 
 A run is forked only when that is safe and equal to a cold start: Linux (fork), the worker alive and
@@ -14,7 +16,7 @@ single-threaded with CUDA uninitialised, and the run's environment equal to the 
 Set FLUX2LORA_WARM_TRAINER=0 to never start the worker.
 
 Protocol: a Unix socket in a private folder (mode 0700). A client writes one JSON line {"argv", "cwd", "env",
-"log"} and reads {"pid": N} or {"error": "..."}, then {"exit": code} when that trainer ends.
+"log", "processes"} and reads {"pid": N} or {"error": "..."}, then {"exit": code} when that trainer ends.
 
     python -m trainer.warm_worker --socket PATH --parent PID      (started by start_worker, not by users)
 """
@@ -39,7 +41,8 @@ import time
 import traceback
 from pathlib import Path
 
-from .runlock import TOKEN_ENV, pid_alive
+from .nvml_facts import answered_from_nvml, read_gpu_facts
+from .runlock import TOKEN_ENV, die_with_parent, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,13 @@ PRELOAD: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 def _preload() -> None:
+    """Import PRELOAD with GPU queries answered from NVML (nvml_facts.py: torchao's module-level capability checks
+    would otherwise initialise CUDA here, and no run could be forked on a GPU machine)."""
+    with answered_from_nvml(read_gpu_facts()):
+        _import_preload()
+
+
+def _import_preload() -> None:
     for module_name, attributes in PRELOAD:
         module = importlib.import_module(module_name)
         for attribute in attributes:
@@ -87,7 +97,8 @@ def _fork_refusal() -> str | None:
 
 
 def _run_forked(request: dict) -> None:
-    """In the forked child: become the run's trainer process; never returns."""
+    """In the forked child: become the run's trainer process, or for several processes the parent of its ranks
+    (as torchrun's agent is); never returns."""
     code = 1
     try:
         os.setsid()  # its own process group: Cancel stops it and whatever it starts
@@ -103,21 +114,94 @@ def _run_forked(request: dict) -> None:
         for key in PER_RUN_ENV:
             os.environ.pop(key, None)
         os.environ.update({k: v for k, v in request["env"].items() if k in PER_RUN_ENV})
-        import trainer.__main__ as entry
-
-        sys.argv = [entry.__file__, *request["argv"]]  # as `python -m trainer` sets it
-        code = int(entry.main(request["argv"]) or 0)
+        processes = int(request.get("processes", 1))
+        code = _run_trainer(request["argv"]) if processes == 1 else _run_ranks(request["argv"], processes=processes)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:  # noqa: BLE001 - the run's log gets it, like a cold process's traceback
         traceback.print_exc()
     finally:
+        _exit(code)
+
+
+def _run_trainer(argv: list[str]) -> int:
+    import trainer.__main__ as entry
+
+    sys.argv = [entry.__file__, *argv]  # as `python -m trainer` sets it
+    return int(entry.main(argv) or 0)
+
+
+def _exit(code: int) -> None:
+    try:
+        atexit._run_exitfuncs()  # what a normal interpreter exit runs (trackers flush there)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def rank_env(rank: int, *, processes: int, port: int) -> dict[str, str]:
+    """What torchrun --standalone gives rank `rank` of one node (without its elastic agent's variables)."""
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "ROLE_RANK": str(rank), "WORLD_SIZE": str(processes),
+            "LOCAL_WORLD_SIZE": str(processes), "ROLE_WORLD_SIZE": str(processes), "GROUP_RANK": "0",
+            "GROUP_WORLD_SIZE": "1", "ROLE_NAME": "default", "MASTER_ADDR": "localhost", "MASTER_PORT": str(port)}
+
+
+def _run_ranks(argv: list[str], *, processes: int) -> int:
+    """Fork the ranks of a one-node run and wait for them as torchrun's agent does: when one fails, stop the others.
+    Returns 0, or the exit code of the first rank that failed."""
+    with socket.socket() as probe:  # rank 0's store listens here (torchrun --standalone also picks a free port)
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # as torchrun sets it
+    ranks = set()
+    for rank in range(processes):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                die_with_parent()  # a rank never outlives its parent (kill -9 of the group included)
+                os.environ.update(rank_env(rank, processes=processes, port=port))
+                code = _run_trainer(argv)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:  # noqa: BLE001
+                traceback.print_exc()
+            finally:
+                _exit(code)
+        ranks.add(pid)
+    return wait_for_ranks(ranks)
+
+
+def wait_for_ranks(pids: set[int], *, grace_s: float = 10.0) -> int:
+    """Wait for child processes; after the first one that fails, SIGTERM the rest and SIGKILL them after grace_s.
+    Returns 0 when all succeeded, else the first failure's exit code (1 for a signal)."""
+    pids, code, deadline = set(pids), 0, None
+    while pids:
+        for pid in list(pids):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done == 0:
+                continue
+            pids.discard(pid)
+            exit_code = os.waitstatus_to_exitcode(status)
+            if exit_code != 0 and code == 0:
+                code = exit_code if exit_code > 0 else 1
+                _signal_all(pids, signal.SIGTERM)
+                deadline = time.monotonic() + grace_s
+        if pids and deadline is not None and time.monotonic() > deadline:
+            _signal_all(pids, signal.SIGKILL)
+            deadline = None
+        if pids:
+            time.sleep(0.05)
+    return code
+
+
+def _signal_all(pids: set[int], sig: int) -> None:
+    for pid in pids:
         try:
-            atexit._run_exitfuncs()  # what a normal interpreter exit runs (trackers flush there)
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def _handle(conn: socket.socket, base_env: dict[str, str], waiting: dict[int, socket.socket],
@@ -164,7 +248,11 @@ def _reap(waiting: dict[int, socket.socket]) -> None:
 def serve(socket_path: Path, *, parent: int) -> int:
     """Import everything, then fork a trainer per request until the parent process (ComfyUI) is gone."""
     base_env = {k: v for k, v in os.environ.items() if k not in PER_RUN_ENV}  # before the imports add theirs
+    started = time.monotonic()
     _preload()
+    refusal = _fork_refusal()
+    print(f"warm trainer: imports done in {time.monotonic() - started:.1f} s; "
+          + (f"runs will start cold: {refusal}" if refusal else "ready to fork runs"), flush=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(socket_path))  # bound only now: a client that can connect finds the imports done
     listener.listen(8)
@@ -179,6 +267,8 @@ def serve(socket_path: Path, *, parent: int) -> int:
     finally:
         listener.close()
         socket_path.unlink(missing_ok=True)
+        if os.getppid() != parent:  # ComfyUI ended without stopping it (killed): nobody will read worker.log
+            shutil.rmtree(socket_path.parent, ignore_errors=True)
     return 0
 
 
@@ -234,8 +324,11 @@ class WarmWorker:
     def ready(self) -> bool:
         return self.popen.poll() is None and self.socket_path.exists()
 
-    def start_run(self, *, argv: list[str], cwd: Path, env: dict[str, str], log_path: Path) -> WarmRun | None:
-        """Fork a trainer for `argv`, or None (then start it cold) when the worker is not ready or refuses."""
+    def start_run(self, *, argv: list[str], cwd: Path, env: dict[str, str], log_path: Path,
+                  processes: int = 1) -> WarmRun | None:
+        """Fork a trainer for `argv` (with `processes` > 1: a parent that forks that many ranks on this machine, as
+        torchrun --standalone would start them), or None (then start it cold) when the worker is not ready or
+        refuses."""
         if not self.ready():
             log.info("warm trainer: not ready (still importing, or exited: %s); starting the trainer cold",
                      self.socket_path.parent / "worker.log")
@@ -249,7 +342,7 @@ class WarmWorker:
         try:
             conn.settimeout(30)
             conn.connect(str(self.socket_path))
-            request = {"argv": argv, "cwd": str(cwd), "env": env, "log": str(log_path)}
+            request = {"argv": argv, "cwd": str(cwd), "env": env, "log": str(log_path), "processes": processes}
             conn.sendall((json.dumps(request) + "\n").encode())
             reply = json.loads(conn.makefile("r", encoding="utf-8").readline() or "{}")
         except (OSError, ValueError) as exc:
@@ -298,7 +391,7 @@ def start_worker(*, env: dict[str, str], cwd: Path, python: str | None = None) -
                                  stderr=subprocess.STDOUT, start_new_session=True)
     _worker = WarmWorker(popen, socket_path, env)
     atexit.register(_worker.stop)
-    log.info("warm trainer: started (pid %d); one-process runs fork from it once its imports are done", popen.pid)
+    log.info("warm trainer: started (pid %d); runs fork from it once its imports are done", popen.pid)
     return _worker
 
 
