@@ -19,7 +19,7 @@ from flux2_lora_pack.trainer import nvml_facts
 from flux2_lora_pack.trainer.launch import PACK_ROOT, trainer_env
 
 _CUDA_BUILD_PROBE = textwrap.dedent("""
-    import json, sys, traceback
+    import importlib, json, sys, traceback
     import torch, torch.cuda
 
     initialised = []
@@ -40,7 +40,8 @@ _CUDA_BUILD_PROBE = textwrap.dedent("""
     torch._C._cuda_getCurrentRawStream = lambda device: 0
     torch.cuda._lazy_init = recorder("CUDA init", error="CUDA initialised")
 
-    from trainer import nvml_facts, warm_worker
+    # the pack's trainer package as a cold trainer imports it (python -m trainer), named by the test
+    nvml_facts, warm_worker = (importlib.import_module(f"{sys.argv[2]}.{name}") for name in ("nvml_facts", "warm_worker"))
     if sys.argv[1] == "nvml":  # what NVML says of one H100 (read_gpu_facts itself is tested below)
         warm_worker.read_gpu_facts = lambda: nvml_facts.GpuFacts(count=1, capability=(9, 0))
     try:
@@ -53,7 +54,7 @@ _CUDA_BUILD_PROBE = textwrap.dedent("""
 
 
 def _imports_on_a_cuda_build(answers: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", _CUDA_BUILD_PROBE, answers], cwd=PACK_ROOT, env=trainer_env(),
+    out = subprocess.run([sys.executable, "-c", _CUDA_BUILD_PROBE, answers, "trainer"], cwd=PACK_ROOT, env=trainer_env(),
                          capture_output=True, text=True, timeout=300, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
