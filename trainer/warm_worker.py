@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -115,7 +116,12 @@ def _run_forked(request: dict) -> None:
             os.environ.pop(key, None)
         os.environ.update({k: v for k, v in request["env"].items() if k in PER_RUN_ENV})
         processes = int(request.get("processes", 1))
-        code = _run_trainer(request["argv"]) if processes == 1 else _run_ranks(request["argv"], processes=processes)
+        if processes == 1:
+            code = _run_trainer(request["argv"])
+        else:
+            _show_as(f"{sys.executable} -m trainer.warm_worker: parent of {processes} ranks of "
+                     f"{shlex.join(['-m', 'trainer', *request['argv']])}")
+            code = _run_ranks(request["argv"], processes=processes)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:  # noqa: BLE001 - the run's log gets it, like a cold process's traceback
@@ -127,8 +133,16 @@ def _run_forked(request: dict) -> None:
 def _run_trainer(argv: list[str]) -> int:
     import trainer.__main__ as entry
 
+    _show_as(shlex.join([sys.executable, "-m", "trainer", *argv]))  # as ps shows a cold trainer
     sys.argv = [entry.__file__, *argv]  # as `python -m trainer` sets it
     return int(entry.main(argv) or 0)
+
+
+def _show_as(title: str) -> None:
+    """The process's command line in ps and /proc (a fork would otherwise show the worker's)."""
+    import setproctitle
+
+    setproctitle.setproctitle(title)
 
 
 def _exit(code: int) -> None:

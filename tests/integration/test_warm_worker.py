@@ -146,6 +146,9 @@ def test_cancel_stops_a_forked_run_and_the_worker_serves_the_next(worker, runs, 
     while not any(e["event"] == "step" for e in read_events(out / "events.jsonl")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.log_tail()
         time.sleep(0.2)
+    # ps shows the fork as the trainer it became, not as the worker it was forked from
+    assert Path(f"/proc/{proc.popen.pid}/cmdline").read_bytes().split(b"\0")[0].decode().endswith(
+        f"-m trainer train --config {config}")
     proc.stop(grace_s=10)
     assert proc.poll() is not None and not pid_alive(proc.popen.pid)
     assert worker.ready()
