@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--processes", type=int, default=1,
                         help="processes per run (default 1); several: forked ranks against torchrun's")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.steps < 3:
-        parser.error("--rounds must be >= 1 and --steps >= 3 (step time needs two intervals)")
+    if args.rounds < 1 or args.steps < 3 or args.processes < 1:
+        parser.error("--rounds and --processes must be >= 1 and --steps >= 3 (step time needs two intervals)")
     with tempfile.TemporaryDirectory(prefix="warm-fork-check-") as tmp:
         work = Path(tmp)
         model, images = prepare(work, images=4)

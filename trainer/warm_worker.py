@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from .nvml_facts import answered_from_nvml, read_gpu_facts
@@ -100,31 +101,40 @@ def _fork_refusal() -> str | None:
 def _run_forked(request: dict) -> None:
     """In the forked child: become the run's trainer process, or for several processes the parent of its ranks
     (as torchrun's agent is); never returns."""
+    _live_and_exit(lambda: _start_run(request))
+
+
+def _start_run(request: dict) -> int:
+    os.setsid()  # its own process group: Cancel stops it and whatever it starts
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    out = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.chdir(request["cwd"])
+    # The worker's environment equals the run's (checked), plus what the imports set in it, as in a cold process.
+    for key in PER_RUN_ENV:
+        os.environ.pop(key, None)
+    os.environ.update({k: v for k, v in request["env"].items() if k in PER_RUN_ENV})
+    processes = int(request.get("processes", 1))
+    if processes == 1:
+        return _run_trainer(request["argv"])
+    _show_as(f"{sys.executable} -m trainer.warm_worker: parent of {processes} ranks of "
+             f"{shlex.join(['-m', 'trainer', *request['argv']])}")
+    return _run_ranks(request["argv"], processes=processes)
+
+
+def _live_and_exit(life: Callable[[], int]) -> None:
+    """A forked process's whole life: exit with life()'s code, SystemExit's, or 1 after printing the traceback (the
+    run's log gets it, like a cold process's); never returns."""
     code = 1
     try:
-        os.setsid()  # its own process group: Cancel stops it and whatever it starts
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        out = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(out, 1)
-        os.dup2(out, 2)
-        os.chdir(request["cwd"])
-        # The worker's environment equals the run's (checked), plus what the imports set in it, as in a cold process.
-        for key in PER_RUN_ENV:
-            os.environ.pop(key, None)
-        os.environ.update({k: v for k, v in request["env"].items() if k in PER_RUN_ENV})
-        processes = int(request.get("processes", 1))
-        if processes == 1:
-            code = _run_trainer(request["argv"])
-        else:
-            _show_as(f"{sys.executable} -m trainer.warm_worker: parent of {processes} ranks of "
-                     f"{shlex.join(['-m', 'trainer', *request['argv']])}")
-            code = _run_ranks(request["argv"], processes=processes)
+        code = life()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:  # noqa: BLE001 - the run's log gets it, like a cold process's traceback
+    except BaseException:  # noqa: BLE001
         traceback.print_exc()
     finally:
         _exit(code)
@@ -172,19 +182,15 @@ def _run_ranks(argv: list[str], *, processes: int) -> int:
     for rank in range(processes):
         pid = os.fork()
         if pid == 0:
-            code = 1
-            try:
-                die_with_parent()  # a rank never outlives its parent (kill -9 of the group included)
-                os.environ.update(rank_env(rank, processes=processes, port=port))
-                code = _run_trainer(argv)
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            except BaseException:  # noqa: BLE001
-                traceback.print_exc()
-            finally:
-                _exit(code)
+            _live_and_exit(lambda: _run_rank(argv, rank=rank, processes=processes, port=port))
         ranks.add(pid)
     return wait_for_ranks(ranks)
+
+
+def _run_rank(argv: list[str], *, rank: int, processes: int, port: int) -> int:
+    die_with_parent()  # a rank never outlives its parent (kill -9 of the group included)
+    os.environ.update(rank_env(rank, processes=processes, port=port))
+    return _run_trainer(argv)
 
 
 def wait_for_ranks(pids: set[int], *, grace_s: float = 10.0) -> int:
